@@ -20,12 +20,16 @@ field.  With ``skip_bad_records=True`` a reader logs and skips them instead and 
 from __future__ import annotations
 
 import abc
+import logging
 from typing import Any, ClassVar, Iterator
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, SourceError
 from ..structure import Structure
+
+#: logger used by every reader (skipped records are logged here at WARNING level)
+logger = logging.getLogger("gmp_pipeline.readers")
 
 _REGISTRY: dict[str, type["Reader"]] = {}
 
@@ -102,6 +106,29 @@ class Reader(abc.ABC):
 
     def __iter__(self) -> Iterator[Structure]:
         return self.read(0, len(self))
+
+    # -- helpers shared by the readers ------------------------------------------------------------
+
+    #: instance attributes that hold open handles or large caches; dropped when pickling so a
+    #: reader ships cheaply to a Dask worker and reopens its files lazily there.
+    _transient: ClassVar[tuple[str, ...]] = ()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        for key in self._transient:
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def _bad_record(self, index: int, error: SourceError) -> None:
+        """Raise ``error``, or (with ``skip_bad_records``) log it and list record ``index``."""
+        if not self.skip_bad_records:
+            raise error
+        if all(i != index for i, _ in self.skipped):
+            self.skipped.append((int(index), str(error)))
+            logger.warning("skipping bad record %d of %s: %s", index, self.path, error)
 
     def _check_range(self, start: int, stop: int | None) -> tuple[int, int]:
         n = len(self)
