@@ -1,0 +1,366 @@
+"""QM9 ``dsgdb9nsd_*.xyz`` files: a directory of them, or the ``dsgdb9nsd.xyz.tar.bz2`` archive
+read in place (compression auto-detected, never extracted to disk).
+
+Each file: N; ``gdb <index>`` + 15 properties; N atom lines (symbol, x, y, z in Angstrom, Mulliken
+charge in e); harmonic frequencies (3N-6, or 3N-5 for linear molecules, cm^-1); two SMILES; two
+InChI.  Mathematica exponents (``7.9254*^-6``) are accepted in every numeric field.
+
+``Structure.energy`` is one header property (``energy_key``, default ``U0``) in Hartree, or in
+``energy_unit`` when that explicit conversion is requested; all 15 properties are also kept in
+``info`` in their original units (``describe()["property_units"]``).  No forces (equilibrium
+geometries).  Molecules: cell zeros, pbc False.
+
+Order: a directory is read in gdb-index order; an archive in member order (the original archive
+is in gdb-index order).  ``exclude_uncharacterized=True`` drops the 3,054 molecules listed in
+``uncharacterized.txt`` (``uncharacterized=`` path, else the file next to ``path``); ``source_index``
+is then the position among the kept molecules and ``info["gdb_index"]`` the QM9 index.
+
+The archive is not randomly accessible: its index (names, atom counts) costs one decompression
+pass per process, and ``read(a, b)`` continues an open stream when ``a`` is at or after its
+position (sequential chunks cost one pass in total), otherwise it restarts from the beginning.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tarfile
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..errors import InputError, SourceError
+from ..structure import Structure
+from ._common import (MOLECULE_CELL, MOLECULE_PBC, conversion_record, energy_conversion,
+                      make_units)
+from .base import Reader, register_reader
+
+PROPERTIES = ("A", "B", "C", "mu", "alpha", "homo", "lumo", "gap", "r2", "zpve", "U0", "U", "H",
+              "G", "Cv")
+PROPERTY_UNITS = {"A": "GHz", "B": "GHz", "C": "GHz", "mu": "Debye", "alpha": "Bohr^3",
+                  "homo": "Hartree", "lumo": "Hartree", "gap": "Hartree", "r2": "Bohr^2",
+                  "zpve": "Hartree", "U0": "Hartree", "U": "Hartree", "H": "Hartree",
+                  "G": "Hartree", "Cv": "cal/(mol K)"}
+_ENERGY_KEYS = tuple(k for k, u in PROPERTY_UNITS.items() if u == "Hartree")
+_NAME = re.compile(r"(?:^|/)dsgdb9nsd_(\d+)\.xyz$")
+_Z = {"H": 1, "C": 6, "N": 7, "O": 8, "F": 9}
+
+
+def _num(text: str, *, path, record, field) -> float:
+    try:
+        return float(text.replace("*^", "e"))
+    except ValueError:
+        raise SourceError(f"non-numeric value {text!r}", path=path, record=record,
+                          field=field) from None
+
+
+def parse_qm9_text(text: str, *, path, record) -> dict[str, Any]:
+    """Parse one dsgdb9nsd file into numbers, positions, charges and info fields."""
+    lines = text.splitlines()
+    if not lines or not lines[0].strip():
+        raise SourceError("empty file", path=path, record=record, field="natoms")
+    try:
+        n = int(lines[0].split()[0])
+    except ValueError:
+        raise SourceError(f"atom count {lines[0][:40]!r} is not an integer", path=path,
+                          record=record, field="natoms") from None
+    if n < 1:
+        raise SourceError(f"atom count {n} is not positive", path=path, record=record,
+                          field="natoms")
+    if len(lines) < n + 5:
+        where = "atoms" if len(lines) < n + 2 else "frequencies/SMILES/InChI"
+        raise SourceError(f"file has {len(lines)} lines, expected {n + 5} for {n} atoms "
+                          "(truncated?)", path=path, record=record, field=where)
+    head = lines[1].split()
+    if len(head) != 17 or head[0] != "gdb":
+        raise SourceError(f"property line has {len(head)} fields (expected 'gdb', index and 15 "
+                          f"values): {lines[1][:60]!r}", path=path, record=record,
+                          field="properties")
+    try:
+        gdb = int(head[1])
+    except ValueError:
+        raise SourceError(f"molecule index {head[1]!r} is not an integer", path=path,
+                          record=record, field="index") from None
+    info: dict[str, Any] = {"gdb_index": gdb}
+    for name, tok in zip(PROPERTIES, head[2:]):
+        info[name] = _num(tok, path=path, record=record, field=name)
+    numbers = np.empty(n, dtype=np.int64)
+    xyzq = np.empty((n, 4), dtype=np.float64)
+    for k in range(n):
+        tok = lines[2 + k].split()
+        if len(tok) != 5:
+            raise SourceError(f"atom line {k} has {len(tok)} fields, expected 5: "
+                              f"{lines[2 + k][:60]!r}", path=path, record=record,
+                              field="atoms")
+        z = _Z.get(tok[0])
+        if z is None:
+            raise SourceError(f"unknown element {tok[0]!r} in atom line {k}", path=path,
+                              record=record, field="symbol")
+        numbers[k] = z
+        for c in range(4):
+            xyzq[k, c] = _num(tok[1 + c], path=path, record=record,
+                              field="charges" if c == 3 else "positions")
+    freqs = lines[n + 2].split()
+    for tok in freqs:
+        _num(tok, path=path, record=record, field="frequencies")
+    if n >= 2 and len(freqs) not in (3 * n - 6, 3 * n - 5):
+        raise SourceError(f"{len(freqs)} frequencies for {n} atoms (expected {3 * n - 6} or, "
+                          f"for a linear molecule, {3 * n - 5})", path=path, record=record,
+                          field="frequencies")
+    smiles = lines[n + 3].strip().split("\t")
+    inchi = lines[n + 4].strip().split("\t")
+    if len(smiles) != 2 or len(inchi) != 2:
+        raise SourceError("expected two tab-separated SMILES and two InChI strings", path=path,
+                          record=record, field="smiles" if len(smiles) != 2 else "inchi")
+    info.update({"n_frequencies": len(freqs),
+                 "frequencies": " ".join(f.replace("*^", "e") for f in freqs),
+                 "linear": len(freqs) == 3 * n - 5 and n > 2,
+                 "smiles_gdb": smiles[0].strip(), "smiles_relaxed": smiles[1].strip(),
+                 "inchi_gdb": inchi[0].strip(), "inchi_relaxed": inchi[1].strip()})
+    return {"numbers": numbers, "positions": xyzq[:, :3], "charges": xyzq[:, 3], "info": info}
+
+
+def read_uncharacterized(path) -> set[int]:
+    """QM9 indices listed in uncharacterized.txt (rows whose first token is an integer)."""
+    out: set[int] = set()
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                tok = line.split()
+                if tok and tok[0].isdigit():
+                    out.add(int(tok[0]))
+    except OSError as exc:
+        raise SourceError(f"cannot read the uncharacterized list ({exc})", path=path) from None
+    return out
+
+
+@register_reader("qm9")
+class QM9Reader(Reader):
+    """QM9 molecules.  ``info``: ``gdb_index``, ``file_name``, the 15 properties, ``frequencies``
+    (space-separated text, cm^-1), ``n_frequencies``, ``linear``, ``smiles_gdb``,
+    ``smiles_relaxed``, ``inchi_gdb``, ``inchi_relaxed`` (+ ``uncharacterized`` when the list is
+    known); ``atom_info``: ``charges`` (Mulliken, e)."""
+
+    _transient = ("_counts", "_stream")
+
+    def __init__(self, path, *, uncharacterized=None, exclude_uncharacterized: bool = False,
+                 energy_key: str = "U0", energy_unit: str | None = None,
+                 skip_bad_records: bool = False, **options: Any):
+        if energy_key not in _ENERGY_KEYS:
+            raise InputError(f"energy_key {energy_key!r} is not a QM9 energy property; choose "
+                             f"one of {', '.join(_ENERGY_KEYS)}")
+        options.update(energy_key=energy_key, exclude_uncharacterized=bool(exclude_uncharacterized))
+        if uncharacterized is not None:
+            options["uncharacterized"] = os.fspath(uncharacterized)
+        if energy_unit is not None:
+            options["energy_unit"] = energy_unit
+        super().__init__(path, skip_bad_records=skip_bad_records, **options)
+        self._energy_key = energy_key
+        self._factor, self._unit = energy_conversion("Hartree", energy_unit)
+        self._exclude = bool(exclude_uncharacterized)
+        self._unchar_path = None if uncharacterized is None else os.fspath(uncharacterized)
+        self._unchar: set[int] | None = None
+        self._gdb: np.ndarray | None = None     # gdb index (from the name) per kept molecule
+        self._names: list[str] | None = None    # file names (directory) per kept molecule
+        self._ordinal: np.ndarray | None = None  # archive member ordinal per kept molecule
+        self._is_dir = os.path.isdir(path)
+
+    # -- indexing ----------------------------------------------------------------------------
+    def _load_unchar(self) -> None:
+        if self._unchar is not None:
+            return
+        path = self._unchar_path
+        if path is None:
+            base = self.path if self._is_dir else os.path.dirname(os.path.abspath(self.path))
+            cand = os.path.join(base, "uncharacterized.txt")
+            if os.path.exists(cand):
+                path = self._unchar_path = cand
+        if path is None:
+            if self._exclude:
+                raise InputError("exclude_uncharacterized=True needs uncharacterized.txt: pass "
+                                 f"uncharacterized=<path> (none found next to {self.path})")
+            return
+        self._unchar = read_uncharacterized(path)
+        if self._exclude and len(self._unchar) != 3054:
+            raise SourceError(f"lists {len(self._unchar)} molecules, expected 3,054", path=path,
+                              field="index")
+
+    def _keep(self, gdb: int) -> bool:
+        return not (self._exclude and self._unchar is not None and gdb in self._unchar)
+
+    def _index(self) -> None:
+        if self._gdb is not None:
+            return
+        self._load_unchar()
+        if self._is_dir:
+            found = []
+            for name in os.listdir(self.path):
+                m = _NAME.search(name)
+                if m:
+                    found.append((int(m.group(1)), name))
+            found.sort()
+            kept = [(g, nm) for g, nm in found if self._keep(g)]
+            self._gdb = np.asarray([g for g, _ in kept], dtype=np.int64)
+            self._names = [nm for _, nm in kept]
+        else:
+            gdb, ordinal, counts = [], [], []
+            for k, name, data in self._members(count_only=True):
+                g = int(_NAME.search(name).group(1))
+                if self._keep(g):
+                    gdb.append(g)
+                    ordinal.append(k)
+                    counts.append(data)
+            self._gdb = np.asarray(gdb, dtype=np.int64)
+            self._ordinal = np.asarray(ordinal, dtype=np.int64)
+            self._counts = np.asarray(counts, dtype=np.int64)
+
+    def _open_tar(self):
+        try:
+            return tarfile.open(self.path, mode="r|*")
+        except FileNotFoundError:
+            raise SourceError("file not found", path=self.path) from None
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise SourceError(f"not a readable tar archive ({exc})", path=self.path) from None
+
+    def _members(self, count_only: bool = False, tar=None, first: int = 0):
+        """Yield (member ordinal, name, text or atom count) for dsgdb9nsd members from ``first``.
+
+        ``tar`` continues an open stream whose next matching member has ordinal ``first``.
+        """
+        tar = self._open_tar() if tar is None else tar
+        k = first
+        try:
+            while True:
+                member = tar.next()
+                if member is None:
+                    break
+                if not member.isfile() or not _NAME.search(member.name):
+                    continue
+                f = tar.extractfile(member)
+                raw = f.read()
+                if len(raw) != member.size:
+                    raise EOFError(f"member {member.name} truncated")
+                if count_only:
+                    try:
+                        yield k, member.name, int(raw.split(b"\n", 1)[0].split()[0])
+                    except (ValueError, IndexError):
+                        raise SourceError(f"atom count {raw[:20]!r} is not an integer",
+                                          path=f"{self.path}:{member.name}", record=k,
+                                          field="natoms") from None
+                else:
+                    yield k, member.name, raw.decode("utf-8", "replace")
+                k += 1
+        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+            raise SourceError(f"archive is truncated or corrupt after {k} molecules "
+                              f"({type(exc).__name__}: {exc})", path=self.path, record=k,
+                              field="archive") from None
+
+    # -- protocol ----------------------------------------------------------------------------
+    @property
+    def units(self) -> dict[str, str]:  # type: ignore[override]
+        return make_units(self._unit, energy_kind=self._energy_key, forces=False)
+
+    def __len__(self) -> int:
+        self._index()
+        return len(self._gdb)
+
+    def n_atoms(self) -> np.ndarray:
+        self._index()
+        counts = self.__dict__.get("_counts")
+        if counts is None:
+            if self._is_dir:
+                out = np.zeros(len(self._names), dtype=np.int64)
+                for i, name in enumerate(self._names):
+                    p = os.path.join(self.path, name)
+                    try:
+                        with open(p, "rb") as f:
+                            out[i] = int(f.readline().split()[0])
+                    except (ValueError, IndexError, OSError) as exc:
+                        self._bad_record(i, SourceError(f"cannot read the atom count ({exc})",
+                                                        path=p, record=i, field="natoms"))
+                counts = out
+            else:
+                self._gdb = None
+                self._index()
+                counts = self._counts
+            self._counts = counts
+        return counts.copy()
+
+    def schema(self) -> dict[str, Any]:
+        info = {"gdb_index": "int64", "file_name": "str"}
+        info.update({p: "float64" for p in PROPERTIES})
+        info.update({"n_frequencies": "int64", "frequencies": "str", "linear": "bool",
+                     "smiles_gdb": "str", "smiles_relaxed": "str", "inchi_gdb": "str",
+                     "inchi_relaxed": "str"})
+        self._load_unchar()
+        if self._unchar is not None:
+            info["uncharacterized"] = "bool"
+        return {"info": info, "atom_info": {"charges": "float64"}, "has_energy": True,
+                "has_forces": False}
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update({"format": "QM9 dsgdb9nsd xyz " + ("directory" if self._is_dir else "archive"),
+                  "property_units": dict(PROPERTY_UNITS), "charges_unit": "e",
+                  "frequencies_unit": "cm^-1", "uncharacterized_list": self._unchar_path,
+                  "energy_conversion": conversion_record("Hartree", self._unit, self._factor)})
+        return d
+
+    def _texts(self, start: int, stop: int) -> Iterator[tuple[int, str, str | None]]:
+        """Yield (reader index, file name, text or None when unreadable)."""
+        if self._is_dir:
+            for i in range(start, stop):
+                name = self._names[i]
+                try:
+                    with open(os.path.join(self.path, name), encoding="utf-8") as f:
+                        text = f.read()
+                except (OSError, UnicodeDecodeError) as exc:
+                    self._bad_record(i, SourceError(f"cannot read ({exc})",
+                                                    path=os.path.join(self.path, name),
+                                                    record=i, field="file"))
+                    continue
+                yield i, name, text
+            return
+        if start >= stop:
+            return
+        want = {int(o): i for i, o in zip(range(start, stop), self._ordinal[start:stop])}
+        first_ord, last_ord = int(self._ordinal[start]), int(self._ordinal[stop - 1])
+        stream = self.__dict__.get("_stream")
+        if stream is None or stream[1] > first_ord:
+            if stream is not None:
+                stream[0].close()
+            stream = [self._open_tar(), 0]
+        self._stream = stream
+        tar, pos = stream
+        gen = self._members(tar=tar, first=pos)
+        try:
+            for k, name, text in gen:
+                stream[1] = k + 1
+                if k in want:
+                    yield want[k], os.path.basename(name), text
+                if k >= last_ord:
+                    break
+        except SourceError:
+            self.__dict__.pop("_stream", None)
+            raise
+
+    def read(self, start: int = 0, stop: int | None = None) -> Iterator[Structure]:
+        start, stop = self._check_range(start, stop)
+        unchar = self._unchar
+        for i, name, text in self._texts(start, stop):
+            where = os.path.join(self.path, name) if self._is_dir else f"{self.path}:{name}"
+            try:
+                rec = parse_qm9_text(text, path=where, record=i)
+                if rec["info"]["gdb_index"] != self._gdb[i]:
+                    raise SourceError(f"header index {rec['info']['gdb_index']} does not match "
+                                      f"the file name", path=where, record=i, field="index")
+            except SourceError as err:
+                self._bad_record(i, err)
+                continue
+            info = {"gdb_index": rec["info"].pop("gdb_index"), "file_name": name}
+            info.update(rec["info"])
+            if unchar is not None:
+                info["uncharacterized"] = info["gdb_index"] in unchar
+            yield Structure(numbers=rec["numbers"], positions=rec["positions"],
+                            cell=MOLECULE_CELL, pbc=MOLECULE_PBC,
+                            energy=info[self._energy_key] * self._factor, forces=None,
+                            source_index=i, info=info, atom_info={"charges": rec["charges"]})
