@@ -1,0 +1,205 @@
+"""Shared machinery for the batch-scheduler clusters (slurm.py, pbs.py, sge.py, lsf.py)."""
+from __future__ import annotations
+
+import inspect
+import shutil
+import subprocess
+import sys
+
+import dask
+from dask_jobqueue.core import Job
+
+from ..errors import ClusterError
+from .config import DEFAULTS, parse_memory, worker_lifetime
+
+SCHEDULER_PLACEHOLDER = "tcp://<scheduler-address>:8786"
+
+# keys read by gmp-pipeline itself, on top of dask-jobqueue's
+OWN_KEYS = {"lifetime", "lifetime-stagger"}
+# keys consumed by the cluster rather than the job
+CLUSTER_KEYS = {"scheduler-options", "shared-temp-directory"}
+# deprecated dask-jobqueue spellings -> current ones
+DEPRECATED = {"extra": "worker-extra-args", "job-extra": "job-extra-directives",
+              "env-extra": "job-script-prologue", "header-skip": "job-directives-skip"}
+
+
+class Scheduler:
+    """What differs between batch systems: the dask-jobqueue class and the commands."""
+
+    def __init__(self, kind, cluster_cls, title, preflight_cmd, install_hint):
+        self.kind = kind
+        self.cluster_cls = cluster_cls
+        self.title = title
+        self.preflight_cmd = preflight_cmd
+        self.install_hint = install_hint
+
+    @property
+    def job_cls(self):
+        return self.cluster_cls.job_cls
+
+    @property
+    def submit_command(self) -> str:
+        return self.job_cls.submit_command
+
+    # ----------------------------------------------------------------- availability
+    def available(self, timeout: float = 15) -> tuple[bool, str]:
+        """(True, description) when the submit command exists and the scheduler answers."""
+        exe = self.submit_command
+        if shutil.which(exe) is None:
+            return False, f"{self.title} command {exe!r} not found on PATH"
+        if not self.preflight_cmd:
+            return True, f"{exe} found"
+        try:
+            proc = subprocess.run(self.preflight_cmd, capture_output=True, text=True,
+                                  timeout=timeout, stdin=subprocess.DEVNULL)
+        except FileNotFoundError:
+            return False, f"{self.title} command {self.preflight_cmd[0]!r} not found on PATH"
+        except subprocess.TimeoutExpired:
+            return False, (f"{self.title} did not answer `{' '.join(self.preflight_cmd)}` "
+                           f"within {timeout:g} s (is the controller running?)")
+        if proc.returncode != 0:
+            msg = (proc.stderr or proc.stdout).strip().splitlines()
+            return False, (f"`{' '.join(self.preflight_cmd)}` failed: "
+                           f"{msg[-1] if msg else 'exit code %d' % proc.returncode}")
+        return True, proc.stdout.strip()
+
+    def preflight(self) -> None:
+        exe = self.submit_command
+        if shutil.which(exe) is None:
+            raise ClusterError(
+                f"--cluster {self.kind} needs the {self.title} command {exe!r}, which is not on "
+                f"PATH: run gmp-pipeline on a login node of a {self.title} cluster "
+                f"({self.install_hint})")
+        if dask.config.get("gmp-pipeline.cluster.jobqueue.preflight", True):
+            timeout = float(dask.config.get("gmp-pipeline.cluster.jobqueue.preflight-timeout", 30))
+            ok, reason = self.available(timeout=timeout)
+            if not ok:
+                raise ClusterError(f"--cluster {self.kind}: the {self.title} scheduler is not "
+                                   f"usable: {reason}")
+
+    # ----------------------------------------------------------------- configuration
+    def _accepted_params(self) -> set[str]:
+        params = set(inspect.signature(Job.__init__).parameters)
+        params |= set(inspect.signature(self.job_cls.__init__).parameters)
+        return params - {"self", "scheduler", "name", "base_class_kwargs", "config_name"}
+
+    def _known_keys(self) -> set[str]:
+        from dask.config import defaults
+
+        known = set(OWN_KEYS) | CLUSTER_KEYS
+        for d in defaults:
+            section = d.get("jobqueue", {}).get(self.kind)
+            if isinstance(section, dict):
+                known |= set(section)
+        return known
+
+    def resolve(self, *, workers=None, local_directory=None, interface=None):
+        """(job kwargs, cluster-only kwargs), every value taken from dask.config now.
+
+        All keys are resolved here rather than left for dask-jobqueue to read later, because
+        adaptive scaling creates jobs long after a ``--cluster-config`` file was applied.
+        """
+        name = f"jobqueue.{self.kind}"
+        cfg = dict(dask.config.get(name, {}) or {})
+        # dask.config.refresh() re-applies dask-jobqueue's nulls over our shipped defaults
+        # (its merge keeps the first value seen), so fall back to them key by key
+        for key, value in (DEFAULTS.get("jobqueue", {}).get(self.kind) or {}).items():
+            if cfg.get(key) is None:
+                cfg[key] = value
+        unknown = sorted(k for k in cfg if k not in self._known_keys())
+        if unknown:
+            raise ClusterError(f"unknown key(s) {', '.join(map(repr, unknown))} in {name} "
+                               f"(dask config / --cluster-config); known keys: "
+                               f"{', '.join(sorted(self._known_keys()))}")
+        for old, new in DEPRECATED.items():
+            if cfg.get(old) is not None:
+                if not cfg.get(new):
+                    cfg[new] = cfg[old]
+                cfg[old] = None
+        if cfg.get("project") is not None and "account" in self._accepted_params():
+            cfg["account"] = cfg.get("account") or cfg["project"]
+            cfg["project"] = None
+
+        if interface is not None:
+            cfg["interface"] = interface
+        if local_directory is not None:
+            cfg["local-directory"] = str(local_directory)
+        if workers is not None:
+            if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+                raise ClusterError(f"workers must be a positive integer, got {workers!r}")
+            cfg["processes"] = workers
+
+        cores, processes = cfg.get("cores"), cfg.get("processes")
+        if not isinstance(cores, int) or isinstance(cores, bool) or cores < 1:
+            raise ClusterError(f"{name}.cores must be a positive integer (cores per job), "
+                               f"got {cores!r}")
+        if processes is None:
+            processes = cfg["processes"] = cores
+        if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+            raise ClusterError(f"{name}.processes must be a positive integer, got {processes!r}")
+        if processes > cores:
+            raise ClusterError(f"{name}: {processes} worker processes per job need at least "
+                               f"as many cores, but cores is {cores}")
+        memory = parse_memory(cfg.get("memory"), f"{name}.memory")
+        if memory // processes < 256 * 2**20:
+            raise ClusterError(f"{name}.memory {cfg.get('memory')!r} leaves less than 256 MiB "
+                               f"for each of the {processes} worker processes")
+
+        lifetime = worker_lifetime(cfg.get("walltime"), cfg.get("lifetime", "auto"),
+                                   cfg.get("lifetime-stagger", "auto"), self.kind)
+        extra = list(cfg.get("worker-extra-args") or [])
+        if lifetime is not None and "--lifetime" not in extra:
+            life_s, stagger_s = lifetime
+            extra += ["--lifetime", f"{life_s}s", "--lifetime-stagger", f"{stagger_s}s"]
+        cfg["worker-extra-args"] = extra
+
+        accepted = self._accepted_params()
+        job_kwargs = {}
+        for key, value in cfg.items():
+            if key in OWN_KEYS or key in CLUSTER_KEYS or value is None:
+                continue
+            param = "job_name" if key == "name" else key.replace("-", "_")
+            if param in accepted:
+                job_kwargs[param] = value
+        job_kwargs.setdefault("python", sys.executable)
+        cluster_kwargs = {"scheduler_options": dict(cfg.get("scheduler-options") or {}),
+                          "shared_temp_directory": cfg.get("shared-temp-directory")}
+        return job_kwargs, cluster_kwargs
+
+    # ----------------------------------------------------------------- products
+    def job_script(self, **resolve_kwargs) -> str:
+        job_kwargs, _ = self.resolve(**resolve_kwargs)
+        try:
+            job = self.job_cls(scheduler=SCHEDULER_PLACEHOLDER, name="<worker-name>",
+                               **job_kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ClusterError(f"invalid {self.title} job settings: {exc}") from exc
+        return job.job_script()
+
+    def make_cluster(self, *, min_jobs, max_jobs, quiet=False, **resolve_kwargs):
+        job_kwargs, cluster_kwargs = self.resolve(**resolve_kwargs)
+        if min_jobs is None:
+            min_jobs = int(dask.config.get("gmp-pipeline.cluster.jobqueue.min-jobs", 1))
+        if max_jobs is None:
+            max_jobs = int(dask.config.get("gmp-pipeline.cluster.jobqueue.max-jobs", 10))
+        if min_jobs < 0 or max_jobs < 1 or max_jobs < min_jobs:
+            raise ClusterError(f"need 0 <= min_jobs <= max_jobs and max_jobs >= 1, got "
+                               f"min_jobs={min_jobs}, max_jobs={max_jobs}")
+        self.preflight()
+        interface = job_kwargs.pop("interface", None)
+        try:
+            cluster = self.cluster_cls(interface=interface, **cluster_kwargs, **job_kwargs)
+        except ValueError as exc:
+            raise ClusterError(f"could not create the {self.title} cluster: {exc}") from exc
+        try:
+            cluster.adapt(minimum_jobs=min_jobs, maximum_jobs=max_jobs)
+        except Exception:
+            cluster.close()
+            raise
+        if not quiet:
+            per_job = job_kwargs.get("processes", 1)
+            print(f"gmp-pipeline: {self.title} cluster, scheduler {cluster.scheduler_address}, "
+                  f"dashboard {cluster.dashboard_link}; adapting between {min_jobs} and "
+                  f"{max_jobs} {self.submit_command} jobs of {per_job} worker(s)",
+                  file=sys.stderr, flush=True)
+        return cluster

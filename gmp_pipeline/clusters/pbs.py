@@ -1,0 +1,17 @@
+"""``--cluster pbs``: Dask workers as PBS / Torque batch jobs (dask_jobqueue.PBSCluster)."""
+from __future__ import annotations
+
+from dask_jobqueue import PBSCluster
+
+from ._jobqueue import Scheduler
+
+SCHEDULER = Scheduler(
+    "pbs", PBSCluster, "PBS",
+    preflight_cmd=["qstat", "-B"],
+    install_hint="or load the site's PBS module",
+)
+
+
+def pbs_available(timeout: float = 15) -> tuple[bool, str]:
+    """(True, server status) when qsub is on PATH and the PBS server answers ``qstat -B``."""
+    return SCHEDULER.available(timeout=timeout)

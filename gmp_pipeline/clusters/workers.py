@@ -1,0 +1,124 @@
+"""Per-worker setup: each worker process gets its own numba cache directory.
+
+Several worker processes writing one numba cache at once corrupt its index and crash workers
+(numba issue 4807).  :class:`NumbaCachePlugin` runs in every worker process, current and
+future (adaptive scaling, replaced jobs), before any task: it points ``NUMBA_CACHE_DIR`` and
+``numba.config.CACHE_DIR`` at a sub-directory that no other live process uses.
+
+Sub-directories are *slots* ``<base>/slot-<n>`` claimed with an exclusive ``flock`` held for the
+worker's life, so a later run reuses the compiled kernels of an earlier one instead of
+compiling again, while two live processes never share a slot.  Where the file system does not
+support locks, the worker falls back to a private directory inside its local directory.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+PLUGIN_NAME = "gmp-pipeline-numba-cache"
+MAX_SLOTS = 256
+
+
+def default_cache_base() -> str:
+    import dask
+
+    base = dask.config.get("gmp-pipeline.cluster.numba-cache-dir", None)
+    if base:
+        return os.path.expanduser(os.path.expandvars(str(base)))
+    env = os.environ.get("NUMBA_CACHE_DIR")
+    if env:
+        return env
+    return os.path.join(os.path.expanduser("~"), ".cache", "gmp-pipeline", "numba")
+
+
+def _set_numba_cache(path: str) -> None:
+    os.environ["NUMBA_CACHE_DIR"] = path
+    numba = sys.modules.get("numba")
+    if numba is None:
+        try:
+            import numba  # noqa: F811
+        except ImportError:  # pragma: no cover - numba is a dependency
+            return
+    numba.config.CACHE_DIR = path
+
+
+class NumbaCachePlugin(WorkerPlugin):
+    """Give the worker process its own numba cache directory (see module docstring)."""
+
+    idempotent = True
+    name = PLUGIN_NAME
+
+    def __init__(self, base: str | None = None):
+        # None: decided on the worker, so that the worker's own environment and home count
+        self.base = base
+        self._lock = None
+        self.cache_dir = None
+
+    def _claim_slot(self, base: Path):
+        import fcntl
+
+        host = socket.gethostname().split(".")[0] or "host"
+        root = base / host      # node-local slots even when base is on a shared file system
+        root.mkdir(parents=True, exist_ok=True)
+        for n in range(MAX_SLOTS):
+            slot = root / f"slot-{n}"
+            fd = os.open(str(root / f"slot-{n}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            except OSError:
+                os.close(fd)
+                return None     # no locking here (some network file systems)
+            slot.mkdir(exist_ok=True)
+            self._lock = fd
+            return slot
+        return None
+
+    def setup(self, worker):
+        path = None
+        try:
+            base = Path(self.base or default_cache_base())
+            path = self._claim_slot(base)
+        except OSError:
+            path = None
+        if path is None:
+            path = Path(worker.local_directory) / "numba-cache"
+            path.mkdir(parents=True, exist_ok=True)
+        self.cache_dir = str(path)
+        _set_numba_cache(self.cache_dir)
+
+    def teardown(self, worker):
+        if self._lock is not None:
+            try:
+                os.close(self._lock)
+            except OSError:
+                pass
+            self._lock = None
+
+
+def prepare_workers(client, cache_dir: str | None = None) -> dict:
+    """Set up every worker of *client* (now and those that join later) for GMP tasks.
+
+    Gives each worker process its own numba cache directory under *cache_dir* (default: config
+    ``gmp-pipeline.cluster.numba-cache-dir``, else the worker's ``$NUMBA_CACHE_DIR``, else
+    ``~/.cache/gmp-pipeline/numba``).  Safe to call more than once.  Returns
+    ``{worker address: cache directory}`` for the workers connected now.
+    """
+    if cache_dir is None:
+        import dask
+
+        cache_dir = dask.config.get("gmp-pipeline.cluster.numba-cache-dir", None)
+    client.register_plugin(NumbaCachePlugin(cache_dir), name=PLUGIN_NAME)
+
+    def _where():
+        return os.environ.get("NUMBA_CACHE_DIR")
+
+    if not client.scheduler_info().get("workers"):
+        return {}
+    return client.run(_where)
