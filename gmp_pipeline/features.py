@@ -1,0 +1,425 @@
+"""The public featurizer: :class:`GMPFeaturizer` and its result :class:`GMPResult`.
+
+Implements ``spec/gmp-features.md``: features of orders -1..9 with any positive sigmas, the
+reference's per-Gaussian cutoff rule (section 7, quirks included) and the *total* derivative of
+every feature with respect to every atom position (section 8.2), stored block-sparse.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from . import _harmonics
+from .errors import InputError
+from .psp import Pseudopotential, element_symbol, load_psp
+from .structure import Structure
+
+#: order factor f(n) of the cutoff threshold (spec 7.1)
+ORDER_FACTOR = {-1: 1.0, 0: 1.0, 1: 1.0, 2: 1.0, 3: 1e-1, 4: 1e-2, 5: 1e-4, 6: 1e-5, 7: 1e-7,
+                8: 1e-9, 9: 1e-11}
+VALID_ORDERS = tuple(range(-1, 10))
+
+
+@dataclass
+class GMPResult:
+    """Features of one structure and, optionally, their total position derivatives.
+
+    ``features[c, m]`` is feature ``m`` of centre ``centers[c]`` (by default every atom, so
+    ``c`` is the atom index).  Derivatives are block-sparse: pair ``p`` holds
+    ``dfeatures[p, k, m] = dF[pair_center[p], m] / d r[pair_neighbor[p], k]``; the pairs of a
+    centre are contiguous, sorted by neighbour index.
+    """
+
+    features: np.ndarray
+    centers: np.ndarray
+    n_atoms: int
+    pair_center: np.ndarray | None = None
+    pair_neighbor: np.ndarray | None = None
+    dfeatures: np.ndarray | None = None
+
+    @property
+    def has_derivatives(self) -> bool:
+        return self.dfeatures is not None
+
+    def dense_derivatives(self) -> np.ndarray:
+        """Dense (n_centers, M, N, 3) total derivative (for tests and small systems)."""
+        if self.dfeatures is None:
+            raise InputError("this result was computed with derivatives=False")
+        nc, M = self.features.shape
+        row = np.empty(self.n_atoms, dtype=np.int64)
+        row[:] = -1
+        row[self.centers] = np.arange(nc)
+        out = np.zeros((nc, M, self.n_atoms, 3))
+        out[row[self.pair_center], :, self.pair_neighbor, :] = self.dfeatures.transpose(0, 2, 1)
+        return out
+
+
+def _as_sorted_floats(name, values) -> list[float]:
+    try:
+        vals = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a list of numbers, got {values!r}") from None
+    return vals
+
+
+class GMPFeaturizer:
+    """GMP features and total position derivatives.
+
+    Parameters
+    ----------
+    orders : orders of the multipole probes, each in -1..9 (-1 is the density at the centre).
+    sigmas : Gaussian widths in Angstrom, each > 0.
+    psp : ``"QE-kjpaw"`` (default), ``"NC-SR"``, or a path to a ``.gpsp`` file.
+    overlap_threshold : cutoff threshold of the per-Gaussian cutoff rule (spec 7.1), > 0.
+    square : if True the features are ``S`` (sum of squared multipoles) instead of ``sqrt(S)``.
+
+    Column order follows the reference: by order, then sigma; order -1 once with sigma 0.0.
+    Duplicate orders or sigmas give duplicate columns, as in the reference.
+    """
+
+    def __init__(self, orders: Sequence[int] = (-1, 0, 1, 2, 3), sigmas: Sequence[float] = (0.2, 0.4, 0.6, 0.8, 1.0),
+                 psp="QE-kjpaw", overlap_threshold: float = 1e-16, square: bool = False):
+        if isinstance(orders, (int, np.integer)) or isinstance(orders, (str, bytes)):
+            raise InputError(f"orders must be a list of integers, got {orders!r}")
+        try:
+            orders = list(orders)
+        except TypeError:
+            raise InputError(f"orders must be a list of integers, got {orders!r}") from None
+        if not orders:
+            raise InputError("orders must not be empty")
+        for n in orders:
+            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or int(n) not in VALID_ORDERS:
+                raise InputError(f"orders: {n!r} is not a supported order (integers -1..9)")
+        orders = [int(n) for n in orders]
+        if isinstance(sigmas, (int, float, np.number)):
+            sigmas = [sigmas]
+        sig = _as_sorted_floats("sigmas", sigmas)
+        if any(n >= 0 for n in orders) and not sig:
+            raise InputError("sigmas must not be empty when orders >= 0 are requested")
+        for s in sig:
+            if not math.isfinite(s) or s <= 0.0:
+                raise InputError(f"sigmas: {s!r} is not a positive finite width (Angstrom)")
+        try:
+            thr = float(overlap_threshold)
+        except (TypeError, ValueError):
+            raise InputError(f"overlap_threshold must be a number, got {overlap_threshold!r}") from None
+        if not math.isfinite(thr) or not (0.0 < thr < 1.0):
+            raise InputError(f"overlap_threshold must be in (0, 1), got {overlap_threshold!r}")
+        if not isinstance(square, (bool, np.bool_)):
+            raise InputError(f"square must be True or False, got {square!r}")
+
+        self.orders = list(orders)
+        self.sigmas = list(sig)
+        self.overlap_threshold = thr
+        self.square = bool(square)
+        self.psp = load_psp(psp)
+
+        fl: list[tuple[int, float]] = []
+        for n in sorted(orders):
+            if n == -1:
+                fl.append((-1, 0.0))
+            else:
+                for s in sorted(sig):
+                    fl.append((n, s))
+        self.feature_list = fl
+        self._prepare_tables()
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_list)
+
+    @property
+    def psp_name(self) -> str:
+        return self.psp.name
+
+    @property
+    def psp_sha256(self) -> str:
+        return self.psp.sha256
+
+    def config(self) -> dict:
+        """JSON-serialisable settings; ``GMPFeaturizer.from_config`` rebuilds the featurizer."""
+        from .psp import BUNDLED
+
+        return {"orders": list(self.orders), "sigmas": list(self.sigmas),
+                "psp": self.psp.name if self.psp.name in BUNDLED and self._bundled else self.psp.path,
+                "psp_sha256": self.psp.sha256, "overlap_threshold": self.overlap_threshold,
+                "square": self.square}
+
+    @property
+    def _bundled(self) -> bool:
+        from .psp import bundled_path
+
+        return str(bundled_path(self.psp.name)) == self.psp.path
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "GMPFeaturizer":
+        known = {"orders", "sigmas", "psp", "psp_sha256", "overlap_threshold", "square"}
+        extra = set(cfg) - known
+        if extra:
+            raise InputError(f"feature config has unknown keys {sorted(extra)}; known: {sorted(known)}")
+        fz = cls(orders=cfg.get("orders", (-1, 0, 1, 2, 3)), sigmas=cfg.get("sigmas", (0.2, 0.4, 0.6, 0.8, 1.0)),
+                 psp=cfg.get("psp", "QE-kjpaw"), overlap_threshold=cfg.get("overlap_threshold", 1e-16),
+                 square=cfg.get("square", False))
+        want = cfg.get("psp_sha256")
+        if want and want != fz.psp_sha256:
+            raise InputError(f"psp {cfg.get('psp')!r} has sha256 {fz.psp_sha256}, "
+                             f"but the config asks for {want}")
+        return fz
+
+    def __repr__(self) -> str:
+        return (f"GMPFeaturizer(orders={self.orders}, sigmas={self.sigmas}, psp={self.psp.name!r}, "
+                f"overlap_threshold={self.overlap_threshold}, square={self.square})")
+
+    def __getstate__(self):
+        return {"cfg": self.config()}
+
+    def __setstate__(self, state):
+        other = GMPFeaturizer.from_config(state["cfg"])
+        self.__dict__.update(other.__dict__)
+
+    # ------------------------------------------------------------------ tables
+    def _prepare_tables(self):
+        # unique (order, sigma) computed once; duplicate columns are copies
+        uorders = sorted({n for n in self.orders if n >= 0})
+        usig = sorted(set(self.sigmas)) if uorders else []
+        self._uorders = np.array(uorders, dtype=np.int64)
+        self._usig = np.array(usig, dtype=np.float64)
+        self._has_m1 = -1 in self.orders
+        # cutoff classes: distinct order factors, ascending radius (= descending factor)
+        facs = sorted({ORDER_FACTOR[n] for n in uorders}, reverse=True)
+        self._class_factors = facs
+        self._ocls = np.array([facs.index(ORDER_FACTOR[n]) for n in uorders], dtype=np.int64)
+        ucols: list[tuple[int, float]] = []
+        if self._has_m1:
+            ucols.append((-1, 0.0))
+        col = np.full((len(uorders), max(len(usig), 1)), -1, dtype=np.int64)
+        for o, n in enumerate(uorders):
+            for u, s in enumerate(usig):
+                col[o, u] = len(ucols)
+                ucols.append((n, s))
+        self._col = col
+        self._col_m1 = 0 if self._has_m1 else -1
+        self._ucols = ucols
+        self._colmap = np.array([ucols.index(p) for p in self.feature_list], dtype=np.int64)
+        t = _harmonics.order_tables()
+        self._tables = (
+            _harmonics.monomial_table(), _harmonics.degree_offsets(), t["comp_start"],
+            t["comp_weight"], t["hcoef"], t["g_lo"], t["g_hi"])
+        self._species_cache: dict[tuple[int, ...], tuple] = {}
+
+    def _cutoff(self, n: int, sigma: float, B: float, beta: float) -> float:
+        """Per-Gaussian cutoff radius R_{n,sigma,e,g} exactly as the reference (spec 7.1)."""
+        t = self.overlap_threshold * ORDER_FACTOR[n]
+        if n == -1:
+            C1 = B
+            C2 = -beta
+        else:
+            A = 1.0 / (sigma * math.sqrt(2.0 * math.pi))
+            alpha = 1.0 / (2.0 * sigma * sigma)
+            tt = math.sqrt(math.pi / (alpha + beta))
+            C1 = A * B * tt * tt * tt
+            C2 = -alpha * beta / (alpha + beta)
+        return math.sqrt((math.log(t) - abs(C1)) / C2)
+
+    def cutoff_radius(self, order: int, sigma: float, element) -> float:
+        """Element cutoff radius R_{n,sigma,e} in Angstrom (max over the element's Gaussians)."""
+        z = self._z_of(element)
+        g = self.psp.gaussians[z]
+        return max((self._cutoff(order, sigma, B, be) for B, be in g), default=0.0)
+
+    def search_radius(self, numbers) -> float:
+        """R_search for a structure containing these atomic numbers (spec 7.1)."""
+        return self._species_tables(tuple(sorted(set(int(z) for z in numbers))))[-1]
+
+    def _z_of(self, element) -> int:
+        if isinstance(element, str):
+            from ase.data import atomic_numbers
+
+            if element not in atomic_numbers:
+                raise InputError(f"element {element!r} is not a chemical symbol")
+            z = atomic_numbers[element]
+        else:
+            z = int(element)
+        if not self.psp.has(z):
+            raise InputError(f"element {element_symbol(z)} (Z={z}) has no entry in psp file {self.psp.path}")
+        return z
+
+    def _species_tables(self, species: tuple[int, ...]):
+        hit = self._species_cache.get(species)
+        if hit is not None:
+            return hit
+        S = len(species)
+        gs = [self.psp.gaussians[z] for z in species]
+        G = max([len(g) for g in gs] + [1])
+        ng = np.array([len(g) for g in gs], dtype=np.int64)
+        Bs = np.zeros((S, G))
+        betas = np.ones((S, G))
+        for s, g in enumerate(gs):
+            Bs[s, :len(g)] = g[:, 0]
+            betas[s, :len(g)] = g[:, 1]
+        U = len(self._usig)
+        C = len(self._class_factors)
+        c1 = np.zeros((max(U, 1), S, G))
+        c2 = np.zeros((max(U, 1), S, G))
+        lam = np.zeros((max(U, 1), S, G))
+        hv = np.zeros((max(U, 1), S, G))
+        alpha = np.zeros(U)
+        r2 = np.full((max(U, 1), max(C, 1), S, G), -1.0)
+        r2m1 = np.full((S, G), -1.0)
+        rsearch = 0.0
+        rcontrib = np.zeros(S)
+        rep_order = {}
+        for n in self._uorders:
+            rep_order.setdefault(ORDER_FACTOR[int(n)], int(n))
+        for u, sigma in enumerate(self._usig):
+            a = 1.0 / (2.0 * sigma * sigma)
+            alpha[u] = a
+            Anorm = (1.0 / (sigma * math.sqrt(2.0 * math.pi))) ** 3
+            for s, g in enumerate(gs):
+                for k, (B, be) in enumerate(g):
+                    gam = a + be
+                    tt = math.sqrt(math.pi / gam)
+                    c1[u, s, k] = Anorm * B * tt * tt * tt
+                    c2[u, s, k] = -a * be / gam
+                    lam[u, s, k] = be / gam
+                    hv[u, s, k] = 1.0 / (2.0 * gam)
+                    for c, f in enumerate(self._class_factors):
+                        R = self._cutoff(rep_order[f], float(sigma), float(B), float(be))
+                        r2[u, c, s, k] = R * R
+                        rsearch = max(rsearch, R)
+                        rcontrib[s] = max(rcontrib[s], R)
+        if self._has_m1:
+            for s, g in enumerate(gs):
+                for k, (B, be) in enumerate(g):
+                    R = self._cutoff(-1, 0.0, float(B), float(be))
+                    r2m1[s, k] = R * R
+                    rsearch = max(rsearch, R)
+                    rcontrib[s] = max(rcontrib[s], R)
+        out = (ng, Bs, betas, c1, c2, lam, hv, alpha, r2, r2m1, rcontrib * rcontrib, rsearch)
+        self._species_cache[species] = out
+        return out
+
+    # ------------------------------------------------------------------ input checks
+    def _coerce(self, atoms):
+        if isinstance(atoms, Structure):
+            return atoms.numbers, atoms.positions, atoms.cell, atoms.pbc
+        try:
+            numbers = np.asarray(atoms.numbers)
+            positions = np.asarray(atoms.positions, dtype=np.float64)
+            cell = np.asarray(atoms.cell[:], dtype=np.float64)
+            pbc = np.asarray(atoms.pbc, dtype=bool)
+        except AttributeError:
+            raise InputError(f"atoms must be an ase.Atoms or gmp_pipeline.Structure, got {type(atoms).__name__}") from None
+        return numbers, positions, cell, pbc
+
+    def _check(self, numbers, positions, cell, pbc):
+        numbers = np.asarray(numbers)
+        if numbers.ndim != 1 or numbers.shape[0] == 0:
+            raise InputError(f"atoms: need at least one atom, got numbers of shape {numbers.shape}")
+        positions = np.ascontiguousarray(positions, dtype=np.float64)
+        if positions.shape != (numbers.shape[0], 3):
+            raise InputError(f"positions: shape {positions.shape} does not match {numbers.shape[0]} atoms")
+        bad = ~np.isfinite(positions).all(axis=1)
+        if bad.any():
+            a = int(np.flatnonzero(bad)[0])
+            raise InputError(f"positions: atom {a} has a non-finite position {positions[a].tolist()}")
+        cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
+        pbc = np.asarray(pbc, dtype=bool).reshape(3)
+        if not np.isfinite(cell).all():
+            raise InputError(f"cell: non-finite entries {cell.tolist()}")
+        zs = []
+        for z in np.unique(numbers):
+            z = int(z)
+            if not self.psp.has(z) or z == 0:
+                raise InputError(f"element {element_symbol(z)} (Z={z}) has no entry in psp file {self.psp.path}")
+            zs.append(z)
+        return numbers.astype(np.int64), positions, cell, pbc, tuple(zs)
+
+    @staticmethod
+    def _image_ranges(positions, cell, pbc, rsearch):
+        """Translation ranges t_k in [-r_k, r_k] covering every image within rsearch."""
+        trange = np.zeros(3, dtype=np.int64)
+        per = np.flatnonzero(pbc)
+        if per.size == 0:
+            return trange, np.zeros((3, 3))
+        A = cell[per]  # (p, 3) periodic lattice vectors
+        norms = np.linalg.norm(A, axis=1)
+        gram = A @ A.T
+        vol = math.sqrt(max(np.linalg.det(gram), 0.0))
+        if np.any(norms < 1e-8) or vol <= 1e-10 * float(np.prod(norms)):
+            raise InputError(
+                f"cell: degenerate along periodic direction(s) {per.tolist()} "
+                f"(cell={cell.tolist()}, pbc={pbc.tolist()}); a periodic direction needs a "
+                "non-zero lattice vector independent of the other periodic ones")
+        # interplanar spacing of each periodic vector within the periodic sublattice
+        inv_gram = np.linalg.inv(gram)
+        h = 1.0 / np.sqrt(np.diag(inv_gram))
+        frac = positions @ A.T @ inv_gram  # coordinates along the periodic vectors
+        span = frac.max(axis=0) - frac.min(axis=0)
+        r = np.ceil(rsearch / h + span).astype(np.int64) + 1
+        trange[per] = r
+        lat = np.zeros((3, 3))
+        lat[per] = A
+        return trange, lat
+
+    # ------------------------------------------------------------------ featurization
+    def featurize(self, atoms, derivatives: bool = False, centers=None) -> GMPResult:
+        """Features (and total derivatives) of one structure.
+
+        ``atoms``: an ``ase.Atoms`` or :class:`~gmp_pipeline.structure.Structure`.
+        ``centers``: optional atom indices to featurize (default: every atom).
+        """
+        from . import _kernels as K
+
+        numbers, positions, cell, pbc, species = self._check(*self._coerce(atoms))
+        N = numbers.shape[0]
+        if centers is None:
+            cidx = np.arange(N, dtype=np.int64)
+        else:
+            cidx = np.asarray(centers)
+            if cidx.ndim != 1 or not np.issubdtype(cidx.dtype, np.integer) or (
+                    cidx.size and (cidx.min() < -N or cidx.max() >= N)):
+                raise InputError(f"centers must be atom indices in 0..{N - 1}, got {centers!r}")
+            cidx = np.ascontiguousarray(cidx % N, dtype=np.int64) if cidx.size else cidx.astype(np.int64)
+        tabs = self._species_tables(species)
+        ng, Bs, betas, c1, c2, lam, hv, alpha, r2, r2m1, rcontrib2, rsearch = tabs
+        spc_of = np.zeros(int(numbers.max()) + 1, dtype=np.int64)
+        for s, z in enumerate(species):
+            spc_of[z] = s
+        spc = spc_of[numbers]
+        trange, lat = self._image_ranges(positions, cell, pbc, rsearch)
+        rs2 = rsearch * rsearch
+        pair_count, pair_j, maxnb = K.count_pairs(positions, spc, lat, trange, cidx, rs2, rcontrib2,
+                                                  len(species))
+        mono, mono_off, comp_start, comp_weight, hcoef, g_lo, g_hi = self._tables
+        feats, dF, pair_start = K.featurize_structure(
+            positions, spc, lat, trange, cidx, pair_count, pair_j, maxnb,
+            ng, Bs, betas, rs2, c1, c2, lam, hv, alpha, r2, len(self._class_factors), r2m1,
+            self._uorders, self._ocls, self._col, self._col_m1, len(self._ucols),
+            mono, mono_off, comp_start, comp_weight, hcoef, g_lo, g_hi,
+            self.square, bool(derivatives))
+        cm = self._colmap
+        identity = len(cm) == len(self._ucols) and np.array_equal(cm, np.arange(len(cm)))
+        res = GMPResult(features=feats if identity else feats[:, cm], centers=cidx, n_atoms=N)
+        if derivatives:
+            res.pair_center = np.repeat(cidx, pair_count)
+            res.pair_neighbor = pair_j
+            res.dfeatures = dF if identity else np.ascontiguousarray(dF[:, :, cm])
+        return res
+
+    def featurize_many(self, structures: Iterable, derivatives: bool = False) -> list[GMPResult]:
+        """Featurize several structures (ase.Atoms or Structure) in one call."""
+        return [self.featurize(s, derivatives=derivatives) for s in structures]
+
+    def warmup(self) -> None:
+        """Compile (or load from numba's cache) the kernels, e.g. on each Dask worker."""
+        import ase
+
+        z = next(iter(z for z in self.psp.elements() if z > 0))
+        atoms = ase.Atoms(numbers=[z, z], positions=[[0, 0, 0], [0.7, 0.2, 0.1]], cell=[3, 3, 3],
+                          pbc=[True, False, False])
+        self.featurize(atoms, derivatives=True)
