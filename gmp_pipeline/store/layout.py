@@ -1,0 +1,183 @@
+"""The on-disk layout of a ``gmp-features`` Zarr v3 store (see ``docs/format.md``).
+
+Everything that decides *where* a value lives is here: the array names and dtypes, the chunk
+shapes, the codecs and the fingerprint.  The writer (:mod:`.writer`) and the reader
+(:mod:`.reader`) both use it, so the two cannot drift apart.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+FORMAT_NAME = "gmp-features"
+FORMAT_VERSION = 1
+
+#: smallest uncompressed size of a chunk (bytes); an array smaller than this is one chunk
+MIN_CHUNK_BYTES = 1 << 20
+
+#: directory (inside the store) holding the plan, per-task results and completion markers
+#: of a run that has not finished; removed when the store is finalized
+STAGING_DIR = "_staging"
+
+LEVELS = ("structures", "atoms", "pairs")
+
+#: arrays the pipeline itself writes; source extras never take these names
+RESERVED = {
+    "structures": {"n_atoms", "atom_start", "source_index", "energy", "cell", "pbc"},
+    "atoms": {"numbers", "positions", "forces", "features", "pair_start", "pair_count"},
+    "pairs": {"neighbor", "dfeatures"},
+}
+
+_DEFAULT_FILL = {"b": False, "i": -1, "u": 0, "f": float("nan"), "U": "", "O": ""}
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of the store: ``path`` (``level/name``), numpy ``dtype`` (``"str"`` for text),
+    the ``trailing`` shape after the row axis, and the ``fill`` value of rows nobody wrote."""
+
+    path: str
+    dtype: str
+    trailing: tuple[int, ...] = ()
+    fill: Any = 0
+
+    @property
+    def level(self) -> str:
+        return self.path.split("/", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return self.path.split("/", 1)[1]
+
+    @property
+    def is_str(self) -> bool:
+        return self.dtype == "str"
+
+    def row_bytes(self) -> int:
+        item = 16 if self.is_str else np.dtype(self.dtype).itemsize
+        return item * int(np.prod(self.trailing, dtype=np.int64))
+
+    def chunk_rows(self, n_rows: int) -> int:
+        """Rows per chunk: the fewest rows that make at least ``MIN_CHUNK_BYTES``, capped at the
+        array length (so a small array is a single chunk)."""
+        rows = max(1, math.ceil(MIN_CHUNK_BYTES / self.row_bytes()))
+        return max(1, min(rows, int(n_rows)))
+
+    def empty(self, n: int) -> np.ndarray:
+        if self.is_str:
+            return np.full((n,) + self.trailing, self.fill, dtype=object)
+        return np.full((n,) + self.trailing, self.fill, dtype=self.dtype)
+
+
+def normalize_dtype(dt) -> str:
+    """A schema dtype as a numpy dtype name, or ``"str"`` for text."""
+    text = str(dt)
+    if text in ("str", "object", "O", "string") or text.lstrip("<>|=").startswith("U"):
+        return "str"
+    return np.dtype(text).name
+
+
+def fill_for(dtype: str):
+    if dtype == "str":
+        return ""
+    return _DEFAULT_FILL.get(np.dtype(dtype).kind, 0)
+
+
+def extra_path(level: str, name: str) -> str:
+    """Array path of a source extra (``info`` → structures, ``atom_info`` → atoms)."""
+    safe = str(name).replace("/", "_")
+    if safe in RESERVED[level] or safe.startswith("_"):
+        safe = "extra_" + safe
+    return f"{level}/{safe}"
+
+
+def array_specs(n_features: int, dtype: str, derivatives: bool,
+                schema: dict[str, Any]) -> dict[str, ArraySpec]:
+    """Every array of a store, keyed by path, in a fixed order."""
+    specs = [
+        ArraySpec("structures/n_atoms", "int64"),
+        ArraySpec("structures/atom_start", "int64"),
+        ArraySpec("structures/source_index", "int64", fill=-1),
+        ArraySpec("structures/energy", "float64", fill=float("nan")),
+        ArraySpec("structures/cell", "float64", (3, 3)),
+        ArraySpec("structures/pbc", "bool", (3,), fill=False),
+        ArraySpec("atoms/numbers", "int64"),
+        ArraySpec("atoms/positions", "float64", (3,)),
+    ]
+    if schema.get("has_forces"):
+        specs.append(ArraySpec("atoms/forces", "float64", (3,), fill=float("nan")))
+    specs.append(ArraySpec("atoms/features", dtype, (n_features,), fill=float("nan")))
+    if derivatives:
+        specs += [ArraySpec("atoms/pair_start", "int64"), ArraySpec("atoms/pair_count", "int64"),
+                  ArraySpec("pairs/neighbor", "int32", fill=-1),
+                  ArraySpec("pairs/dfeatures", dtype, (3, n_features), fill=float("nan"))]
+    for level, key in (("structures", "info"), ("atoms", "atom_info")):
+        for name, dt in sorted((schema.get(key) or {}).items()):
+            dt = normalize_dtype(dt)
+            specs.append(ArraySpec(extra_path(level, name), dt, fill=fill_for(dt)))
+    return {s.path: s for s in specs}
+
+
+def extras_map(schema: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """{"info": {name: array path}, "atom_info": {name: array path}} for the root attrs."""
+    return {"info": {n: extra_path("structures", n) for n in sorted(schema.get("info") or {})},
+            "atom_info": {n: extra_path("atoms", n)
+                          for n in sorted(schema.get("atom_info") or {})}}
+
+
+def codecs_for(spec: ArraySpec):
+    """Compressor of an array: Blosc with Zstd inside and byte shuffle (numbers), plain Zstd (text)."""
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if spec.is_str:
+        return (ZstdCodec(level=3),)
+    shuffle = "shuffle" if spec.dtype != "bool" else "noshuffle"
+    return (BloscCodec(cname="zstd", clevel=3, shuffle=shuffle),)
+
+
+# -- fingerprint -------------------------------------------------------------------------------
+
+def _canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def fingerprint_parts(feature_config: dict, source: dict, options: dict, version: str) -> dict:
+    """What a store's content depends on; the fingerprint is a hash of exactly this."""
+    return {"feature_config": json.loads(_canonical(feature_config)),
+            "source": json.loads(_canonical(source)),
+            "options": json.loads(_canonical(options)),
+            "gmp_pipeline_version": version,
+            "format_version": FORMAT_VERSION}
+
+
+def fingerprint(parts: dict) -> str:
+    return "sha256:" + hashlib.sha256(_canonical(parts).encode()).hexdigest()
+
+
+def _flatten(obj, prefix=""):
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        if not obj and prefix:
+            out[prefix] = {}
+        return out
+    return {prefix: obj}
+
+
+def describe_differences(old: dict, new: dict, limit: int = 8) -> list[str]:
+    """Human-readable ``key: stored value (store) != value (this run)`` lines."""
+    a, b = _flatten(old or {}), _flatten(new or {})
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            lines.append(f"{key}: {a.get(key, '<absent>')!r} in the store, "
+                         f"{b.get(key, '<absent>')!r} in this run")
+    if len(lines) > limit:
+        lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
+    return lines
