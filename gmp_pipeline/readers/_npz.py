@@ -11,6 +11,7 @@ import os
 import re
 import struct
 import zipfile
+import zlib
 from typing import Any, Iterator
 
 import numpy as np
@@ -18,7 +19,7 @@ import numpy as np
 from ..errors import SourceError
 from ..structure import Structure
 from ._common import (MOLECULE_CELL, MOLECULE_PBC, as_numbers, conversion_record,
-                      energy_conversion, make_units)
+                      energy_conversion, make_units, normalize_energy_unit)
 from .base import Reader
 
 _CHUNK = 512  # frames converted per step while streaming
@@ -62,7 +63,7 @@ class NpzArrays:
                     else:
                         shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
                     offset = f.tell()
-            except (ValueError, zipfile.BadZipFile, EOFError, OSError) as exc:
+            except (ValueError, zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
                 raise SourceError(f"not a readable .npy member ({exc})", path=self.path,
                                   field=key) from None
             self._headers[key] = (tuple(shape), np.dtype(dtype), bool(fortran), offset)
@@ -98,7 +99,7 @@ class NpzArrays:
             try:
                 with self._zip.open(info) as f:
                     arr = np.lib.format.read_array(f, allow_pickle=False)
-            except (ValueError, zipfile.BadZipFile, EOFError, OSError) as exc:
+            except (ValueError, zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
                 raise SourceError(f"cannot read member ({exc})", path=self.path,
                                   field=key) from None
         self._cache[key] = arr
@@ -147,6 +148,8 @@ class FrameNpzReader(Reader):
         if molecule is not None:
             options["molecule"] = molecule
         super().__init__(path, skip_bad_records=skip_bad_records, **options)
+        if energy_unit is not None:
+            normalize_energy_unit(energy_unit)  # fail early on an unknown unit
         self._energy_unit_req = energy_unit
         self._molecule = molecule
         self._shape: tuple[int, int] | None = None  # (M, N), read once and pickled with the reader

@@ -32,7 +32,7 @@ from ..errors import InputError, SourceError
 from ..structure import Structure
 from ._common import (MOLECULE_CELL, MOLECULE_PBC, conversion_record, energy_conversion,
                       make_units)
-from .base import Reader, register_reader
+from .base import Reader, logger, register_reader
 
 PROPERTIES = ("A", "B", "C", "mu", "alpha", "homo", "lumo", "gap", "r2", "zpve", "U0", "U", "H",
               "G", "Cv")
@@ -181,8 +181,8 @@ class QM9Reader(Reader):
             return
         self._unchar = read_uncharacterized(path)
         if self._exclude and len(self._unchar) != 3054:
-            raise SourceError(f"lists {len(self._unchar)} molecules, expected 3,054", path=path,
-                              field="index")
+            logger.warning("%s lists %d molecules, not the 3,054 of the QM9 release", path,
+                           len(self._unchar))
 
     def _keep(self, gdb: int) -> bool:
         return not (self._exclude and self._unchar is not None and gdb in self._unchar)
