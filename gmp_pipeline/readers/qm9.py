@@ -219,7 +219,8 @@ class QM9Reader(Reader):
         except FileNotFoundError:
             raise SourceError("file not found", path=self.path) from None
         except (tarfile.TarError, OSError, EOFError) as exc:
-            raise SourceError(f"not a readable tar archive ({exc})", path=self.path) from None
+            raise SourceError(f"not a readable tar archive: truncated or corrupt ({exc})",
+                              path=self.path, record=0, field="archive") from None
 
     def _members(self, count_only: bool = False, tar=None, first: int = 0):
         """Yield (member ordinal, name, text or atom count) for dsgdb9nsd members from ``first``.
