@@ -47,6 +47,12 @@ def _open_lmdb(path):
     return env
 
 
+def close_environments() -> None:
+    """Close every LMDB environment this process opened (e.g. before rewriting a file)."""
+    for key in [k for k in _ENVS if k[0] == os.getpid()]:
+        _ENVS.pop(key).close()
+
+
 def _open_lmdb_new(path):
     import lmdb
 
