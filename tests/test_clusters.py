@@ -155,9 +155,103 @@ def test_connect_to_address():
     from distributed import LocalCluster
 
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                      dashboard_address=None) as cluster:
+                      dashboard_address=":0") as cluster:
         with start_cluster(cluster.scheduler_address, quiet=True) as client:
             assert client.submit(_inc, 41).result() == 42
     with pytest.raises(ClusterError, match="neither"):
         with start_cluster("not an address"):
             pass
+
+
+# --------------------------------------------------------------------------- real SLURM
+
+@pytest.fixture(scope="module")
+def slurm():
+    """A usable SLURM, else: fail under CI (it must be there), skip elsewhere."""
+    ok, reason = slurm_available()
+    if not ok:
+        if IN_CI:
+            pytest.fail(f"CI=true but SLURM is not usable ({reason}); .ci/test.sh starts it "
+                        f"with .ci/slurm-up.sh")
+        pytest.skip(f"SLURM not available: {reason} (start one with .ci/slurm-up.sh as root)")
+    return reason
+
+
+def _slurm_config(tmp_path, **overrides):
+    section = {"cores": 1, "processes": 1, "memory": "1GiB", "walltime": "00:10:00",
+               "interface": "lo", "log-directory": str(tmp_path / "slurm-logs"),
+               "death-timeout": 30, "scheduler-options": {"dashboard_address": ":0"},
+               # tasks below are functions of this module: let the job's workers import it
+               "job-script-prologue": [f"export PYTHONPATH={os.path.dirname(__file__)}"]}
+    section.update(overrides)
+    return {"jobqueue": {"slurm": section},
+            # replace a killed worker's job after 2 s instead of dask's default 15 s
+            "distributed": {"deploy": {"lost-worker-timeout": "2s"}},
+            "gmp-pipeline": {"cluster": {"numba-cache-dir": str(tmp_path / "numba")}}}
+
+
+def _job_ids(client):
+    return client.run(lambda: os.environ.get("SLURM_JOB_ID"), on_error="ignore")
+
+
+def _slow_square(x):
+    time.sleep(0.1)
+    return x * x
+
+
+@pytest.mark.slurm
+def test_slurm_worker_job_runs_tasks(slurm, tmp_path):
+    t0 = time.monotonic()
+    with start_cluster("slurm", cluster_config=_slurm_config(tmp_path), min_jobs=1, max_jobs=1,
+                       quiet=True) as client:
+        client.wait_for_workers(1, timeout=120)
+        ready = time.monotonic() - t0
+        assert client.submit(_inc, 1).result(timeout=60) == 2
+        ids = _job_ids(client)
+        assert len(ids) == 1 and all(j and j.isdigit() for j in ids.values())
+        job = next(iter(ids.values()))
+        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True,
+                               text=True, timeout=30).stdout.strip()
+        assert state == "RUNNING"
+        caches = client.run(lambda: os.environ.get("NUMBA_CACHE_DIR"))
+        assert all(c.startswith(str(tmp_path / "numba")) for c in caches.values())
+    print(f"first SLURM worker ready after {ready:.1f} s")
+    # closing the cluster cancels its jobs
+    for _ in range(50):
+        left = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True,
+                              text=True, timeout=30).stdout.strip()
+        if left in ("", "COMPLETING", "CANCELLED"):
+            break
+        time.sleep(0.2)
+    assert left in ("", "COMPLETING", "CANCELLED"), left
+
+
+@pytest.mark.slurm
+def test_slurm_lost_worker_job_is_replaced(slurm, tmp_path):
+    n = 300
+    with start_cluster("slurm", cluster_config=_slurm_config(tmp_path), min_jobs=2, max_jobs=2,
+                       quiet=True) as client:
+        client.wait_for_workers(2, timeout=120)
+        before = _job_ids(client)
+        assert len(set(before.values())) == 2
+        futures = client.map(_slow_square, range(n))
+        # let work start, then kill one worker job as a node failure or preemption would
+        deadline = time.monotonic() + 60
+        while sum(f.done() for f in futures) < 20 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sum(f.done() for f in futures) < n, "tasks finished before the kill"
+        victim = sorted(before.values())[0]
+        subprocess.run(["scancel", victim], check=True, timeout=30)
+        t_kill = time.monotonic()
+        # adaptive scaling submits a new job for the lost worker while the work goes on
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            after = set(_job_ids(client).values())
+            if len(after) == 2 and victim not in after:
+                break
+            time.sleep(0.2)
+        replaced = time.monotonic() - t_kill
+        assert victim not in after and len(after - set(before.values())) == 1, (before, after)
+        results = client.gather(futures)
+        assert results == [x * x for x in range(n)]
+        print(f"killed worker job {victim} replaced by a new worker after {replaced:.1f} s")

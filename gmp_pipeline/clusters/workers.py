@@ -121,4 +121,4 @@ def prepare_workers(client, cache_dir: str | None = None) -> dict:
 
     if not client.scheduler_info().get("workers"):
         return {}
-    return client.run(_where)
+    return client.run(_where, on_error="ignore")
