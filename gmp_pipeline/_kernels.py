@@ -30,46 +30,41 @@ _CACHE = True
 
 
 @njit(cache=_CACHE)
-def _bbox(pos):
-    lo = np.empty(3)
-    hi = np.empty(3)
-    for k in range(3):
-        lo[k] = pos[0, k]
-        hi[k] = pos[0, k]
-    for a in range(pos.shape[0]):
-        for k in range(3):
-            v = pos[a, k]
-            if v < lo[k]:
-                lo[k] = v
-            if v > hi[k]:
-                hi[k] = v
-    return lo, hi
+def _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_d, nb_D):
+    """Images of all atoms within sqrt(rs2) of q.  Returns the count, or -needed on overflow.
 
-
-@njit(cache=_CACHE)
-def _neighbors(q, pos, cell, trange, lo, hi, rs2, nb_j, nb_d, nb_D):
-    """Images of all atoms within sqrt(rs2) of q.  Returns the count, or -needed on overflow."""
+    ``lat`` rows are the periodic lattice vectors (zero rows for non-periodic directions),
+    ``inv`` maps a Cartesian vector to its coordinates along them, ``hinv[k]`` = 1/h_k with h_k
+    the interplanar spacing.  For atom j the translations with |f_k + t_k| <= R/h_k along every
+    periodic direction are enumerated: a box per atom that contains the search sphere.
+    """
     n = pos.shape[0]
     cap = nb_j.shape[0]
     cnt = 0
-    for t1 in range(-trange[0], trange[0] + 1):
-        for t2 in range(-trange[1], trange[1] + 1):
-            for t3 in range(-trange[2], trange[2] + 1):
-                tx = t1 * cell[0, 0] + t2 * cell[1, 0] + t3 * cell[2, 0]
-                ty = t1 * cell[0, 1] + t2 * cell[1, 1] + t3 * cell[2, 1]
-                tz = t1 * cell[0, 2] + t2 * cell[1, 2] + t3 * cell[2, 2]
-                # distance from q to the bounding box of this image of the structure
-                b2 = 0.0
-                for k, tk in ((0, tx), (1, ty), (2, tz)):
-                    lk = lo[k] + tk
-                    hk = hi[k] + tk
-                    if q[k] < lk:
-                        b2 += (lk - q[k]) ** 2
-                    elif q[k] > hk:
-                        b2 += (q[k] - hk) ** 2
-                if b2 >= rs2:
-                    continue
-                for j in range(n):
+    lo = np.zeros(3, dtype=np.int64)
+    hi = np.zeros(3, dtype=np.int64)
+    for j in range(n):
+        ex = pos[j, 0] - q[0]
+        ey = pos[j, 1] - q[1]
+        ez = pos[j, 2] - q[2]
+        for k in range(3):
+            if per[k]:
+                f = ex * inv[0, k] + ey * inv[1, k] + ez * inv[2, k]
+                w = rs * hinv[k] * (1.0 + 1e-12) + 1e-12
+                lo[k] = math.ceil(-w - f)
+                hi[k] = math.floor(w - f)
+            else:
+                lo[k] = 0
+                hi[k] = 0
+        for t1 in range(lo[0], hi[0] + 1):
+            for t2 in range(lo[1], hi[1] + 1):
+                bx = t1 * lat[0, 0] + t2 * lat[1, 0]
+                by = t1 * lat[0, 1] + t2 * lat[1, 1]
+                bz = t1 * lat[0, 2] + t2 * lat[1, 2]
+                for t3 in range(lo[2], hi[2] + 1):
+                    tx = bx + t3 * lat[2, 0]
+                    ty = by + t3 * lat[2, 1]
+                    tz = bz + t3 * lat[2, 2]
                     dx = (tx + pos[j, 0]) - q[0]
                     dy = (ty + pos[j, 1]) - q[1]
                     dz = (tz + pos[j, 2]) - q[2]
@@ -88,107 +83,110 @@ def _neighbors(q, pos, cell, trange, lo, hi, rs2, nb_j, nb_d, nb_D):
 
 
 @njit(cache=_CACHE)
-def _sorted_by_species(cnt, nb_j, nb_d, nb_D, spc, nspecies, s_j, s_d, s_D, sp_start):
-    """Group the neighbour list by species, sorted by distance within each species."""
-    order = np.argsort(nb_D[:cnt])
-    counts = np.zeros(nspecies + 1, dtype=np.int64)
+def _bin_neighbors(cnt, nb_j, nb_d, nb_D, spc, thr, nthr, bo, s_j, s_d, s_D, bstart, counts):
+    """Counting sort of the neighbour list into cutoff bins.
+
+    Species s owns bins bo[s] .. bo[s+1] - 1; bin b of species s holds the neighbours with
+    thr[s, b-1] < D <= thr[s, b] (thr[s] sorted ascending: every squared cutoff radius used for
+    that species).  So the neighbours of species s within cutoff thr[s, b] are exactly the
+    entries bstart[bo[s]] : bstart[bo[s] + b + 1].  Neighbours beyond every cutoff are dropped.
+    Returns the number kept.
+    """
+    nb = bstart.shape[0] - 1
+    for b in range(nb + 1):
+        counts[b] = 0
     for t in range(cnt):
-        counts[spc[nb_j[t]] + 1] += 1
-    for s in range(nspecies):
-        counts[s + 1] += counts[s]
-    for s in range(nspecies + 1):
-        sp_start[s] = counts[s]
-    fill = counts[:nspecies].copy()
-    for t in order:
         s = spc[nb_j[t]]
-        p = fill[s]
-        fill[s] += 1
-        s_j[p] = nb_j[t]
+        D = nb_D[t]
+        lo = 0
+        hi = nthr[s]
+        while lo < hi:  # first threshold >= D
+            mid = (lo + hi) >> 1
+            if thr[s, mid] < D:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo == nthr[s]:
+            nb_j[t] = -1  # beyond every cutoff of its species
+            continue
+        bb = bo[s] + lo
+        nb_j[t] = nb_j[t] * nb + bb  # the bin packed with the atom index
+        counts[bb + 1] += 1
+    for b in range(nb):
+        counts[b + 1] += counts[b]
+    for b in range(nb + 1):
+        bstart[b] = counts[b]
+    for t in range(cnt):
+        code = nb_j[t]
+        if code < 0:
+            continue
+        j = code // nb
+        bb = code - j * nb
+        p = counts[bb]
+        counts[bb] += 1
+        s_j[p] = j
         s_d[p, 0] = nb_d[t, 0]
         s_d[p, 1] = nb_d[t, 1]
         s_d[p, 2] = nb_d[t, 2]
         s_D[p] = nb_D[t]
+    return bstart[nb]
 
 
-@njit(cache=_CACHE)
-def _prefix(D, start, stop, r2):
-    """Number of entries of the sorted D[start:stop] with D <= r2."""
-    lo = start
-    hi = stop
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if D[mid] <= r2:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo - start
+_EXACT = {"nnan", "ninf", "nsz", "arcp", "contract"}  # fast-math without reassociation
+_LN2_HI = 6.93147180369123816490e-01
+_LN2_LO = 1.90821492927058770002e-10
+_INV_LN2 = 1.44269504088896338700e+00
 
 
-@njit(cache=_CACHE)
-def count_pairs(pos, spc, cell, trange, centers, rs2, rcontrib2, nspecies):
-    """Pass 1: for every centre, the sorted atoms j that can contribute (pair lists).
+@njit(cache=_CACHE, fastmath=_EXACT)
+def _vexp_inplace(T, arg, scale, ibuf):
+    """scale[t] *= exp(arg[t]) for arg <= 0, vectorizable (numba's math.exp is a scalar call).
 
-    Returns (pair_count (nc,), pair_j (P,), max_neighbors).
+    Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, a degree-13 Taylor polynomial for e^r
+    (truncation < 1e-17 relative) and 2^n assembled from its IEEE bits.  Arguments below -708
+    are clamped (their terms are < 1e-307 of the prefactor).
     """
-    n = pos.shape[0]
-    nc = centers.shape[0]
-    lo, hi = _bbox(pos)
-    cap = 256
-    nb_j = np.empty(cap, dtype=np.int64)
-    nb_d = np.empty((cap, 3))
-    nb_D = np.empty(cap)
-    mark = np.zeros(n, dtype=np.bool_)
-    pair_count = np.zeros(nc, dtype=np.int64)
-    out = np.empty(max(nc * 4, 16), dtype=np.int64)
-    npairs = 0
-    maxnb = 0
-    for ci in range(nc):
-        q = pos[centers[ci]]
-        cnt = _neighbors(q, pos, cell, trange, lo, hi, rs2, nb_j, nb_d, nb_D)
-        if cnt < 0:
-            cap = -cnt + 64
-            nb_j = np.empty(cap, dtype=np.int64)
-            nb_d = np.empty((cap, 3))
-            nb_D = np.empty(cap)
-            cnt = _neighbors(q, pos, cell, trange, lo, hi, rs2, nb_j, nb_d, nb_D)
-        if cnt > maxnb:
-            maxnb = cnt
-        for t in range(cnt):
-            j = nb_j[t]
-            if nb_D[t] <= rcontrib2[spc[j]]:
-                mark[j] = True
-        mark[centers[ci]] = True
-        k = 0
-        for j in range(n):
-            if mark[j]:
-                if npairs + k >= out.shape[0]:
-                    bigger = np.empty(out.shape[0] * 2 + n, dtype=np.int64)
-                    bigger[: npairs + k] = out[: npairs + k]
-                    out = bigger
-                out[npairs + k] = j
-                k += 1
-                mark[j] = False
-        pair_count[ci] = k
-        npairs += k
-    return pair_count, out[:npairs].copy(), maxnb
+    for t in range(T):
+        x = arg[t]
+        if x < -708.0:
+            x = -708.0
+        nf = math.floor(x * _INV_LN2 + 0.5)
+        r = (x - nf * _LN2_HI) - nf * _LN2_LO
+        p = 1.0 / 6227020800.0
+        p = p * r + 1.0 / 479001600.0
+        p = p * r + 1.0 / 39916800.0
+        p = p * r + 1.0 / 3628800.0
+        p = p * r + 1.0 / 362880.0
+        p = p * r + 1.0 / 40320.0
+        p = p * r + 1.0 / 5040.0
+        p = p * r + 1.0 / 720.0
+        p = p * r + 1.0 / 120.0
+        p = p * r + 1.0 / 24.0
+        p = p * r + 1.0 / 6.0
+        p = p * r + 0.5
+        p = p * r + 1.0
+        p = p * r + 1.0
+        scale[t] *= p
+        ibuf[t] = (np.int64(nf) + 1023) << 52
+    two_n = ibuf[:T].view(np.float64)
+    for t in range(T):
+        scale[t] *= two_n[t]
 
 
 @njit(cache=_CACHE, fastmath=True)
-def _fill_terms(s_D, s_d, s_j, sp_start, nspecies, ng, c1, c2, lam, hv, r2u, ncls,
-                tj, tE, tux, tuy, tuz, th, bend):
+def _fill_terms(s_D, s_d, s_j, bstart, bo, nspecies, ng, c1, c2, lam, hv, ridx, ncls,
+                tj, tE, targ, tux, tuy, tuz, th, bend, ibuf):
     """Write the contributing terms of one sigma, bucketed by cutoff class.  Returns the total."""
-    # bucket sizes
     for c in range(ncls):
         bend[c] = 0
     for s in range(nspecies):
-        a = sp_start[s]
-        b = sp_start[s + 1]
-        if a == b:
+        a = bstart[bo[s]]
+        if a == bstart[bo[s + 1]]:
             continue
         for g in range(ng[s]):
             prev = 0
             for c in range(ncls):
-                L = _prefix(s_D, a, b, r2u[c, s, g])
+                L = bstart[bo[s] + ridx[c, s, g] + 1] - a
                 bend[c] += L - prev
                 prev = L
     tot = 0
@@ -197,9 +195,8 @@ def _fill_terms(s_D, s_d, s_j, sp_start, nspecies, ng, c1, c2, lam, hv, r2u, ncl
         bend[c] = tot  # start of bucket c, advanced while filling
         tot += cnt
     for s in range(nspecies):
-        a = sp_start[s]
-        b = sp_start[s + 1]
-        if a == b:
+        a = bstart[bo[s]]
+        if a == bstart[bo[s + 1]]:
             continue
         for g in range(ng[s]):
             C1 = c1[s, g]
@@ -208,11 +205,12 @@ def _fill_terms(s_D, s_d, s_j, sp_start, nspecies, ng, c1, c2, lam, hv, r2u, ncl
             h = hv[s, g]
             prev = 0
             for c in range(ncls):
-                L = _prefix(s_D, a, b, r2u[c, s, g])
+                L = bstart[bo[s] + ridx[c, s, g] + 1] - a
                 p = bend[c]
                 for t in range(a + prev, a + L):
                     tj[p] = s_j[t]
-                    tE[p] = C1 * math.exp(C2 * s_D[t])
+                    tE[p] = C1
+                    targ[p] = C2 * s_D[t]
                     tux[p] = lm * s_d[t, 0]
                     tuy[p] = lm * s_d[t, 1]
                     tuz[p] = lm * s_d[t, 2]
@@ -220,6 +218,7 @@ def _fill_terms(s_D, s_d, s_j, sp_start, nspecies, ng, c1, c2, lam, hv, r2u, ncl
                     p += 1
                 bend[c] = p
                 prev = L
+    _vexp_inplace(tot, targ, tE, ibuf)
     return tot
 
 
@@ -253,17 +252,19 @@ def _moment_sum(end, p, q, s, Ex, Py, Pz):
 
 
 @njit(cache=_CACHE)
-def featurize_structure(pos, spc, cell, trange, centers, pair_count, pair_j, maxnb,
-                        ng, Bs, betas, rs2,
-                        c1, c2, lam, hv, alpha, r2, ncls, r2m1,
+def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
+                        ng, Bs, betas, rs, thr, nthr, bo,
+                        c1, c2, lam, hv, alpha, ridx, ncls, ridxm1,
                         ords, ocls, col, col_m1, ncol,
                         mono, mono_off, comp_start, comp_weight, hcoef, g_lo, g_hi,
                         square, deriv):
-    """Pass 2: features (nc, ncol) and, if deriv, total derivatives (P, 3, ncol).
+    """Features (nc, ncol) and, if deriv, total derivatives (P, 3, ncol) with pair lists.
 
-    Per unique sigma u: c1/c2/lam/hv[u, s, g] term constants, alpha[u], r2[u, c, s, g] class
-    cutoffs squared.  r2m1[s, g]: order -1 cutoffs squared.  ords[o]/ocls[o]: orders >= 0 and their
-    cutoff class; col[o, u] / col_m1: output columns (-1 if absent).
+    Per unique sigma u: c1/c2/lam/hv[u, s, g] term constants and alpha[u].  Cutoffs: thr[s, :nthr[s]]
+    are the sorted squared cutoff radii of species s (see _bin_neighbors, bins bo[s]..bo[s+1]-1);
+    ridx[u, c, s, g] / ridxm1[s, g] index the cutoff of class c / of order -1 in thr[s].
+    ords[o]/ocls[o]: orders >= 0 and their cutoff class; col[o, u] / col_m1: output columns
+    (-1 if absent).
     """
     n = pos.shape[0]
     nc = centers.shape[0]
@@ -278,25 +279,29 @@ def featurize_structure(pos, spc, cell, trange, centers, pair_count, pair_j, max
     if not deriv and K > 0:
         K -= 1
 
+    rs2 = rs * rs
     feats = np.zeros((nc, ncol))
-    P = pair_j.shape[0] if deriv else 0
-    dF = np.zeros((P, 3, ncol))
-    pair_start = np.zeros(nc + 1, dtype=np.int64)
-    for ci in range(nc):
-        pair_start[ci + 1] = pair_start[ci] + pair_count[ci]
+    pcap = nc * min(n, 32) if deriv else 0
+    dF = np.zeros((pcap, 3, ncol))
+    pair_j = np.empty(pcap, dtype=np.int64)
+    pair_count = np.zeros(nc, dtype=np.int64)
+    npairs = 0
+    jlist = np.empty(n, dtype=np.int64)
 
-    lo, hi = _bbox(pos)
-    cap = maxnb + 1
+    cap = 64
     nb_j = np.empty(cap, dtype=np.int64)
     nb_d = np.empty((cap, 3))
     nb_D = np.empty(cap)
     s_j = np.empty(cap, dtype=np.int64)
     s_d = np.empty((cap, 3))
     s_D = np.empty(cap)
-    sp_start = np.empty(nspecies + 1, dtype=np.int64)
+    bstart = np.empty(bo[nspecies] + 1, dtype=np.int64)
+    bcount = np.empty(bo[nspecies] + 1, dtype=np.int64)
     tcap = cap * G
     tj = np.empty(tcap, dtype=np.int64)
     tE = np.empty(tcap)
+    targ = np.empty(tcap)
+    ibuf = np.empty(tcap, dtype=np.int64)
     tux = np.empty(tcap)
     tuy = np.empty(tcap)
     tuz = np.empty(tcap)
@@ -318,22 +323,68 @@ def featurize_structure(pos, spc, cell, trange, centers, pair_count, pair_j, max
     for ci in range(nc):
         i = centers[ci]
         q = pos[i]
-        cnt = _neighbors(q, pos, cell, trange, lo, hi, rs2, nb_j, nb_d, nb_D)
-        _sorted_by_species(cnt, nb_j, nb_d, nb_D, spc, nspecies, s_j, s_d, s_D, sp_start)
-        base = pair_start[ci]
+        cnt = _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_d, nb_D)
+        if cnt < 0:  # grow every per-neighbour scratch array and search again
+            cap = -cnt * 5 // 4 + 16
+            nb_j = np.empty(cap, dtype=np.int64)
+            nb_d = np.empty((cap, 3))
+            nb_D = np.empty(cap)
+            s_j = np.empty(cap, dtype=np.int64)
+            s_d = np.empty((cap, 3))
+            s_D = np.empty(cap)
+            tcap = cap * G
+            tj = np.empty(tcap, dtype=np.int64)
+            tE = np.empty(tcap)
+            targ = np.empty(tcap)
+            ibuf = np.empty(tcap, dtype=np.int64)
+            tux = np.empty(tcap)
+            tuy = np.empty(tcap)
+            tuz = np.empty(tcap)
+            th = np.empty(tcap)
+            Ex = np.empty((K + 1, tcap))
+            Py = np.empty((K + 1, tcap))
+            Pz = np.empty((K + 1, tcap))
+            gx = np.empty(tcap)
+            gy = np.empty(tcap)
+            gz = np.empty(tcap)
+            cnt = _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_d, nb_D)
+        cnt = _bin_neighbors(cnt, nb_j, nb_d, nb_D, spc, thr, nthr, bo, s_j, s_d, s_D, bstart, bcount)
+        base = npairs
         if deriv:
-            for k in range(pair_count[ci]):
-                slot[pair_j[base + k]] = k
+            # pair list of this centre: atoms with an image inside one of their cutoffs
+            k = 0
+            slot[i] = 0
+            jlist[k] = i
+            k += 1
+            for t in range(cnt):
+                j = s_j[t]
+                if slot[j] < 0:
+                    slot[j] = 0
+                    jlist[k] = j
+                    k += 1
+            jl = np.sort(jlist[:k])
+            if npairs + k > pcap:
+                pcap = max(2 * pcap, npairs + k)
+                bigger = np.zeros((pcap, 3, ncol))
+                bigger[:npairs] = dF[:npairs]
+                dF = bigger
+                pj = np.empty(pcap, dtype=np.int64)
+                pj[:npairs] = pair_j[:npairs]
+                pair_j = pj
+            for kk in range(k):
+                slot[jl[kk]] = kk
+                pair_j[base + kk] = jl[kk]
+            pair_count[ci] = k
+            npairs += k
 
         # ---- order -1: the model density at the centre -------------------------------
         if col_m1 >= 0:
             m = col_m1
             dens = 0.0
             for s in range(nspecies):
-                a = sp_start[s]
-                b = sp_start[s + 1]
+                a = bstart[bo[s]]
                 for g in range(ng[s]):
-                    L = _prefix(s_D, a, b, r2m1[s, g])
+                    L = bstart[bo[s] + ridxm1[s, g] + 1] - a
                     B = Bs[s, g]
                     be = betas[s, g]
                     for t in range(a, a + L):
@@ -347,10 +398,9 @@ def featurize_structure(pos, spc, cell, trange, centers, pair_count, pair_j, max
                 # dS/dd = 2 mu sum(-2 beta B e d);  sqrt mode: divide by 2F
                 scale = 2.0 * dens if square else 2.0 * dens / (2.0 * F)
                 for s in range(nspecies):
-                    a = sp_start[s]
-                    b = sp_start[s + 1]
+                    a = bstart[bo[s]]
                     for g in range(ng[s]):
-                        L = _prefix(s_D, a, b, r2m1[s, g])
+                        L = bstart[bo[s] + ridxm1[s, g] + 1] - a
                         B = Bs[s, g]
                         be = betas[s, g]
                         for t in range(a, a + L):
@@ -363,8 +413,8 @@ def featurize_structure(pos, spc, cell, trange, centers, pair_count, pair_j, max
         # ---- orders >= 0, one sigma at a time ----------------------------------------
         if nord > 0:
             for u in range(nsig):
-                T = _fill_terms(s_D, s_d, s_j, sp_start, nspecies, ng, c1[u], c2[u], lam[u], hv[u],
-                                r2[u], ncls, tj, tE, tux, tuy, tuz, th, bend)
+                T = _fill_terms(s_D, s_d, s_j, bstart, bo, nspecies, ng, c1[u], c2[u], lam[u], hv[u],
+                                ridx[u], ncls, tj, tE, targ, tux, tuy, tuz, th, bend, ibuf)
                 _moments(T, K, tE, tux, tuy, tuz, th, Ex, Py, Pz)
                 two_alpha = 2.0 * alpha[u]
                 for o in range(nord):
@@ -446,7 +496,7 @@ def featurize_structure(pos, spc, cell, trange, centers, pair_count, pair_j, max
                     dF[own, k, m] -= acc
             for k in range(pair_count[ci]):
                 slot[pair_j[base + k]] = -1
-    return feats, dF, pair_start
+    return feats, dF[:npairs], pair_j[:npairs], pair_count
 
 
 @njit(cache=_CACHE, fastmath=True)

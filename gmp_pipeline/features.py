@@ -271,7 +271,6 @@ class GMPFeaturizer:
         r2 = np.full((max(U, 1), max(C, 1), S, G), -1.0)
         r2m1 = np.full((S, G), -1.0)
         rsearch = 0.0
-        rcontrib = np.zeros(S)
         rep_order = {}
         for n in self._uorders:
             rep_order.setdefault(ORDER_FACTOR[int(n)], int(n))
@@ -291,15 +290,36 @@ class GMPFeaturizer:
                         R = self._cutoff(rep_order[f], float(sigma), float(B), float(be))
                         r2[u, c, s, k] = R * R
                         rsearch = max(rsearch, R)
-                        rcontrib[s] = max(rcontrib[s], R)
         if self._has_m1:
             for s, g in enumerate(gs):
                 for k, (B, be) in enumerate(g):
                     R = self._cutoff(-1, 0.0, float(B), float(be))
                     r2m1[s, k] = R * R
                     rsearch = max(rsearch, R)
-                    rcontrib[s] = max(rcontrib[s], R)
-        out = (ng, Bs, betas, c1, c2, lam, hv, alpha, r2, r2m1, rcontrib * rcontrib, rsearch)
+        # every squared cutoff of a species, sorted, and where each (sigma, class, g) sits in it
+        thr_lists = []
+        for s in range(S):
+            vals = list(r2[:, :, s, :ng[s]].ravel()) if U and C else []
+            vals += list(r2m1[s, :ng[s]]) if self._has_m1 else []
+            thr_lists.append(sorted({v for v in vals if v >= 0.0}))
+        L = max([len(t) for t in thr_lists] + [1])
+        thr = np.full((S, L), np.inf)
+        nthr = np.zeros(S, dtype=np.int64)
+        bo = np.zeros(S + 1, dtype=np.int64)
+        ridx = np.zeros(r2.shape, dtype=np.int64)
+        ridxm1 = np.zeros((S, G), dtype=np.int64)
+        for s, tl in enumerate(thr_lists):
+            thr[s, :len(tl)] = tl
+            nthr[s] = len(tl)
+            bo[s + 1] = bo[s] + len(tl)
+            pos = {v: b for b, v in enumerate(tl)}
+            for g in range(ng[s]):
+                for u in range(U):
+                    for c in range(C):
+                        ridx[u, c, s, g] = pos[r2[u, c, s, g]]
+                if self._has_m1:
+                    ridxm1[s, g] = pos[r2m1[s, g]]
+        out = (ng, Bs, betas, c1, c2, lam, hv, alpha, thr, nthr, bo, ridx, ridxm1, rsearch)
         self._species_cache[species] = out
         return out
 
@@ -340,31 +360,28 @@ class GMPFeaturizer:
         return numbers.astype(np.int64), positions, cell, pbc, tuple(zs)
 
     @staticmethod
-    def _image_ranges(positions, cell, pbc, rsearch):
-        """Translation ranges t_k in [-r_k, r_k] covering every image within rsearch."""
-        trange = np.zeros(3, dtype=np.int64)
+    def _lattice(cell, pbc):
+        """Periodic lattice rows, Cartesian->lattice-coordinate map and 1/interplanar spacings."""
+        lat = np.zeros((3, 3))
+        inv = np.zeros((3, 3))
+        hinv = np.zeros(3)
         per = np.flatnonzero(pbc)
         if per.size == 0:
-            return trange, np.zeros((3, 3))
+            return lat, inv, hinv, np.zeros(3, dtype=np.bool_)
         A = cell[per]  # (p, 3) periodic lattice vectors
         norms = np.linalg.norm(A, axis=1)
         gram = A @ A.T
-        vol = math.sqrt(max(np.linalg.det(gram), 0.0))
-        if np.any(norms < 1e-8) or vol <= 1e-10 * float(np.prod(norms)):
+        vol = math.sqrt(max(float(np.linalg.det(gram)), 0.0))
+        if np.any(norms < 1e-8) or vol <= 1e-8 * float(np.prod(norms)):
             raise InputError(
                 f"cell: degenerate along periodic direction(s) {per.tolist()} "
                 f"(cell={cell.tolist()}, pbc={pbc.tolist()}); a periodic direction needs a "
                 "non-zero lattice vector independent of the other periodic ones")
-        # interplanar spacing of each periodic vector within the periodic sublattice
         inv_gram = np.linalg.inv(gram)
-        h = 1.0 / np.sqrt(np.diag(inv_gram))
-        frac = positions @ A.T @ inv_gram  # coordinates along the periodic vectors
-        span = frac.max(axis=0) - frac.min(axis=0)
-        r = np.ceil(rsearch / h + span).astype(np.int64) + 1
-        trange[per] = r
-        lat = np.zeros((3, 3))
         lat[per] = A
-        return trange, lat
+        inv[:, per] = A.T @ inv_gram
+        hinv[per] = np.sqrt(np.diag(inv_gram))
+        return lat, inv, hinv, np.asarray(pbc, dtype=np.bool_).copy()
 
     # ------------------------------------------------------------------ featurization
     def featurize(self, atoms, derivatives: bool = False, centers=None) -> GMPResult:
@@ -386,19 +403,17 @@ class GMPFeaturizer:
                 raise InputError(f"centers must be atom indices in 0..{N - 1}, got {centers!r}")
             cidx = np.ascontiguousarray(cidx % N, dtype=np.int64) if cidx.size else cidx.astype(np.int64)
         tabs = self._species_tables(species)
-        ng, Bs, betas, c1, c2, lam, hv, alpha, r2, r2m1, rcontrib2, rsearch = tabs
+        ng, Bs, betas, c1, c2, lam, hv, alpha, thr, nthr, bo, ridx, ridxm1, rsearch = tabs
         spc_of = np.zeros(int(numbers.max()) + 1, dtype=np.int64)
         for s, z in enumerate(species):
             spc_of[z] = s
         spc = spc_of[numbers]
-        trange, lat = self._image_ranges(positions, cell, pbc, rsearch)
-        rs2 = rsearch * rsearch
-        pair_count, pair_j, maxnb = K.count_pairs(positions, spc, lat, trange, cidx, rs2, rcontrib2,
-                                                  len(species))
+        lat, inv, hinv, per = self._lattice(cell, pbc)
         mono, mono_off, comp_start, comp_weight, hcoef, g_lo, g_hi = self._tables
-        feats, dF, pair_start = K.featurize_structure(
-            positions, spc, lat, trange, cidx, pair_count, pair_j, maxnb,
-            ng, Bs, betas, rs2, c1, c2, lam, hv, alpha, r2, len(self._class_factors), r2m1,
+        feats, dF, pair_j, pair_count = K.featurize_structure(
+            positions, spc, lat, inv, hinv, per, cidx,
+            ng, Bs, betas, rsearch, thr, nthr, bo, c1, c2, lam, hv, alpha, ridx,
+            len(self._class_factors), ridxm1,
             self._uorders, self._ocls, self._col, self._col_m1, len(self._ucols),
             mono, mono_off, comp_start, comp_weight, hcoef, g_lo, g_hi,
             self.square, bool(derivatives))
