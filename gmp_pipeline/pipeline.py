@@ -48,6 +48,7 @@ class RunSummary:
     n_structures: int = 0
     n_atoms: int = 0
     n_pairs: int = 0
+    warmup_seconds: float = 0.0     # compiling / loading the kernels on the workers
     compute_seconds: float = 0.0    # wall time of the featurization phase (this run)
     assemble_seconds: float = 0.0
     seconds: float = 0.0
@@ -113,9 +114,16 @@ def get_featurizer(config: dict):
     return fz
 
 
-def warm_worker(config: dict) -> int:
-    """Build the featurizer and compile its kernels in this process (run on every worker)."""
-    get_featurizer(config).warmup()
+def warm_worker(config: dict, sample=None, derivatives: bool = True) -> int:
+    """Build the featurizer and compile its kernels in this process (run on every worker).
+
+    ``sample``: a structure of the source, featurized once so that every kernel specialisation
+    the run needs is compiled (or loaded from numba's cache) before tasks are timed.
+    """
+    fz = get_featurizer(config)
+    fz.warmup()
+    if sample is not None:
+        fz.featurize(sample, derivatives=derivatives)
     return os.getpid()
 
 
@@ -271,6 +279,19 @@ def featurize_to_store(reader, store, featurizer, *, derivatives: bool = True,
 def _compute(todo, tasks, store, reader, config, derivatives, dtype, schema, client, progress,
              summary) -> list[dict]:
     metas: list[dict] = []
+    if todo:
+        t_warm = time.perf_counter()
+        first = tasks[todo[0]][0]
+        sample = next(iter(reader.read(first, first + 1)), None)
+        if client is None:
+            warm_worker(config, sample, derivatives)
+        else:
+            try:
+                client.wait_for_workers(1, timeout=600)
+            except Exception as exc:  # noqa: BLE001
+                raise GMPError(f"no Dask worker joined within 10 minutes: {exc}") from exc
+            client.run(warm_worker, config, sample, derivatives)
+        summary.warmup_seconds = time.perf_counter() - t_warm
     bar = _progress(len(tasks), len(tasks) - len(todo), "featurize", progress)
     t0 = time.perf_counter()
     n_struct = 0
@@ -287,7 +308,6 @@ def _compute(todo, tasks, store, reader, config, derivatives, dtype, schema, cli
         if not todo:
             return metas
         if client is None:
-            get_featurizer(config).warmup()
             for t in todo:
                 start, stop = tasks[t]
                 advance(run_task(store, t, start, stop, reader, config, derivatives, dtype,
@@ -295,11 +315,6 @@ def _compute(todo, tasks, store, reader, config, derivatives, dtype, schema, cli
             return metas
         from distributed import as_completed
 
-        try:
-            client.wait_for_workers(1, timeout=600)
-        except Exception as exc:  # noqa: BLE001
-            raise GMPError(f"no Dask worker joined within 10 minutes: {exc}") from exc
-        client.run(warm_worker, config)
         token = os.urandom(4).hex()
         futures = [client.submit(run_task, store, t, tasks[t][0], tasks[t][1], reader, config,
                                  derivatives, dtype, schema, key=f"gmp-task-{t}-{token}",

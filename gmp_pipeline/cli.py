@@ -1,0 +1,405 @@
+"""The ``gmp-pipeline`` command: ``featurize``, ``inspect`` and ``verify``.
+
+Errors raised on purpose (:class:`gmp_pipeline.errors.GMPError`) are printed as one clean
+``Error: ...`` line with exit code 1; an interrupted run exits with 130 and can be resumed by
+rerunning the same command.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .errors import GMPError, InputError, StoreError
+
+DEFAULT_FEATURES = Path(__file__).parent / "data" / "features-default.yaml"
+
+
+def _clean_errors(func):
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except GMPError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("Interrupted; rerun the same command to resume.", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+def load_feature_config(path=None) -> dict:
+    """The feature set of a YAML file (keys: orders, sigmas, psp, overlap_threshold, square)."""
+    import yaml
+
+    path = Path(path) if path else DEFAULT_FEATURES
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise InputError(f"cannot read the feature file {str(path)!r}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"feature file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"feature file {str(path)!r} must be a mapping with keys orders, sigmas, "
+                         "psp, overlap_threshold, square")
+    known = {"orders", "sigmas", "psp", "overlap_threshold", "square"}
+    unknown = set(doc) - known
+    if unknown:
+        raise InputError(f"feature file {str(path)!r} has unknown keys {sorted(unknown)}; "
+                         f"known keys: {sorted(known)}")
+    psp = doc.get("psp")
+    if isinstance(psp, str) and ("/" in psp or psp.endswith(".gpsp")):
+        candidate = (path.parent / psp).resolve()
+        if candidate.exists():
+            doc["psp"] = str(candidate)
+    return doc
+
+
+def make_featurizer(features_file=None):
+    from .features import GMPFeaturizer
+
+    return GMPFeaturizer(**load_feature_config(features_file))
+
+
+def _parse_reader_options(items) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise InputError(f"--reader-option expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            import yaml
+
+            out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except Exception:  # noqa: BLE001
+            out[key.strip().replace("-", "_")] = value
+    return out
+
+
+def _reader_kinds() -> str:
+    try:
+        from .readers import reader_names
+
+        return ", ".join(reader_names())
+    except Exception:  # noqa: BLE001
+        return "see the README"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="gmp-pipeline")
+def main():
+    """GMP features and their position derivatives, computed on Dask into a Zarr store.
+
+    \b
+    gmp-pipeline featurize md17 ethanol.npz -o ethanol.zarr     compute a store
+    gmp-pipeline inspect ethanol.zarr                           what is in it
+    gmp-pipeline verify ethanol.zarr --sample 10                recompute and compare
+    """
+
+
+@main.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("source_kind")
+@click.argument("path", type=click.Path(path_type=str))
+@click.option("-o", "--output", "store", required=True, type=click.Path(path_type=str),
+              help="Zarr store to write (a directory, e.g. out.zarr).")
+@click.option("--features", "features_file", type=click.Path(dir_okay=False, path_type=str),
+              help="YAML feature set (orders, sigmas, psp, overlap_threshold, square). "
+                   "Default: the shipped features-default.yaml (orders -1..3, sigmas "
+                   "0.2..1.0 A, QE-kjpaw; 21 features).")
+@click.option("--derivatives/--no-derivatives", default=True, show_default=True,
+              help="Also store the total derivative of every feature with respect to every "
+                   "neighbour position (pairs/dfeatures), needed for force training.")
+@click.option("--cluster", default="local", show_default=True,
+              help="local (a LocalCluster on this machine), slurm, pbs, or the address of a "
+                   "running Dask scheduler (tcp://host:8786).")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Worker processes (local: default one per core; batch: per job).")
+@click.option("--chunk-size", type=click.IntRange(min=1),
+              help="About N structures per task. Default: planned from atom counts "
+                   "(several tasks per worker, balanced by atoms).")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
+              show_default=True, help="Floating type of features and dfeatures.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing store instead of resuming it (a store written with a "
+                   "different configuration is otherwise refused).")
+@click.option("--skip-bad-records", is_flag=True,
+              help="Skip (and list) unreadable source records instead of stopping.")
+@click.option("--reader-option", "reader_options", multiple=True, metavar="KEY=VALUE",
+              help="Option passed to the reader, e.g. --reader-option energy_unit=eV "
+                   "(repeatable).")
+@click.option("--cluster-config", type=click.Path(exists=True, dir_okay=False, path_type=str),
+              help="dask-jobqueue YAML overriding the shipped cluster config (slurm/pbs).")
+@click.option("--min-jobs", type=click.IntRange(min=0), help="Batch clusters: fewest jobs.")
+@click.option("--max-jobs", type=click.IntRange(min=1), help="Batch clusters: most jobs.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the batch job script that --cluster slurm|pbs would submit, and exit.")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Show progress bars (tasks done/total, structures/s, ETA).")
+@_clean_errors
+def featurize(source_kind, path, store, features_file, derivatives, cluster, workers,
+              chunk_size, dtype, overwrite, skip_bad_records, reader_options, cluster_config,
+              min_jobs, max_jobs, dry_run, progress):
+    """Featurize every structure of PATH (a SOURCE_KIND dataset) into the Zarr store -o STORE.
+
+    SOURCE_KIND is one of the registered readers (md17, rmd17, qm9, ocp, ase, ...).  Rerunning
+    the same command on an interrupted store computes only the missing tasks.
+    """
+    from .clusters import job_script, start_cluster
+    from .pipeline import featurize_to_store
+    from .readers import open_reader
+
+    if dry_run:
+        click.echo(job_script(cluster, cluster_config, workers=workers))
+        return
+    featurizer = make_featurizer(features_file)
+    options = _parse_reader_options(reader_options)
+    reader = open_reader(source_kind, os.path.abspath(path), skip_bad_records=skip_bad_records,
+                         **options)
+    n = len(reader)  # opens the source: a bad path fails here, before any store is written
+    click.echo(f"source: {source_kind} {os.path.abspath(path)} ({n} structures); "
+               f"{featurizer.n_features} features, derivatives "
+               f"{'on' if derivatives else 'off'}, {dtype}", err=True)
+    t0 = time.perf_counter()
+    with start_cluster(cluster, workers=workers, cluster_config=cluster_config,
+                       min_jobs=min_jobs, max_jobs=max_jobs, quiet=True) as client:
+        n_workers = len(client.scheduler_info().get("workers", {}))
+        click.echo(f"Dask dashboard: {client.dashboard_link} ({n_workers} workers)", err=True)
+        t_cluster = time.perf_counter() - t0
+        summary = featurize_to_store(reader, store, featurizer, derivatives=derivatives,
+                                     dtype=dtype, client=client, chunk_size=chunk_size,
+                                     overwrite=overwrite, progress=progress,
+                                     log=lambda m: click.echo(m, err=True))
+    if summary.state == "complete":
+        return
+    run = summary.compute_seconds + summary.assemble_seconds
+    rate = summary.structures_computed / run if run > 0 else float("nan")
+    arate = summary.atoms_computed / run if run > 0 else float("nan")
+    click.echo(f"tasks: {summary.n_tasks} planned, {summary.tasks_computed} computed, "
+               f"{summary.tasks_skipped} already done")
+    click.echo(f"wrote {summary.store}: {summary.n_structures} structures, {summary.n_atoms} "
+               f"atoms, {summary.n_pairs} pairs")
+    click.echo(f"time: cluster {t_cluster:.2f} s, warmup {summary.warmup_seconds:.2f} s, featurize {summary.compute_seconds:.2f} s, "
+               f"assemble {summary.assemble_seconds:.2f} s, total "
+               f"{time.perf_counter() - t0:.2f} s; {rate:.1f} structures/s, {arate:.0f} atoms/s")
+    if summary.skipped_records:
+        click.echo(f"skipped {len(summary.skipped_records)} bad records:", err=True)
+        for i, msg in summary.skipped_records[:20]:
+            click.echo(f"  record {i}: {msg}", err=True)
+
+
+# -- inspect ------------------------------------------------------------------------------------
+
+def _dir_bytes(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def store_report(path) -> dict:
+    """Everything ``inspect`` prints, as a dict."""
+    from .store.writer import finished_tasks, load_plan, quiet_zarr, read_root_attrs
+
+    path = Path(path)
+    attrs = read_root_attrs(path) if path.is_dir() else None
+    if attrs is None:
+        raise StoreError(f"{path} is not a Zarr store (no zarr.json)")
+    if attrs.get("format") != "gmp-features":
+        raise StoreError(f"{path} is not a gmp-features store (format {attrs.get('format')!r})")
+    report = {"path": str(path.resolve()), "attrs": attrs, "arrays": [],
+              "bytes_on_disk": _dir_bytes(path)}
+    if not attrs.get("complete"):
+        plan = load_plan(path)
+        if plan:
+            report["progress"] = {"tasks_planned": len(plan["tasks"]),
+                                  "tasks_done": len(finished_tasks(path))}
+    import zarr
+
+    with quiet_zarr():
+        root = zarr.open_group(str(path), mode="r")
+        for level in ("structures", "atoms", "pairs"):
+            if level not in root:
+                continue
+            for name, arr in sorted(root[level].arrays()):
+                nbytes = int(np.prod(arr.shape, dtype=np.int64)) * (
+                    arr.dtype.itemsize if hasattr(arr.dtype, "itemsize") else 16)
+                report["arrays"].append({
+                    "path": f"{level}/{name}", "shape": list(arr.shape), "dtype": str(arr.dtype),
+                    "chunks": list(arr.chunks), "bytes": nbytes,
+                    "bytes_on_disk": _dir_bytes(path / level / name)})
+    return report
+
+
+@main.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("store", type=click.Path(path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_clean_errors
+def inspect(store, as_json):
+    """Counts, feature list, configuration, completeness and sizes on disk of STORE."""
+    rep = store_report(store)
+    if as_json:
+        click.echo(json.dumps(rep, indent=1, default=str))
+        return
+    a = rep["attrs"]
+    counts = a.get("counts", {})
+    src = a.get("source", {})
+    fc = a.get("feature_config", {})
+    opts = a.get("options", {})
+    echo = click.echo
+    echo(f"store:       {rep['path']}")
+    echo(f"format:      {a.get('format')} v{a.get('format_version')} "
+         f"(gmp-pipeline {a.get('gmp_pipeline_version')})")
+    if a.get("complete"):
+        echo("complete:    yes")
+    else:
+        prog = rep.get("progress")
+        extra = (f" ({prog['tasks_done']} of {prog['tasks_planned']} tasks done; rerun the same "
+                 "featurize command to finish)") if prog else ""
+        echo(f"complete:    NO{extra}")
+    echo(f"source:      {src.get('reader')} {src.get('path')}"
+         + (f" options {src.get('options')}" if src.get("options") else ""))
+    echo(f"units:       {a.get('units')}")
+    if counts:
+        echo(f"counts:      {counts.get('n_structures')} structures, {counts.get('n_atoms')} "
+             f"atoms, {counts.get('n_pairs')} pairs, {counts.get('n_tasks')} tasks, "
+             f"{counts.get('n_skipped_records', 0)} skipped records")
+    echo(f"features:    {len(a.get('feature_list', []))} (orders {fc.get('orders')}, sigmas "
+         f"{fc.get('sigmas')}, psp {fc.get('psp')}, overlap_threshold "
+         f"{fc.get('overlap_threshold')}, square {fc.get('square')})")
+    echo(f"psp sha256:  {fc.get('psp_sha256')}")
+    echo("feature list: " + ", ".join(f"({o},{s:g})" for o, s in a.get("feature_list", [])))
+    echo(f"derivatives: {opts.get('derivatives')}   dtype: {opts.get('dtype')}")
+    echo(f"fingerprint: {a.get('fingerprint')}")
+    extras = a.get("extras", {})
+    if extras.get("info") or extras.get("atom_info"):
+        echo(f"extras:      structures {sorted(extras.get('info', {}))}, atoms "
+             f"{sorted(extras.get('atom_info', {}))}")
+    if rep["arrays"]:
+        echo("arrays:")
+        echo(f"  {'path':<26} {'shape':<20} {'dtype':<8} {'chunk rows':>10} {'size':>10} "
+             f"{'on disk':>10}")
+        for arr in rep["arrays"]:
+            echo(f"  {arr['path']:<26} {str(tuple(arr['shape'])):<20} {arr['dtype']:<8} "
+                 f"{arr['chunks'][0]:>10} {_human(arr['bytes']):>10} "
+                 f"{_human(arr['bytes_on_disk']):>10}")
+    echo(f"on disk:     {_human(rep['bytes_on_disk'])} ({rep['bytes_on_disk']} bytes)")
+    if counts.get("n_atoms"):
+        echo(f"per atom:    {rep['bytes_on_disk'] / counts['n_atoms']:.0f} bytes"
+             + (f"; per pair: {rep['bytes_on_disk'] / counts['n_pairs']:.0f} bytes"
+                if counts.get("n_pairs") else ""))
+
+
+# -- verify -------------------------------------------------------------------------------------
+
+def verify_store(path, sample: int = 5, seed: int = 0) -> list[str]:
+    """Check the structure of STORE and recompute ``sample`` random structures in-process.
+
+    Returns a list of problems (empty when the store is good).
+    """
+    from .features import GMPFeaturizer
+    from .readers import open_reader
+    from .store import open_store
+
+    st = open_store(path)
+    a = st.attrs
+    problems: list[str] = []
+    n_atoms = st.n_atoms()
+    counts = a.get("counts", {})
+    if int(n_atoms.sum()) != counts.get("n_atoms"):
+        problems.append(f"counts.n_atoms {counts.get('n_atoms')} != sum of n_atoms "
+                        f"{int(n_atoms.sum())}")
+    start = np.asarray(st.array("structures/atom_start")[:])
+    if not np.array_equal(start, np.concatenate([[0], np.cumsum(n_atoms)[:-1]])):
+        problems.append("structures/atom_start is not the running sum of n_atoms")
+    if st.has_derivatives:
+        pc = np.asarray(st.array("atoms/pair_count")[:])
+        ps = np.asarray(st.array("atoms/pair_start")[:])
+        if not np.array_equal(ps, np.concatenate([[0], np.cumsum(pc)[:-1]])):
+            problems.append("atoms/pair_start is not the running sum of pair_count")
+        if int(pc.sum()) != st.array("pairs/neighbor").shape[0]:
+            problems.append("sum of pair_count differs from the length of pairs/")
+    src = a["source"]
+    options = dict(src.get("options") or {})
+    reader = open_reader(src["reader"], src["path"],
+                         skip_bad_records=bool(src.get("skip_bad_records")), **options)
+    fz = GMPFeaturizer.from_config(a["feature_config"])
+    derivatives = bool(a["options"]["derivatives"])
+    dtype = np.dtype(a["options"]["dtype"])
+    rtol = 1e-5 if dtype == np.float32 else 1e-10
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(st), size=min(int(sample), len(st)), replace=False) if len(st) else []
+    for i in sorted(int(i) for i in idx):
+        d = st[i]
+        si = int(d["source_index"])
+        found = [s for s in reader.read(si, si + 1)]
+        if len(found) != 1:
+            problems.append(f"structure {i}: source record {si} could not be read back")
+            continue
+        s = found[0]
+        r = fz.featurize(s, derivatives=derivatives)
+
+        def close(name, got, want, tol=rtol):
+            want = np.asarray(want, dtype=np.float64)
+            got = np.asarray(got, dtype=np.float64)
+            scale = float(np.max(np.abs(want))) if want.size else 0.0
+            if got.shape != want.shape:
+                problems.append(f"structure {i}: {name} shape {got.shape} != {want.shape}")
+            elif not np.allclose(got, want, rtol=tol, atol=tol * scale + 1e-30, equal_nan=True):
+                err = float(np.max(np.abs(got - want)))
+                problems.append(f"structure {i}: {name} differs (max abs error {err:.3g})")
+
+        if not np.array_equal(d["numbers"], s.numbers):
+            problems.append(f"structure {i}: numbers differ from source record {si}")
+        close("positions", d["positions"], s.positions, 0)
+        close("cell", d["cell"], s.cell, 0)
+        if s.energy is not None:
+            close("energy", d["energy"], s.energy, 0)
+        if s.forces is not None:
+            close("forces", d["forces"], s.forces, 0)
+        close("features", d["features"], r.features)
+        if derivatives:
+            if not (np.array_equal(d["pair_center"], r.pair_center)
+                    and np.array_equal(d["pair_neighbor"], r.pair_neighbor)):
+                problems.append(f"structure {i}: pair lists differ")
+            else:
+                close("dfeatures", d["dfeatures"], r.dfeatures)
+    return problems
+
+
+@main.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("store", type=click.Path(path_type=str))
+@click.option("--sample", default=5, show_default=True, type=click.IntRange(min=0),
+              help="Number of random structures to recompute in-process and compare.")
+@click.option("--seed", default=0, show_default=True, help="Random seed of the sample.")
+@_clean_errors
+def verify(store, sample, seed):
+    """Check STORE's indexes and recompute a random sample of structures from the source."""
+    problems = verify_store(store, sample=sample, seed=seed)
+    if problems:
+        for p in problems:
+            click.echo(f"FAIL {p}", err=True)
+        raise StoreError(f"{store}: {len(problems)} problem(s) found")
+    click.echo(f"verify: OK ({sample} structures recomputed and matched; indexes consistent)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
