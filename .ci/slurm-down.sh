@@ -25,23 +25,32 @@ if command -v squeue >/dev/null && [[ -f /run/slurmctld.pid ]] && kill -0 "$(cat
     fi
 fi
 
-stop() {  # stop NAME PIDFILE
-    local name="$1" pidfile="$2" pid
-    [[ -f "$pidfile" ]] || return 0
-    pid="$(cat "$pidfile" 2>/dev/null)"
+# SIGTERM to all daemons at once (each takes 1-2 s to exit), then wait, then SIGKILL
+names=(slurmd slurmctld); pidfiles=(/run/slurmd.pid /run/slurmctld.pid)
+if (( ! keep_munge )); then names+=(munged); pidfiles+=(/run/munge/munged.pid); fi
+pids=()
+for i in "${!pidfiles[@]}"; do
+    pid=""
+    [[ -f "${pidfiles[$i]}" ]] && pid="$(cat "${pidfiles[$i]}" 2>/dev/null)"
+    # a stale pid file may name a reused pid: only signal the daemon it was written for
+    if [[ -n "$pid" && "$(cat "/proc/$pid/comm" 2>/dev/null)" != "${names[$i]}" ]]; then pid=""; fi
+    pids+=("$pid")
+    alive_pid "$pid" && kill -TERM "$pid" 2>/dev/null
+done
+for _ in $(seq 100); do
+    any=0
+    for pid in "${pids[@]}"; do alive_pid "$pid" && any=1; done
+    (( any )) || break
+    sleep 0.1
+done
+for i in "${!pidfiles[@]}"; do
+    pid="${pids[$i]}"
     if alive_pid "$pid"; then
-        kill -TERM "$pid" 2>/dev/null
-        for _ in $(seq 100); do alive_pid "$pid" || break; sleep 0.1; done
-        if alive_pid "$pid"; then
-            log "$name (pid $pid) ignored SIGTERM for 10 s; killing it"
-            kill -KILL "$pid" 2>/dev/null
-        fi
-        log "stopped $name (pid $pid)"
+        log "${names[$i]} (pid $pid) ignored SIGTERM for 10 s; killing it"
+        kill -KILL "$pid" 2>/dev/null
+    elif [[ -n "$pid" ]]; then
+        log "stopped ${names[$i]} (pid $pid)"
     fi
-    rm -f "$pidfile"
-}
-
-stop slurmd /run/slurmd.pid
-stop slurmctld /run/slurmctld.pid
-(( keep_munge )) || stop munged /run/munge/munged.pid
+    rm -f "${pidfiles[$i]}"
+done
 log "teardown took $(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')s"

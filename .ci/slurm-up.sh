@@ -15,7 +15,9 @@ die() { log "ERROR: $*"; for f in /var/log/slurm/slurmctld.log /var/log/slurm/sl
           [[ -f $f ]] && { log "--- last lines of $f"; tail -n 15 "$f" >&2; }; done; exit 1; }
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
-alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }
+# alive PIDFILE NAME: the pid file names a running process called NAME (pids get reused)
+alive() { local pid; pid="$(cat "$1" 2>/dev/null)" && [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null \
+          && [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$2" ]]; }
 
 [[ "$(id -u)" == 0 ]] || die "must run as root (it installs packages and starts daemons)"
 t_start="$(now)"
@@ -47,7 +49,7 @@ bash "$here/slurm-conf.sh" >"$new_conf"
 if [[ -f $conf ]] && diff -q <(grep -v '^# Generated' "$conf") <(grep -v '^# Generated' "$new_conf") >/dev/null; then
     rm -f "$new_conf"
 else
-    if alive /run/slurmctld.pid || alive /run/slurmd.pid; then
+    if alive /run/slurmctld.pid slurmctld || alive /run/slurmd.pid slurmd; then
         log "configuration changed: restarting the SLURM daemons"
         bash "$here/slurm-down.sh" --keep-munge
     fi
@@ -74,13 +76,13 @@ fi
 
 # ---------------------------------------------------------------- 4. daemons
 ping_ctld() { timeout 5 scontrol ping 2>/dev/null | grep -q "is UP"; }
-if ! alive /run/slurmctld.pid; then
+if ! alive /run/slurmctld.pid slurmctld; then
     rm -f /run/slurmctld.pid
     /usr/sbin/slurmctld || die "slurmctld did not start"
 fi
 for _ in $(seq 100); do ping_ctld && break; sleep 0.2; done
 ping_ctld || die "slurmctld does not answer scontrol ping"
-if ! alive /run/slurmd.pid; then
+if ! alive /run/slurmd.pid slurmd; then
     rm -f /run/slurmd.pid
     /usr/sbin/slurmd || die "slurmd did not start"
 fi
