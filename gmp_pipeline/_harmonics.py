@@ -138,3 +138,31 @@ def order_tables():
         "g_lo": g_lo,
         "g_hi": g_hi,
     }
+
+
+@lru_cache(maxsize=None)
+def kernel_tables():
+    """Index tables for the kernels (see ``_kernels.featurize_structure``).
+
+    ``mono``       (n_mono, 3) exponents by global monomial index;
+    ``mono_off``   first global index of each degree;
+    ``yz_of[q,s]`` row of the product P_q(y) P_s(z) in the kernel's Pyz array (q + s <= MAX_ORDER);
+    ``yz_q, yz_s`` the exponents of each row;
+    ``raise_idx[a, k]`` global index of monomial k with exponent a raised by one (-1 past MAX_DEGREE).
+    """
+    mono = monomial_table()
+    off = degree_offsets()
+    idx = monomial_index()
+    pairs = [(q, s) for d in range(MAX_ORDER + 1) for q in range(d, -1, -1) for s in [d - q]]
+    yz_of = np.full((MAX_ORDER + 1, MAX_ORDER + 1), -1, dtype=np.int64)
+    for r, (q, s) in enumerate(pairs):
+        yz_of[q, s] = r
+    yz_q = np.array([p[0] for p in pairs], dtype=np.int64)
+    yz_s = np.array([p[1] for p in pairs], dtype=np.int64)
+    raise_idx = np.full((3, len(mono)), -1, dtype=np.int64)
+    for k, e in enumerate(mono):
+        for a in range(3):
+            up = [int(v) for v in e]
+            up[a] += 1
+            raise_idx[a, k] = idx.get(tuple(up), -1)
+    return mono, off, yz_of, yz_q, yz_s, raise_idx

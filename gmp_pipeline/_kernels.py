@@ -2,22 +2,24 @@
 
 Nothing here validates input; :mod:`gmp_pipeline.features` does that and prepares the tables.
 
-Layout of the work for one centre atom i (spec sections 5-8):
+Work for one centre atom i (spec sections 5-8):
 
-1. All periodic images (j, T) of all atoms with ``|d|^2 < R_search^2``, ``d = (T + r_j) - q_i``,
-   grouped by species and sorted by distance within a species.  Each per-Gaussian cutoff is
-   then a prefix of its species' list.
-2. For each sigma, every contributing (image, Gaussian) *term* is written to a term buffer,
-   bucketed by the smallest cutoff class (orders with the same order factor share a class) that
-   admits it.  Because classes are nested, the terms of order n are a prefix of the buffer.
-3. Per term, the 1-D Gaussian moments ``P_k`` (spec 5) along x, y, z; the overlap of a probe
-   monomial ``x^p y^q z^s`` is ``E * P_p(x) P_q(y) P_s(z)``.  Raw moment sums are contracted
-   with the solid-harmonic coefficient tables into ``mu_abc``, then ``S``, then ``F``.
-4. Derivatives use ``d/dd_x [E P_p] = E (-2 alpha P_{p+1} + p P_{p-1})`` (an exact identity of
-   the moment recurrence), so the gradient of ``S`` per term is a fixed linear form in the same
-   moments: the coefficients ``V`` (depending on ``mu`` of the centre) are formed once per
-   (centre, order, sigma) and applied per term, then scattered into the (i, j) block.  The total
-   derivative subtracts the sum of all blocks of centre i from its own block (spec 8.2).
+1. Every periodic image (j, T) with ``|d|^2 < R_search^2``, ``d = (T + r_j) - q_i``
+   (:func:`_neighbors`), counting-sorted into *cutoff bins* (:func:`_bin_neighbors`): for each
+   species the sorted list of all its squared cutoff radii splits distance into bins, so the
+   images within any one cutoff are a prefix of that species' entries.
+2. For each sigma, every contributing (image, Gaussian) *term* goes to a term buffer, bucketed by
+   the smallest cutoff class that admits it (orders with equal order factor share a class).
+   Classes are nested, so the terms of order n are a prefix of the buffer (:func:`_fill_terms`).
+3. Per term the prefactor ``E = C1 exp(C2 D)`` (vectorizable exp, :func:`_vexp`) and the 1-D
+   Gaussian moments ``P_k`` (spec 5); the overlap with a probe monomial ``x^p y^q z^s`` is
+   ``E P_p(x) P_q(y) P_s(z)``.  Raw moment sums contracted with the solid-harmonic tables give
+   ``mu_abc``, then ``S`` and ``F``.
+4. Derivatives (spec 8.1 per term): ``d/dd [E Q] = 2 C2 d E Q + lambda E grad_u Q``.  Contracting
+   with ``w mu`` first gives one polynomial ``U = sum_abc w mu_abc Q_abc`` per (centre, order,
+   sigma), so each term needs ``U`` and its three partial derivatives only.  Terms are scattered
+   into their (i, j) block; the centre's own block then loses the sum of all blocks (spec 8.2,
+   the total derivative with the probe centre moving with atom i).
 """
 from __future__ import annotations
 
@@ -27,10 +29,15 @@ import numpy as np
 from numba import njit
 
 _CACHE = True
+#: fast-math without reassociation, for code whose rounding steps must stay as written
+_EXACT = {"nnan", "ninf", "nsz", "arcp", "contract"}
+_LN2_HI = 6.93147180369123816490e-01
+_LN2_LO = 1.90821492927058770002e-10
+_INV_LN2 = 1.44269504088896338700e+00
 
 
 @njit(cache=_CACHE)
-def _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_d, nb_D):
+def _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_x, nb_y, nb_z, nb_D):
     """Images of all atoms within sqrt(rs2) of q.  Returns the count, or -needed on overflow.
 
     ``lat`` rows are the periodic lattice vectors (zero rows for non-periodic directions),
@@ -72,9 +79,9 @@ def _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_d, nb_D):
                     if D < rs2:
                         if cnt < cap:
                             nb_j[cnt] = j
-                            nb_d[cnt, 0] = dx
-                            nb_d[cnt, 1] = dy
-                            nb_d[cnt, 2] = dz
+                            nb_x[cnt] = dx
+                            nb_y[cnt] = dy
+                            nb_z[cnt] = dz
                             nb_D[cnt] = D
                         cnt += 1
     if cnt > cap:
@@ -83,14 +90,14 @@ def _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_d, nb_D):
 
 
 @njit(cache=_CACHE)
-def _bin_neighbors(cnt, nb_j, nb_d, nb_D, spc, thr, nthr, bo, s_j, s_d, s_D, bstart, counts):
+def _bin_neighbors(cnt, nb_j, nb_x, nb_y, nb_z, nb_D, nb_bin, spc, thr, nthr, bo,
+                   s_j, s_x, s_y, s_z, s_D, bstart, counts):
     """Counting sort of the neighbour list into cutoff bins.
 
-    Species s owns bins bo[s] .. bo[s+1] - 1; bin b of species s holds the neighbours with
-    thr[s, b-1] < D <= thr[s, b] (thr[s] sorted ascending: every squared cutoff radius used for
-    that species).  So the neighbours of species s within cutoff thr[s, b] are exactly the
-    entries bstart[bo[s]] : bstart[bo[s] + b + 1].  Neighbours beyond every cutoff are dropped.
-    Returns the number kept.
+    Species s owns bins bo[s] .. bo[s+1]-1; its bin b holds the neighbours with
+    thr[s, b-1] < D <= thr[s, b] (thr[s] ascending: every squared cutoff used for species s).
+    The neighbours of species s within thr[s, b] are the entries bstart[bo[s]]:bstart[bo[s]+b+1].
+    Neighbours beyond every cutoff of their species are dropped.  Returns the number kept.
     """
     nb = bstart.shape[0] - 1
     for b in range(nb + 1):
@@ -98,53 +105,39 @@ def _bin_neighbors(cnt, nb_j, nb_d, nb_D, spc, thr, nthr, bo, s_j, s_d, s_D, bst
     for t in range(cnt):
         s = spc[nb_j[t]]
         D = nb_D[t]
-        lo = 0
-        hi = nthr[s]
-        while lo < hi:  # first threshold >= D
-            mid = (lo + hi) >> 1
-            if thr[s, mid] < D:
-                lo = mid + 1
-            else:
-                hi = mid
-        if lo == nthr[s]:
-            nb_j[t] = -1  # beyond every cutoff of its species
-            continue
-        bb = bo[s] + lo
-        nb_j[t] = nb_j[t] * nb + bb  # the bin packed with the atom index
-        counts[bb + 1] += 1
+        b = 0
+        for k in range(nthr[s]):  # branch-free: number of thresholds below D
+            b += thr[s, k] < D
+        if b == nthr[s]:
+            nb_bin[t] = -1
+        else:
+            nb_bin[t] = bo[s] + b
+            counts[bo[s] + b + 1] += 1
     for b in range(nb):
         counts[b + 1] += counts[b]
     for b in range(nb + 1):
         bstart[b] = counts[b]
     for t in range(cnt):
-        code = nb_j[t]
-        if code < 0:
+        bb = nb_bin[t]
+        if bb < 0:
             continue
-        j = code // nb
-        bb = code - j * nb
         p = counts[bb]
         counts[bb] += 1
-        s_j[p] = j
-        s_d[p, 0] = nb_d[t, 0]
-        s_d[p, 1] = nb_d[t, 1]
-        s_d[p, 2] = nb_d[t, 2]
+        s_j[p] = nb_j[t]
+        s_x[p] = nb_x[t]
+        s_y[p] = nb_y[t]
+        s_z[p] = nb_z[t]
         s_D[p] = nb_D[t]
     return bstart[nb]
 
 
-_EXACT = {"nnan", "ninf", "nsz", "arcp", "contract"}  # fast-math without reassociation
-_LN2_HI = 6.93147180369123816490e-01
-_LN2_LO = 1.90821492927058770002e-10
-_INV_LN2 = 1.44269504088896338700e+00
-
-
 @njit(cache=_CACHE, fastmath=_EXACT)
-def _vexp_inplace(T, arg, scale, ibuf):
+def _vexp(T, arg, scale, ibuf):
     """scale[t] *= exp(arg[t]) for arg <= 0, vectorizable (numba's math.exp is a scalar call).
 
     Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, a degree-13 Taylor polynomial for e^r
     (truncation < 1e-17 relative) and 2^n assembled from its IEEE bits.  Arguments below -708
-    are clamped (their terms are < 1e-307 of the prefactor).
+    are clamped (such terms are < 1e-307 of their prefactor).
     """
     for t in range(T):
         x = arg[t]
@@ -174,9 +167,12 @@ def _vexp_inplace(T, arg, scale, ibuf):
 
 
 @njit(cache=_CACHE, fastmath=True)
-def _fill_terms(s_D, s_d, s_j, bstart, bo, nspecies, ng, c1, c2, lam, hv, ridx, ncls,
-                tj, tE, targ, tux, tuy, tuz, th, bend, ibuf):
-    """Write the contributing terms of one sigma, bucketed by cutoff class.  Returns the total."""
+def _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, hv, ridx, ncls,
+                tj, tE, targ, tux, tuy, tuz, th, tl, bend, ibuf):
+    """Write the contributing terms of one sigma, bucketed by cutoff class.  Returns the total.
+
+    On return bend[c] is the end of bucket c, so the terms of class c are tj[:bend[c]].
+    """
     for c in range(ncls):
         bend[c] = 0
     for s in range(nspecies):
@@ -192,7 +188,7 @@ def _fill_terms(s_D, s_d, s_j, bstart, bo, nspecies, ng, c1, c2, lam, hv, ridx, 
     tot = 0
     for c in range(ncls):
         cnt = bend[c]
-        bend[c] = tot  # start of bucket c, advanced while filling
+        bend[c] = tot  # start of bucket c; advanced while filling
         tot += cnt
     for s in range(nspecies):
         a = bstart[bo[s]]
@@ -206,25 +202,26 @@ def _fill_terms(s_D, s_d, s_j, bstart, bo, nspecies, ng, c1, c2, lam, hv, ridx, 
             prev = 0
             for c in range(ncls):
                 L = bstart[bo[s] + ridx[c, s, g] + 1] - a
-                p = bend[c]
+                p0 = bend[c] - prev - a
                 for t in range(a + prev, a + L):
+                    p = p0 + t
                     tj[p] = s_j[t]
                     tE[p] = C1
                     targ[p] = C2 * s_D[t]
-                    tux[p] = lm * s_d[t, 0]
-                    tuy[p] = lm * s_d[t, 1]
-                    tuz[p] = lm * s_d[t, 2]
+                    tux[p] = lm * s_x[t]
+                    tuy[p] = lm * s_y[t]
+                    tuz[p] = lm * s_z[t]
                     th[p] = h
-                    p += 1
-                bend[c] = p
+                    tl[p] = lm
+                bend[c] += L - prev
                 prev = L
-    _vexp_inplace(tot, targ, tE, ibuf)
+    _vexp(tot, targ, tE, ibuf)
     return tot
 
 
 @njit(cache=_CACHE, fastmath=True)
-def _moments(T, K, tE, tux, tuy, tuz, th, Ex, Py, Pz):
-    """1-D moments P_k (k <= K) per term; Ex carries the prefactor E."""
+def _moments(T, K, tE, tux, tuy, tuz, th, Ex, Py, Pz, Pyz, yz_q, yz_s):
+    """1-D moments P_k (k <= K) per term: Ex[k] = E P_k(x); Pyz[r] = P_q(y) P_s(z)."""
     for t in range(T):
         Ex[0, t] = tE[t]
         Py[0, t] = 1.0
@@ -241,14 +238,36 @@ def _moments(T, K, tE, tux, tuy, tuz, th, Ex, Py, Pz):
             Ex[k, t] = tux[t] * Ex[k - 1, t] + hk * Ex[k - 2, t]
             Py[k, t] = tuy[t] * Py[k - 1, t] + hk * Py[k - 2, t]
             Pz[k, t] = tuz[t] * Pz[k - 1, t] + hk * Pz[k - 2, t]
+    for r in range(yz_q.shape[0]):
+        q = yz_q[r]
+        s = yz_s[r]
+        if q + s > K:
+            continue
+        for t in range(T):
+            Pyz[r, t] = Py[q, t] * Pz[s, t]
 
 
 @njit(cache=_CACHE, fastmath=True)
-def _moment_sum(end, p, q, s, Ex, Py, Pz):
+def _moment_sum(end, p, r, Ex, Pyz):
     acc = 0.0
     for t in range(end):
-        acc += Ex[p, t] * Py[q, t] * Pz[s, t]
+        acc += Ex[p, t] * Pyz[r, t]
     return acc
+
+
+@njit(cache=_CACHE, fastmath=True)
+def _poly_acc(end, p, r, c, Ex, Pyz, out):
+    for t in range(end):
+        out[t] += c * (Ex[p, t] * Pyz[r, t])
+
+
+@njit(cache=_CACHE, fastmath=True)
+def _poly_acc3(end, p, r, cx, cy, cz, Ex, Pyz, ox, oy, oz):
+    for t in range(end):
+        pr = Ex[p, t] * Pyz[r, t]
+        ox[t] += cx * pr
+        oy[t] += cy * pr
+        oz[t] += cz * pr
 
 
 @njit(cache=_CACHE)
@@ -256,15 +275,21 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
                         ng, Bs, betas, rs, thr, nthr, bo,
                         c1, c2, lam, hv, alpha, ridx, ncls, ridxm1,
                         ords, ocls, col, col_m1, ncol,
-                        mono, mono_off, comp_start, comp_weight, hcoef, g_lo, g_hi,
+                        mono, mono_off, yz_of, yz_q, yz_s, raise_idx,
+                        comp_start, comp_weight, hcoef,
                         square, deriv):
     """Features (nc, ncol) and, if deriv, total derivatives (P, 3, ncol) with pair lists.
 
     Per unique sigma u: c1/c2/lam/hv[u, s, g] term constants and alpha[u].  Cutoffs: thr[s, :nthr[s]]
-    are the sorted squared cutoff radii of species s (see _bin_neighbors, bins bo[s]..bo[s+1]-1);
-    ridx[u, c, s, g] / ridxm1[s, g] index the cutoff of class c / of order -1 in thr[s].
+    are the sorted squared cutoff radii of species s (bins bo[s]..bo[s+1]-1, see _bin_neighbors);
+    ridx[u, c, s, g] / ridxm1[s, g] locate the cutoff of class c / of order -1 in thr[s].
     ords[o]/ocls[o]: orders >= 0 and their cutoff class; col[o, u] / col_m1: output columns
-    (-1 if absent).
+    (-1 if absent).  Monomials: mono[k] = (p, q, s) by global index, mono_off[n] first index of
+    degree n, yz_of[q, s] row of P_q(y) P_s(z) in Pyz, raise_idx[a, k] global index of monomial k
+    with its exponent a raised by one.
+
+    Returns (features, dF, pair_j, pair_count); the pairs of centre c are the next
+    pair_count[c] rows, neighbours ascending.
     """
     n = pos.shape[0]
     nc = centers.shape[0]
@@ -274,10 +299,8 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
     nord = ords.shape[0]
     K = 0
     for o in range(nord):
-        if ords[o] + 1 > K:
-            K = ords[o] + 1
-    if not deriv and K > 0:
-        K -= 1
+        K = max(K, ords[o])
+    nyz = yz_q.shape[0]
 
     rs2 = rs * rs
     feats = np.zeros((nc, ncol))
@@ -287,71 +310,94 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
     pair_count = np.zeros(nc, dtype=np.int64)
     npairs = 0
     jlist = np.empty(n, dtype=np.int64)
-
-    cap = 64
-    nb_j = np.empty(cap, dtype=np.int64)
-    nb_d = np.empty((cap, 3))
-    nb_D = np.empty(cap)
-    s_j = np.empty(cap, dtype=np.int64)
-    s_d = np.empty((cap, 3))
-    s_D = np.empty(cap)
-    bstart = np.empty(bo[nspecies] + 1, dtype=np.int64)
-    bcount = np.empty(bo[nspecies] + 1, dtype=np.int64)
-    tcap = cap * G
-    tj = np.empty(tcap, dtype=np.int64)
-    tE = np.empty(tcap)
-    targ = np.empty(tcap)
-    ibuf = np.empty(tcap, dtype=np.int64)
-    tux = np.empty(tcap)
-    tuy = np.empty(tcap)
-    tuz = np.empty(tcap)
-    th = np.empty(tcap)
-    Ex = np.empty((K + 1, tcap))
-    Py = np.empty((K + 1, tcap))
-    Pz = np.empty((K + 1, tcap))
-    gx = np.empty(tcap)
-    gy = np.empty(tcap)
-    gz = np.empty(tcap)
-    bend = np.empty(max(ncls, 1), dtype=np.int64)
     slot = np.full(n, -1, dtype=np.int64)
+
+    nbins = bo[nspecies]
+    bstart = np.empty(nbins + 1, dtype=np.int64)
+    bcount = np.empty(nbins + 1, dtype=np.int64)
+    bend = np.empty(max(ncls, 1), dtype=np.int64)
     mom = np.empty(66)
     mu = np.empty(66)
-    vx = np.empty(66)
-    vy = np.empty(66)
-    vz = np.empty(66)
+    uc = np.empty(66)
+    ux = np.empty(66)
+    uy = np.empty(66)
+    uz = np.empty(66)
+
+    cap = 0
+    tcap = 0
+    # scratch, sized on first use and grown when a centre has more neighbours
+    nb_j = np.empty(0, dtype=np.int64)
+    nb_bin = np.empty(0, dtype=np.int64)
+    nb_x = np.empty(0)
+    nb_y = np.empty(0)
+    nb_z = np.empty(0)
+    nb_D = np.empty(0)
+    s_j = np.empty(0, dtype=np.int64)
+    s_x = np.empty(0)
+    s_y = np.empty(0)
+    s_z = np.empty(0)
+    s_D = np.empty(0)
+    tj = np.empty(0, dtype=np.int64)
+    ibuf = np.empty(0, dtype=np.int64)
+    tE = np.empty(0)
+    targ = np.empty(0)
+    tux = np.empty(0)
+    tuy = np.empty(0)
+    tuz = np.empty(0)
+    th = np.empty(0)
+    tl = np.empty(0)
+    gU = np.empty(0)
+    gx = np.empty(0)
+    gy = np.empty(0)
+    gz = np.empty(0)
+    Ex = np.empty((K + 1, 0))
+    Py = np.empty((K + 1, 0))
+    Pz = np.empty((K + 1, 0))
+    Pyz = np.empty((nyz, 0))
 
     for ci in range(nc):
         i = centers[ci]
         q = pos[i]
-        cnt = _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_d, nb_D)
-        if cnt < 0:  # grow every per-neighbour scratch array and search again
+        cnt = -128
+        if cap > 0:
+            cnt = _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_x, nb_y, nb_z, nb_D)
+        while cnt < 0:  # (re)allocate every per-neighbour scratch array and search again
             cap = -cnt * 5 // 4 + 16
+            tcap = cap * G
             nb_j = np.empty(cap, dtype=np.int64)
-            nb_d = np.empty((cap, 3))
+            nb_bin = np.empty(cap, dtype=np.int64)
+            nb_x = np.empty(cap)
+            nb_y = np.empty(cap)
+            nb_z = np.empty(cap)
             nb_D = np.empty(cap)
             s_j = np.empty(cap, dtype=np.int64)
-            s_d = np.empty((cap, 3))
+            s_x = np.empty(cap)
+            s_y = np.empty(cap)
+            s_z = np.empty(cap)
             s_D = np.empty(cap)
-            tcap = cap * G
             tj = np.empty(tcap, dtype=np.int64)
+            ibuf = np.empty(tcap, dtype=np.int64)
             tE = np.empty(tcap)
             targ = np.empty(tcap)
-            ibuf = np.empty(tcap, dtype=np.int64)
             tux = np.empty(tcap)
             tuy = np.empty(tcap)
             tuz = np.empty(tcap)
             th = np.empty(tcap)
-            Ex = np.empty((K + 1, tcap))
-            Py = np.empty((K + 1, tcap))
-            Pz = np.empty((K + 1, tcap))
+            tl = np.empty(tcap)
+            gU = np.empty(tcap)
             gx = np.empty(tcap)
             gy = np.empty(tcap)
             gz = np.empty(tcap)
-            cnt = _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_d, nb_D)
-        cnt = _bin_neighbors(cnt, nb_j, nb_d, nb_D, spc, thr, nthr, bo, s_j, s_d, s_D, bstart, bcount)
+            Ex = np.empty((K + 1, tcap))
+            Py = np.empty((K + 1, tcap))
+            Pz = np.empty((K + 1, tcap))
+            Pyz = np.empty((nyz, tcap))
+            cnt = _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_x, nb_y, nb_z, nb_D)
+        cnt = _bin_neighbors(cnt, nb_j, nb_x, nb_y, nb_z, nb_D, nb_bin, spc, thr, nthr, bo,
+                             s_j, s_x, s_y, s_z, s_D, bstart, bcount)
         base = npairs
         if deriv:
-            # pair list of this centre: atoms with an image inside one of their cutoffs
+            # pair list of this centre: the centre and every atom with an image inside a cutoff
             k = 0
             slot[i] = 0
             jlist[k] = i
@@ -377,46 +423,50 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
             pair_count[ci] = k
             npairs += k
 
-        # ---- order -1: the model density at the centre -------------------------------
+        # ---- order -1: the model density at the centre --------------------------------
         if col_m1 >= 0:
             m = col_m1
-            dens = 0.0
+            T1 = 0
             for s in range(nspecies):
                 a = bstart[bo[s]]
                 for g in range(ng[s]):
                     L = bstart[bo[s] + ridxm1[s, g] + 1] - a
                     B = Bs[s, g]
-                    be = betas[s, g]
+                    be = -betas[s, g]
                     for t in range(a, a + L):
-                        dens += B * math.exp(-be * s_D[t])
+                        tj[T1] = t
+                        tE[T1] = B
+                        targ[T1] = be * s_D[t]
+                        tl[T1] = be
+                        T1 += 1
+            _vexp(T1, targ, tE, ibuf)
+            dens = 0.0
+            for t in range(T1):
+                dens += tE[t]
             S = dens * dens
             F = S if square else math.sqrt(S)
             if not square and F < 1e-15:
                 F = 0.0
             feats[ci, m] = F
             if deriv and F != 0.0:
-                # dS/dd = 2 mu sum(-2 beta B e d);  sqrt mode: divide by 2F
-                scale = 2.0 * dens if square else 2.0 * dens / (2.0 * F)
-                for s in range(nspecies):
-                    a = bstart[bo[s]]
-                    for g in range(ng[s]):
-                        L = bstart[bo[s] + ridxm1[s, g] + 1] - a
-                        B = Bs[s, g]
-                        be = betas[s, g]
-                        for t in range(a, a + L):
-                            e = -2.0 * be * B * math.exp(-be * s_D[t]) * scale
-                            r = base + slot[s_j[t]]
-                            dF[r, 0, m] += e * s_d[t, 0]
-                            dF[r, 1, m] += e * s_d[t, 1]
-                            dF[r, 2, m] += e * s_d[t, 2]
+                # dS/dd = 2 mu sum(-2 beta B e^{-beta D} d);  sqrt mode: divided by 2F
+                scale = 4.0 * dens if square else 2.0 * dens / F
+                for t in range(T1):
+                    e = tl[t] * tE[t] * scale
+                    st = tj[t]
+                    r = base + slot[s_j[st]]
+                    dF[r, 0, m] += e * s_x[st]
+                    dF[r, 1, m] += e * s_y[st]
+                    dF[r, 2, m] += e * s_z[st]
 
-        # ---- orders >= 0, one sigma at a time ----------------------------------------
+        # ---- orders >= 0, one sigma at a time -----------------------------------------
         if nord > 0:
             for u in range(nsig):
-                T = _fill_terms(s_D, s_d, s_j, bstart, bo, nspecies, ng, c1[u], c2[u], lam[u], hv[u],
-                                ridx[u], ncls, tj, tE, targ, tux, tuy, tuz, th, bend, ibuf)
-                _moments(T, K, tE, tux, tuy, tuz, th, Ex, Py, Pz)
-                two_alpha = 2.0 * alpha[u]
+                T = _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1[u], c2[u],
+                                lam[u], hv[u], ridx[u], ncls, tj, tE, targ, tux, tuy, tuz, th, tl,
+                                bend, ibuf)
+                _moments(T, K, tE, tux, tuy, tuz, th, Ex, Py, Pz, Pyz, yz_q, yz_s)
+                m2a = -2.0 * alpha[u]
                 for o in range(nord):
                     m = col[o, u]
                     if m < 0:
@@ -426,8 +476,8 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
                     m0 = mono_off[nn]
                     nm = mono_off[nn + 1] - m0
                     for k in range(nm):
-                        mom[k] = _moment_sum(end, mono[m0 + k, 0], mono[m0 + k, 1], mono[m0 + k, 2],
-                                             Ex, Py, Pz)
+                        mm = m0 + k
+                        mom[k] = _moment_sum(end, mono[mm, 0], yz_of[mono[mm, 1], mono[mm, 2]], Ex, Pyz)
                     r0 = comp_start[nn]
                     r1 = comp_start[nn + 1]
                     S = 0.0
@@ -443,47 +493,41 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
                     feats[ci, m] = F
                     if not deriv or F == 0.0:
                         continue
-                    # dS/dd_k = sum_r 2 w_r mu_r dmu_r/dd_k ; sqrt mode: / (2F)
+                    # U = sum_abc w mu_abc Q_abc, coefficients on the degree-nn monomials
                     sc = 2.0 if square else 1.0 / F
+                    for k in range(nm):
+                        acc = 0.0
+                        for r in range(r0, r1):
+                            acc += comp_weight[r] * mu[r - r0] * hcoef[r, k]
+                        uc[k] = acc * sc
                     for t in range(end):
+                        gU[t] = 0.0
                         gx[t] = 0.0
                         gy[t] = 0.0
                         gz[t] = 0.0
-                    for part in range(2):
-                        if part == 0:
-                            if nn == 0:
-                                continue
-                            dg = nn - 1
-                            gtab = g_lo
-                            fac = sc
-                        else:
-                            dg = nn + 1
-                            gtab = g_hi
-                            fac = -two_alpha * sc
-                        q0 = mono_off[dg]
-                        nq = mono_off[dg + 1] - q0
-                        for k in range(nq):
-                            ax = 0.0
-                            ay = 0.0
-                            az = 0.0
-                            for r in range(r0, r1):
-                                wm = comp_weight[r] * mu[r - r0]
-                                ax += wm * gtab[0, r, k]
-                                ay += wm * gtab[1, r, k]
-                                az += wm * gtab[2, r, k]
-                            vx[k] = ax * fac
-                            vy[k] = ay * fac
-                            vz[k] = az * fac
-                        for k in range(nq):
-                            if vx[k] == 0.0 and vy[k] == 0.0 and vz[k] == 0.0:
-                                continue
-                            _grad_accumulate(end, mono[q0 + k, 0], mono[q0 + k, 1], mono[q0 + k, 2],
-                                             vx[k], vy[k], vz[k], Ex, Py, Pz, gx, gy, gz)
+                    for k in range(nm):
+                        if uc[k] != 0.0:
+                            mm = m0 + k
+                            _poly_acc(end, mono[mm, 0], yz_of[mono[mm, 1], mono[mm, 2]], uc[k], Ex, Pyz, gU)
+                    if nn > 0:
+                        # dU/du_a: monomial x^p y^q z^s of degree nn-1 gets (e_a + 1) * coef of raised
+                        l0 = mono_off[nn - 1]
+                        nl = m0 - l0
+                        for k in range(nl):
+                            mm = l0 + k
+                            ux[k] = (mono[mm, 0] + 1) * uc[raise_idx[0, mm] - m0]
+                            uy[k] = (mono[mm, 1] + 1) * uc[raise_idx[1, mm] - m0]
+                            uz[k] = (mono[mm, 2] + 1) * uc[raise_idx[2, mm] - m0]
+                            if ux[k] != 0.0 or uy[k] != 0.0 or uz[k] != 0.0:
+                                _poly_acc3(end, mono[mm, 0], yz_of[mono[mm, 1], mono[mm, 2]],
+                                           ux[k], uy[k], uz[k], Ex, Pyz, gx, gy, gz)
                     for t in range(end):
                         r = base + slot[tj[t]]
-                        dF[r, 0, m] += gx[t]
-                        dF[r, 1, m] += gy[t]
-                        dF[r, 2, m] += gz[t]
+                        uu = m2a * gU[t]
+                        lm = tl[t]
+                        dF[r, 0, m] += uu * tux[t] + lm * gx[t]
+                        dF[r, 1, m] += uu * tuy[t] + lm * gy[t]
+                        dF[r, 2, m] += uu * tuz[t] + lm * gz[t]
 
         if deriv:
             # total derivative: the centre's own block loses the sum of all partial blocks
@@ -497,12 +541,3 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
             for k in range(pair_count[ci]):
                 slot[pair_j[base + k]] = -1
     return feats, dF[:npairs], pair_j[:npairs], pair_count
-
-
-@njit(cache=_CACHE, fastmath=True)
-def _grad_accumulate(end, p, q, s, vx, vy, vz, Ex, Py, Pz, gx, gy, gz):
-    for t in range(end):
-        pr = Ex[p, t] * Py[q, t] * Pz[s, t]
-        gx[t] += vx * pr
-        gy[t] += vy * pr
-        gz[t] += vz * pr

@@ -206,9 +206,7 @@ class GMPFeaturizer:
         self._ucols = ucols
         self._colmap = np.array([ucols.index(p) for p in self.feature_list], dtype=np.int64)
         t = _harmonics.order_tables()
-        self._tables = (
-            _harmonics.monomial_table(), _harmonics.degree_offsets(), t["comp_start"],
-            t["comp_weight"], t["hcoef"], t["g_lo"], t["g_hi"])
+        self._tables = _harmonics.kernel_tables() + (t["comp_start"], t["comp_weight"], t["hcoef"])
         self._species_cache: dict[tuple[int, ...], tuple] = {}
 
     def _cutoff(self, n: int, sigma: float, B: float, beta: float) -> float:
@@ -409,14 +407,12 @@ class GMPFeaturizer:
             spc_of[z] = s
         spc = spc_of[numbers]
         lat, inv, hinv, per = self._lattice(cell, pbc)
-        mono, mono_off, comp_start, comp_weight, hcoef, g_lo, g_hi = self._tables
         feats, dF, pair_j, pair_count = K.featurize_structure(
             positions, spc, lat, inv, hinv, per, cidx,
             ng, Bs, betas, rsearch, thr, nthr, bo, c1, c2, lam, hv, alpha, ridx,
             len(self._class_factors), ridxm1,
             self._uorders, self._ocls, self._col, self._col_m1, len(self._ucols),
-            mono, mono_off, comp_start, comp_weight, hcoef, g_lo, g_hi,
-            self.square, bool(derivatives))
+            *self._tables, self.square, bool(derivatives))
         cm = self._colmap
         identity = len(cm) == len(self._ucols) and np.array_equal(cm, np.arange(len(cm)))
         res = GMPResult(features=feats if identity else feats[:, cm], centers=cidx, n_atoms=N)
