@@ -72,8 +72,10 @@ def store_differences(a, b, ignore_attrs=VOLATILE_ATTRS) -> list[str]:
         if va.dtype.kind == "f":
             same = np.array_equal(va, vb, equal_nan=True)
         else:
-            same = np.array_equal(va.astype(str) if va.dtype.kind in "OUT" else va,
-                                  vb.astype(str) if vb.dtype.kind in "OUT" else vb)
+            if va.dtype.kind in "OUT" or vb.dtype.kind in "OUT":
+                same = [str(x) for x in va.ravel()] == [str(x) for x in vb.ravel()]
+            else:
+                same = np.array_equal(va, vb)
         if not same:
             diffs.append(f"{name}: values differ")
     return diffs
