@@ -66,7 +66,10 @@ def test_permutation_invariance(fz, name):
     assert_features_close(out.dense_derivatives(), D_ref, rtol=1e-9, what="permuted derivatives")
 
 
-def test_supercell_gives_the_same_features(fz):
+def test_supercell_gives_the_same_features():
+    # orders <= 4: in a cubic crystal higher orders are sums of ~1e3 cancelling image terms,
+    # so their value is round-off that depends on the summation order
+    fz = GMPFeaturizer(orders=[-1, 0, 1, 2, 3, 4], sigmas=[0.3, 0.7], psp="NC-SR")
     atoms = bulk("Cu", "fcc", a=3.61)
     a = fz.featurize(atoms).features
     b = fz.featurize(atoms * (2, 2, 1)).features
