@@ -28,6 +28,8 @@ import math
 import numpy as np
 from numba import njit
 
+from ._fused import feat_order, grad_order
+
 _CACHE = True
 #: fast-math without reassociation, for code whose rounding steps must stay as written
 _EXACT = {"nnan", "ninf", "nsz", "arcp", "contract"}
@@ -219,64 +221,12 @@ def _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, 
     return tot
 
 
-@njit(cache=_CACHE, fastmath=True)
-def _moments(T, K, tE, tux, tuy, tuz, th, Ex, Py, Pz, Pyz, yz_q, yz_s):
-    """1-D moments P_k (k <= K) per term: Ex[k] = E P_k(x); Pyz[r] = P_q(y) P_s(z)."""
-    for t in range(T):
-        Ex[0, t] = tE[t]
-        Py[0, t] = 1.0
-        Pz[0, t] = 1.0
-    if K >= 1:
-        for t in range(T):
-            Ex[1, t] = tE[t] * tux[t]
-            Py[1, t] = tuy[t]
-            Pz[1, t] = tuz[t]
-    for k in range(2, K + 1):
-        f = k - 1.0
-        for t in range(T):
-            hk = f * th[t]
-            Ex[k, t] = tux[t] * Ex[k - 1, t] + hk * Ex[k - 2, t]
-            Py[k, t] = tuy[t] * Py[k - 1, t] + hk * Py[k - 2, t]
-            Pz[k, t] = tuz[t] * Pz[k - 1, t] + hk * Pz[k - 2, t]
-    for r in range(yz_q.shape[0]):
-        q = yz_q[r]
-        s = yz_s[r]
-        if q + s > K:
-            continue
-        for t in range(T):
-            Pyz[r, t] = Py[q, t] * Pz[s, t]
-
-
-@njit(cache=_CACHE, fastmath=True)
-def _moment_sum(end, p, r, Ex, Pyz):
-    acc = 0.0
-    for t in range(end):
-        acc += Ex[p, t] * Pyz[r, t]
-    return acc
-
-
-@njit(cache=_CACHE, fastmath=True)
-def _poly_acc(end, p, r, c, Ex, Pyz, out):
-    for t in range(end):
-        out[t] += c * (Ex[p, t] * Pyz[r, t])
-
-
-@njit(cache=_CACHE, fastmath=True)
-def _poly_acc3(end, p, r, cx, cy, cz, Ex, Pyz, ox, oy, oz):
-    for t in range(end):
-        pr = Ex[p, t] * Pyz[r, t]
-        ox[t] += cx * pr
-        oy[t] += cy * pr
-        oz[t] += cz * pr
-
-
 @njit(cache=_CACHE)
 def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
                         ng, Bs, betas, rs, thr, nthr, bo,
                         c1, c2, lam, hv, alpha, ridx, ncls, ridxm1,
                         ords, ocls, col, col_m1, ncol,
-                        mono, mono_off, yz_of, yz_q, yz_s, raise_idx,
-                        comp_start, comp_weight, hcoef,
+                        mono, mono_off, raise_idx, comp_start, comp_weight, hcoef,
                         square, deriv):
     """Features (nc, ncol) and, if deriv, total derivatives (P, 3, ncol) with pair lists.
 
@@ -285,8 +235,7 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
     ridx[u, c, s, g] / ridxm1[s, g] locate the cutoff of class c / of order -1 in thr[s].
     ords[o]/ocls[o]: orders >= 0 and their cutoff class; col[o, u] / col_m1: output columns
     (-1 if absent).  Monomials: mono[k] = (p, q, s) by global index, mono_off[n] first index of
-    degree n, yz_of[q, s] row of P_q(y) P_s(z) in Pyz, raise_idx[a, k] global index of monomial k
-    with its exponent a raised by one.
+    degree n, raise_idx[a, k] global index of monomial k with its exponent a raised by one.
 
     Returns (features, dF, pair_j, pair_count); the pairs of centre c are the next
     pair_count[c] rows, neighbours ascending.
@@ -297,10 +246,6 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
     G = Bs.shape[1]
     nsig = alpha.shape[0]
     nord = ords.shape[0]
-    K = 0
-    for o in range(nord):
-        K = max(K, ords[o])
-    nyz = yz_q.shape[0]
 
     rs2 = rs * rs
     feats = np.zeros((nc, ncol))
@@ -322,6 +267,7 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
     ux = np.empty(66)
     uy = np.empty(66)
     uz = np.empty(66)
+    gend = np.zeros(max(nord, 1), dtype=np.int64)
 
     cap = 0
     tcap = 0
@@ -346,14 +292,7 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
     tuz = np.empty(0)
     th = np.empty(0)
     tl = np.empty(0)
-    gU = np.empty(0)
-    gx = np.empty(0)
-    gy = np.empty(0)
-    gz = np.empty(0)
-    Ex = np.empty((K + 1, 0))
-    Py = np.empty((K + 1, 0))
-    Pz = np.empty((K + 1, 0))
-    Pyz = np.empty((nyz, 0))
+    Gt = np.empty((3 * max(nord, 1), 0))
 
     for ci in range(nc):
         i = centers[ci]
@@ -384,14 +323,8 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
             tuz = np.empty(tcap)
             th = np.empty(tcap)
             tl = np.empty(tcap)
-            gU = np.empty(tcap)
-            gx = np.empty(tcap)
-            gy = np.empty(tcap)
-            gz = np.empty(tcap)
-            Ex = np.empty((K + 1, tcap))
-            Py = np.empty((K + 1, tcap))
-            Pz = np.empty((K + 1, tcap))
-            Pyz = np.empty((nyz, tcap))
+            if deriv:
+                Gt = np.empty((3 * max(nord, 1), tcap))
             cnt = _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_x, nb_y, nb_z, nb_D)
         cnt = _bin_neighbors(cnt, nb_j, nb_x, nb_y, nb_z, nb_D, nb_bin, spc, thr, nthr, bo,
                              s_j, s_x, s_y, s_z, s_D, bstart, bcount)
@@ -465,9 +398,10 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
                 T = _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1[u], c2[u],
                                 lam[u], hv[u], ridx[u], ncls, tj, tE, targ, tux, tuy, tuz, th, tl,
                                 bend, ibuf)
-                _moments(T, K, tE, tux, tuy, tuz, th, Ex, Py, Pz, Pyz, yz_q, yz_s)
                 m2a = -2.0 * alpha[u]
+                gmax = 0
                 for o in range(nord):
+                    gend[o] = 0
                     m = col[o, u]
                     if m < 0:
                         continue
@@ -475,9 +409,7 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
                     end = bend[ocls[o]]
                     m0 = mono_off[nn]
                     nm = mono_off[nn + 1] - m0
-                    for k in range(nm):
-                        mm = m0 + k
-                        mom[k] = _moment_sum(end, mono[mm, 0], yz_of[mono[mm, 1], mono[mm, 2]], Ex, Pyz)
+                    feat_order(nn, end, tE, tux, tuy, tuz, th, mom)
                     r0 = comp_start[nn]
                     r1 = comp_start[nn + 1]
                     S = 0.0
@@ -493,41 +425,33 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
                     feats[ci, m] = F
                     if not deriv or F == 0.0:
                         continue
-                    # U = sum_abc w mu_abc Q_abc, coefficients on the degree-nn monomials
+                    # U = sum_abc w mu_abc Q_abc on the degree-nn monomials, scaled for the chain
+                    # rule (square: dS = 2 ...; sqrt: dF = dS / 2F); its gradient on degree nn-1
                     sc = 2.0 if square else 1.0 / F
                     for k in range(nm):
                         acc = 0.0
                         for r in range(r0, r1):
                             acc += comp_weight[r] * mu[r - r0] * hcoef[r, k]
                         uc[k] = acc * sc
-                    for t in range(end):
-                        gU[t] = 0.0
-                        gx[t] = 0.0
-                        gy[t] = 0.0
-                        gz[t] = 0.0
-                    for k in range(nm):
-                        if uc[k] != 0.0:
-                            mm = m0 + k
-                            _poly_acc(end, mono[mm, 0], yz_of[mono[mm, 1], mono[mm, 2]], uc[k], Ex, Pyz, gU)
                     if nn > 0:
-                        # dU/du_a: monomial x^p y^q z^s of degree nn-1 gets (e_a + 1) * coef of raised
                         l0 = mono_off[nn - 1]
-                        nl = m0 - l0
-                        for k in range(nl):
+                        for k in range(m0 - l0):
                             mm = l0 + k
                             ux[k] = (mono[mm, 0] + 1) * uc[raise_idx[0, mm] - m0]
                             uy[k] = (mono[mm, 1] + 1) * uc[raise_idx[1, mm] - m0]
                             uz[k] = (mono[mm, 2] + 1) * uc[raise_idx[2, mm] - m0]
-                            if ux[k] != 0.0 or uy[k] != 0.0 or uz[k] != 0.0:
-                                _poly_acc3(end, mono[mm, 0], yz_of[mono[mm, 1], mono[mm, 2]],
-                                           ux[k], uy[k], uz[k], Ex, Pyz, gx, gy, gz)
-                    for t in range(end):
-                        r = base + slot[tj[t]]
-                        uu = m2a * gU[t]
-                        lm = tl[t]
-                        dF[r, 0, m] += uu * tux[t] + lm * gx[t]
-                        dF[r, 1, m] += uu * tuy[t] + lm * gy[t]
-                        dF[r, 2, m] += uu * tuz[t] + lm * gz[t]
+                    grad_order(nn, end, tE, tux, tuy, tuz, th, tl, m2a, uc, ux, uy, uz, Gt, 3 * o)
+                    gend[o] = end
+                    gmax = max(gmax, end)
+                # scatter every order's per-term gradient into the (i, j) blocks
+                for t in range(gmax):
+                    r = base + slot[tj[t]]
+                    for o in range(nord):
+                        if t < gend[o]:
+                            m = col[o, u]
+                            dF[r, 0, m] += Gt[3 * o, t]
+                            dF[r, 1, m] += Gt[3 * o + 1, t]
+                            dF[r, 2, m] += Gt[3 * o + 2, t]
 
         if deriv:
             # total derivative: the centre's own block loses the sum of all partial blocks

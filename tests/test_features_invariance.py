@@ -107,3 +107,10 @@ def test_config_round_trip_and_pickle():
     clone = pickle.loads(pickle.dumps(fz))
     atoms = molecule("H2O")
     assert np.array_equal(clone.featurize(atoms).features, fz.featurize(atoms).features)
+
+
+def test_generated_fused_kernels_are_current():
+    from gmp_pipeline import _codegen
+
+    assert _codegen.TARGET.read_text() == _codegen.generate(), (
+        "gmp_pipeline/_fused.py is stale: run `python -m gmp_pipeline._codegen`")
