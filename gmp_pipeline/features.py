@@ -209,6 +209,7 @@ class GMPFeaturizer:
         mono, mono_off, _, _, _, raise_idx = _harmonics.kernel_tables()
         self._tables = (mono, mono_off, raise_idx, t["comp_start"], t["comp_weight"], t["hcoef"])
         self._species_cache: dict[tuple[int, ...], tuple] = {}
+        self._element_cache: dict[int, dict] = {}
 
     def _cutoff(self, n: int, sigma: float, B: float, beta: float) -> float:
         """Per-Gaussian cutoff radius R_{n,sigma,e,g} exactly as the reference (spec 7.1)."""
@@ -247,78 +248,100 @@ class GMPFeaturizer:
             raise InputError(f"element {element_symbol(z)} (Z={z}) has no entry in psp file {self.psp.path}")
         return z
 
+    def _element_tables(self, z: int) -> dict:
+        """Per-element constants and cutoffs (cached): see :meth:`_species_tables`."""
+        hit = self._element_cache.get(z)
+        if hit is not None:
+            return hit
+        g = self.psp.gaussians[z]
+        K = len(g)
+        U = len(self._usig)
+        C = len(self._class_factors)
+        c1 = np.zeros((U, K))
+        c2 = np.zeros((U, K))
+        lam = np.zeros((U, K))
+        hv = np.zeros((U, K))
+        r2 = np.zeros((U, C, K))
+        r2m1 = np.zeros(K)
+        rep_order = {}
+        for n in self._uorders:
+            rep_order.setdefault(ORDER_FACTOR[int(n)], int(n))
+        rmax = 0.0
+        for u, sigma in enumerate(self._usig):
+            a = 1.0 / (2.0 * sigma * sigma)
+            Anorm = (1.0 / (sigma * math.sqrt(2.0 * math.pi))) ** 3
+            for k, (B, be) in enumerate(g):
+                gam = a + be
+                tt = math.sqrt(math.pi / gam)
+                c1[u, k] = Anorm * B * tt * tt * tt
+                c2[u, k] = -a * be / gam
+                lam[u, k] = be / gam
+                hv[u, k] = 1.0 / (2.0 * gam)
+                for c, f in enumerate(self._class_factors):
+                    R = self._cutoff(rep_order[f], float(sigma), float(B), float(be))
+                    r2[u, c, k] = R * R
+                    rmax = max(rmax, R)
+        if self._has_m1:
+            for k, (B, be) in enumerate(g):
+                R = self._cutoff(-1, 0.0, float(B), float(be))
+                r2m1[k] = R * R
+                rmax = max(rmax, R)
+        # every squared cutoff of the element, sorted, and where each (sigma, class, g) sits in it
+        vals = set(r2.ravel().tolist()) if U and C else set()
+        if self._has_m1:
+            vals |= set(r2m1.tolist())
+        thr = np.array(sorted(vals), dtype=np.float64)
+        pos = {v: b for b, v in enumerate(thr.tolist())}
+        ridx = np.vectorize(pos.__getitem__, otypes=[np.int64])(r2) if r2.size else r2.astype(np.int64)
+        ridxm1 = (np.array([pos[v] for v in r2m1.tolist()], dtype=np.int64) if self._has_m1
+                  else np.zeros(K, dtype=np.int64))
+        out = {"g": g, "c1": c1, "c2": c2, "lam": lam, "hv": hv, "thr": thr, "ridx": ridx,
+               "ridxm1": ridxm1, "rmax": rmax}
+        self._element_cache[z] = out
+        return out
+
     def _species_tables(self, species: tuple[int, ...]):
+        """Kernel tables for the elements of one structure (species index s = position in
+        ``species``), padded to the largest Gaussian count G and threshold count."""
         hit = self._species_cache.get(species)
         if hit is not None:
             return hit
+        els = [self._element_tables(z) for z in species]
         S = len(species)
-        gs = [self.psp.gaussians[z] for z in species]
-        G = max([len(g) for g in gs] + [1])
-        ng = np.array([len(g) for g in gs], dtype=np.int64)
-        Bs = np.zeros((S, G))
-        betas = np.ones((S, G))
-        for s, g in enumerate(gs):
-            Bs[s, :len(g)] = g[:, 0]
-            betas[s, :len(g)] = g[:, 1]
+        G = max([len(e["g"]) for e in els] + [1])
         U = len(self._usig)
         C = len(self._class_factors)
+        ng = np.array([len(e["g"]) for e in els], dtype=np.int64)
+        Bs = np.zeros((S, G))
+        betas = np.ones((S, G))
         c1 = np.zeros((max(U, 1), S, G))
         c2 = np.zeros((max(U, 1), S, G))
         lam = np.zeros((max(U, 1), S, G))
         hv = np.zeros((max(U, 1), S, G))
-        alpha = np.zeros(U)
-        r2 = np.full((max(U, 1), max(C, 1), S, G), -1.0)
-        r2m1 = np.full((S, G), -1.0)
-        rsearch = 0.0
-        rep_order = {}
-        for n in self._uorders:
-            rep_order.setdefault(ORDER_FACTOR[int(n)], int(n))
-        for u, sigma in enumerate(self._usig):
-            a = 1.0 / (2.0 * sigma * sigma)
-            alpha[u] = a
-            Anorm = (1.0 / (sigma * math.sqrt(2.0 * math.pi))) ** 3
-            for s, g in enumerate(gs):
-                for k, (B, be) in enumerate(g):
-                    gam = a + be
-                    tt = math.sqrt(math.pi / gam)
-                    c1[u, s, k] = Anorm * B * tt * tt * tt
-                    c2[u, s, k] = -a * be / gam
-                    lam[u, s, k] = be / gam
-                    hv[u, s, k] = 1.0 / (2.0 * gam)
-                    for c, f in enumerate(self._class_factors):
-                        R = self._cutoff(rep_order[f], float(sigma), float(B), float(be))
-                        r2[u, c, s, k] = R * R
-                        rsearch = max(rsearch, R)
-        if self._has_m1:
-            for s, g in enumerate(gs):
-                for k, (B, be) in enumerate(g):
-                    R = self._cutoff(-1, 0.0, float(B), float(be))
-                    r2m1[s, k] = R * R
-                    rsearch = max(rsearch, R)
-        # every squared cutoff of a species, sorted, and where each (sigma, class, g) sits in it
-        thr_lists = []
-        for s in range(S):
-            vals = list(r2[:, :, s, :ng[s]].ravel()) if U and C else []
-            vals += list(r2m1[s, :ng[s]]) if self._has_m1 else []
-            thr_lists.append(sorted({v for v in vals if v >= 0.0}))
-        L = max([len(t) for t in thr_lists] + [1])
+        ridx = np.zeros((max(U, 1), max(C, 1), S, G), dtype=np.int64)
+        ridxm1 = np.zeros((S, G), dtype=np.int64)
+        L = max([len(e["thr"]) for e in els] + [1])
         thr = np.full((S, L), np.inf)
         nthr = np.zeros(S, dtype=np.int64)
         bo = np.zeros(S + 1, dtype=np.int64)
-        ridx = np.zeros(r2.shape, dtype=np.int64)
-        ridxm1 = np.zeros((S, G), dtype=np.int64)
-        for s, tl in enumerate(thr_lists):
-            thr[s, :len(tl)] = tl
-            nthr[s] = len(tl)
-            bo[s + 1] = bo[s] + len(tl)
-            pos = {v: b for b, v in enumerate(tl)}
-            for g in range(ng[s]):
-                for u in range(U):
-                    for c in range(C):
-                        ridx[u, c, s, g] = pos[r2[u, c, s, g]]
-                if self._has_m1:
-                    ridxm1[s, g] = pos[r2m1[s, g]]
+        for s, e in enumerate(els):
+            K = ng[s]
+            Bs[s, :K] = e["g"][:, 0]
+            betas[s, :K] = e["g"][:, 1]
+            c1[:U, s, :K] = e["c1"]
+            c2[:U, s, :K] = e["c2"]
+            lam[:U, s, :K] = e["lam"]
+            hv[:U, s, :K] = e["hv"]
+            ridx[:U, :C, s, :K] = e["ridx"]
+            ridxm1[s, :K] = e["ridxm1"]
+            thr[s, :len(e["thr"])] = e["thr"]
+            nthr[s] = len(e["thr"])
+            bo[s + 1] = bo[s] + len(e["thr"])
+        alpha = np.array([1.0 / (2.0 * s * s) for s in self._usig], dtype=np.float64)
+        rsearch = max(e["rmax"] for e in els)
         out = (ng, Bs, betas, c1, c2, lam, hv, alpha, thr, nthr, bo, ridx, ridxm1, rsearch)
+        if len(self._species_cache) > 4096:
+            self._species_cache.clear()
         self._species_cache[species] = out
         return out
 
