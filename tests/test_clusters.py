@@ -255,3 +255,34 @@ def test_slurm_lost_worker_job_is_replaced(slurm, tmp_path):
         results = client.gather(futures)
         assert results == [x * x for x in range(n)]
         print(f"killed worker job {victim} replaced by a new worker after {replaced:.1f} s")
+
+
+def _square_where(x):
+    time.sleep(0.1)
+    return x * x, os.environ.get("SLURM_JOB_ID")
+
+
+@pytest.mark.slurm
+def test_slurm_workers_retire_at_lifetime_and_are_replaced(slurm, tmp_path):
+    """Workers leave at --lifetime (as they must before their walltime); new jobs take over.
+
+    Results are collected as they complete, as the pipeline does: a retiring worker's memory
+    is not needed afterwards.
+    """
+    from distributed import as_completed
+
+    cfg = _slurm_config(tmp_path, lifetime="8s", **{"lifetime-stagger": "2s"})
+    n = 250
+    t0 = time.monotonic()
+    with start_cluster("slurm", cluster_config=cfg, min_jobs=2, max_jobs=2,
+                       quiet=True) as client:
+        futures = client.map(_square_where, range(n))
+        index = {f.key: i for i, f in enumerate(futures)}
+        results = [None] * n
+        for future in as_completed(futures, timeout=180):
+            results[index[future.key]] = future.result()
+            future.release()
+    assert [r[0] for r in results] == [x * x for x in range(n)]
+    jobs = {r[1] for r in results}
+    assert len(jobs) >= 3, (f"all {n} tasks ran in jobs {jobs} in {time.monotonic() - t0:.0f} s: "
+                            f"no worker retired")
