@@ -134,6 +134,9 @@ def start_cluster(spec: str, *, workers: int | None = None, cluster_config=None,
                     min_jobs=min_jobs, max_jobs=max_jobs, quiet=quiet, workers=workers,
                     local_directory=local_directory, interface=interface)
             stack.callback(cluster.close)
+            watchdog = getattr(cluster, "_gmp_watchdog", None)
+            if watchdog is not None:
+                stack.callback(watchdog.stop)
             try:
                 client = Client(cluster)
             except Exception as exc:  # noqa: BLE001

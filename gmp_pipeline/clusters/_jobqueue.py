@@ -5,6 +5,8 @@ import inspect
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import dask
 from dask_jobqueue.core import Job
@@ -26,8 +28,9 @@ DEPRECATED = {"extra": "worker-extra-args", "job-extra": "job-extra-directives",
 class Scheduler:
     """What differs between batch systems: the dask-jobqueue class and the commands."""
 
-    def __init__(self, kind, cluster_cls, title, preflight_cmd, install_hint):
+    def __init__(self, kind, cluster_cls, title, preflight_cmd, install_hint, status_cmd=None):
         self.kind = kind
+        self.status_cmd = status_cmd    # callable(job ids) -> argv showing why jobs wait
         self.cluster_cls = cluster_cls
         self.title = title
         self.preflight_cmd = preflight_cmd
@@ -196,6 +199,11 @@ class Scheduler:
         except Exception:
             cluster.close()
             raise
+        warn_after = dask.config.get("gmp-pipeline.cluster.jobqueue.no-worker-warning", "60s")
+        if warn_after:
+            from dask.utils import parse_timedelta
+
+            cluster._gmp_watchdog = NoWorkerWatchdog(self, cluster, parse_timedelta(warn_after))
         if not quiet:
             per_job = job_kwargs.get("processes", 1)
             print(f"gmp-pipeline: {self.title} cluster, scheduler {cluster.scheduler_address}, "
@@ -203,3 +211,56 @@ class Scheduler:
                   f"{max_jobs} {self.submit_command} jobs of {per_job} worker(s)",
                   file=sys.stderr, flush=True)
         return cluster
+
+
+class NoWorkerWatchdog:
+    """Tell the user (stderr) when no worker has connected for a while, and why jobs wait.
+
+    Batch systems accept jobs they cannot start yet (busy queue) or ever (a job larger than any
+    node stays PENDING with reason PartitionConfig / Resources); without this a run just hangs.
+    Warns after *after* seconds without any worker, then again at doubling intervals.
+    """
+
+    def __init__(self, scheduler: Scheduler, cluster, after: float):
+        self.scheduler, self.cluster, self.after = scheduler, cluster, float(after)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gmp-no-worker-watchdog",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+
+    def _n_workers(self) -> int:
+        try:
+            return len(self.cluster.scheduler_info.get("workers", {}))
+        except Exception:  # noqa: BLE001 - cluster closing
+            return 0
+
+    def _job_states(self) -> str:
+        ids = [j.job_id for j in list(self.cluster.workers.values())
+               if getattr(j, "job_id", None)]
+        if not ids:
+            return "no job was submitted (see the errors above)"
+        if self.scheduler.status_cmd is None:
+            return f"jobs {', '.join(ids)}"
+        try:
+            proc = subprocess.run(self.scheduler.status_cmd(ids), capture_output=True, text=True,
+                                  timeout=30, stdin=subprocess.DEVNULL)
+            text = (proc.stdout or proc.stderr).strip()
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            text = f"(could not ask: {exc})"
+        return f"jobs {', '.join(ids)}: " + ("; ".join(text.splitlines()) or "not listed")
+
+    def _run(self):
+        since = time.monotonic()
+        wait = self.after
+        while not self._stop.wait(2.0):
+            if self._n_workers():
+                since, wait = time.monotonic(), self.after
+                continue
+            idle = time.monotonic() - since
+            if idle >= wait:
+                print(f"gmp-pipeline: no Dask worker connected for {idle:.0f} s; "
+                      f"{self._job_states()}", file=sys.stderr, flush=True)
+                wait *= 2

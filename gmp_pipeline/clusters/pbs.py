@@ -9,6 +9,7 @@ SCHEDULER = Scheduler(
     "pbs", PBSCluster, "PBS",
     preflight_cmd=["qstat", "-B"],
     install_hint="or load the site's PBS module",
+    status_cmd=lambda ids: ["qstat", *ids],
 )
 
 

@@ -9,6 +9,7 @@ SCHEDULER = Scheduler(
     "slurm", SLURMCluster, "SLURM",
     preflight_cmd=["sinfo", "--noheader", "--format=%P %a %D"],
     install_hint="or load the site's slurm module; for a test machine see .ci/slurm-up.sh",
+    status_cmd=lambda ids: ["squeue", "-h", "-o", "%i %T reason=%r", "-j", ",".join(ids)],
 )
 
 
