@@ -333,10 +333,20 @@ def verify_store(path, sample: int = 5, seed: int = 0) -> list[str]:
     if st.has_derivatives:
         pc = np.asarray(st.array("atoms/pair_count")[:])
         ps = np.asarray(st.array("atoms/pair_start")[:])
-        if not np.array_equal(ps, np.concatenate([[0], np.cumsum(pc)[:-1]])):
-            problems.append("atoms/pair_start is not the running sum of pair_count")
-        if int(pc.sum()) != st.array("pairs/neighbor").shape[0]:
-            problems.append("sum of pair_count differs from the length of pairs/")
+        rows = st.array("pairs/neighbor").shape[0]
+        if pc.size and (np.any(ps[1:] < ps[:-1] + pc[:-1]) or ps[0] < 0
+                        or ps[-1] + pc[-1] > rows):
+            problems.append("atoms/pair_start ranges overlap or leave pairs/")
+        if int(pc.sum()) != counts.get("n_pairs"):
+            problems.append(f"sum of pair_count {int(pc.sum())} != counts.n_pairs "
+                            f"{counts.get('n_pairs')}")
+        neigh = np.asarray(st.array("pairs/neighbor")[:])
+        marks = np.zeros(rows + 1, dtype=np.int64)
+        np.add.at(marks, ps[pc > 0], 1)
+        np.add.at(marks, (ps + pc)[pc > 0], -1)
+        used = np.cumsum(marks)[:-1] > 0
+        if np.any(neigh[used] < 0) or np.any(neigh[~used] != -1):
+            problems.append("pairs/neighbor has unset rows inside or data outside the pair ranges")
     src = a["source"]
     options = dict(src.get("options") or {})
     reader = open_reader(src["reader"], src["path"],

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import GMPError, InputError, StoreError
+from .store import layout
 from .store.layout import array_specs, fingerprint_parts, normalize_dtype
 from .store import writer as W
 
@@ -128,8 +129,14 @@ def warm_worker(config: dict, sample=None, derivatives: bool = True) -> int:
 
 
 def run_task(store: str, task: int, start: int, stop: int, reader, config: dict,
-             derivatives: bool, dtype: str, schema: dict) -> dict:
-    """Featurize structures ``[start, stop)`` and stage them as task ``task`` of ``store``."""
+             derivatives: bool, dtype: str, schema: dict, pair_base: int = 0,
+             pair_capacity: int = 0) -> dict:
+    """Featurize structures ``[start, stop)`` and stage them as task ``task`` of ``store``.
+
+    ``pairs/dfeatures`` rows go straight into the store at ``[pair_base, pair_base +
+    pair_capacity)``, the chunk-aligned region the plan reserved for this task; everything else
+    is staged in the task's own directory, whose appearance marks the task done.
+    """
     t0 = time.perf_counter()
     fz = get_featurizer(config)
     n_skipped_before = len(reader.skipped)
@@ -143,7 +150,11 @@ def run_task(store: str, task: int, start: int, stop: int, reader, config: dict,
             "n_structures": len(structures),
             "n_atoms": int(arrays["atoms/numbers"].shape[0]),
             "n_pairs": int(arrays["pairs/neighbor"].shape[0]) if derivatives else 0,
-            "skipped": skipped, "seconds": time.perf_counter() - t0, "pid": os.getpid()}
+            "skipped": skipped, "pid": os.getpid()}
+    for path in layout.DIRECT:
+        if path in arrays:
+            W.write_direct(store, path, pair_base, pair_capacity, arrays.pop(path))
+    meta["seconds"] = time.perf_counter() - t0
     W.write_staged(store, task, arrays, meta)
     return meta
 
@@ -217,6 +228,7 @@ def featurize_to_store(reader, store, featurizer, *, derivatives: bool = True,
         log(f"{store} is already complete with this configuration; nothing to do")
         return summary
 
+    specs = array_specs(featurizer.n_features, dtype, derivatives, schema)
     # plan (or reuse the plan of the interrupted run, so task ids keep their meaning)
     plan = W.load_plan(store)
     if plan is None:
@@ -225,12 +237,19 @@ def featurize_to_store(reader, store, featurizer, *, derivatives: bool = True,
             raise StoreError(f"reader reports {len(reader)} structures but {n_atoms.size} "
                              "atom counts")
         tasks = plan_tasks(n_atoms, n_workers=_n_workers(client), chunk_size=chunk_size)
-        W.save_plan(store, tasks, {"n_structures": int(n_atoms.size),
-                                   "n_atoms": int(n_atoms.sum())})
+        extra = {"n_structures": int(n_atoms.size), "n_atoms": int(n_atoms.sum())}
+        if derivatives:
+            rows = specs["pairs/dfeatures"].chunk_rows(1 << 62)
+            caps = W.pair_capacities(n_atoms, tasks, rows)
+            extra["pair_base"] = [int(x) for x in np.concatenate([[0], np.cumsum(caps)])]
+        W.save_plan(store, tasks, extra)
         plan = W.load_plan(store)
     elif chunk_size is not None:
         log("resuming with the task plan of the interrupted run (--chunk-size is ignored)")
     tasks = [tuple(t) for t in plan["tasks"]]
+    pair_base = plan.get("pair_base") or [0] * (len(tasks) + 1)
+    if derivatives:
+        W.ensure_direct_arrays(store, specs, pair_base[-1])
     W.clean_partial_tasks(store)
     done = W.finished_tasks(store)
     todo = [t for t in range(len(tasks)) if t not in done]
@@ -245,8 +264,8 @@ def featurize_to_store(reader, store, featurizer, *, derivatives: bool = True,
 
     config = featurizer.config()
     t0 = time.perf_counter()
-    metas_new = _compute(todo, tasks, store, reader, config, derivatives, dtype, schema,
-                         client, progress, summary)
+    metas_new = _compute(todo, tasks, pair_base, store, reader, config, derivatives, dtype,
+                         schema, client, progress, summary)
     summary.compute_seconds = time.perf_counter() - t0
     summary.tasks_computed = len(metas_new)
     summary.structures_computed = sum(m["n_structures"] for m in metas_new)
@@ -255,29 +274,29 @@ def featurize_to_store(reader, store, featurizer, *, derivatives: bool = True,
     # assemble
     t1 = time.perf_counter()
     metas = W.load_metas(store, len(tasks))
-    bases = W.task_bases(metas)
+    bases, counts_ = W.task_layout(metas, pair_base if derivatives else None)
     totals = {level: int(b[-1]) for level, b in bases.items()}
-    specs = array_specs(featurizer.n_features, dtype, derivatives, schema)
     W.create_arrays(store, specs, totals)
     jobs = W.assembly_jobs(specs, totals)
-    _assemble(jobs, store, specs, bases, client, progress)
+    _assemble(jobs, store, specs, bases, counts_, client, progress)
+    n_pairs = int(counts_["pairs"].sum())
     summary.assemble_seconds = time.perf_counter() - t1
 
     skipped = sorted({(i, m) for meta in metas for i, m in meta.get("skipped", [])})
     counts = {"n_structures": totals["structures"], "n_atoms": totals["atoms"],
-              "n_pairs": totals["pairs"], "n_tasks": len(tasks),
+              "n_pairs": n_pairs, "pair_rows": totals["pairs"], "n_tasks": len(tasks),
               "n_skipped_records": len(skipped)}
     W.finalize(store, {"counts": counts,
                        "skipped_records": [[i, m] for i, m in skipped][:1000]})
     summary.n_structures, summary.n_atoms, summary.n_pairs = (
-        totals["structures"], totals["atoms"], totals["pairs"])
+        totals["structures"], totals["atoms"], n_pairs)
     summary.skipped_records = [list(x) for x in skipped]
     summary.seconds = time.perf_counter() - t_start
     return summary
 
 
-def _compute(todo, tasks, store, reader, config, derivatives, dtype, schema, client, progress,
-             summary) -> list[dict]:
+def _compute(todo, tasks, pair_base, store, reader, config, derivatives, dtype, schema, client,
+             progress, summary) -> list[dict]:
     metas: list[dict] = []
     if todo:
         t_warm = time.perf_counter()
@@ -311,13 +330,14 @@ def _compute(todo, tasks, store, reader, config, derivatives, dtype, schema, cli
             for t in todo:
                 start, stop = tasks[t]
                 advance(run_task(store, t, start, stop, reader, config, derivatives, dtype,
-                                 schema))
+                                 schema, pair_base[t], pair_base[t + 1] - pair_base[t]))
             return metas
         from distributed import as_completed
 
         token = os.urandom(4).hex()
         futures = [client.submit(run_task, store, t, tasks[t][0], tasks[t][1], reader, config,
-                                 derivatives, dtype, schema, key=f"gmp-task-{t}-{token}",
+                                 derivatives, dtype, schema, pair_base[t],
+                                 pair_base[t + 1] - pair_base[t], key=f"gmp-task-{t}-{token}",
                                  pure=False, priority=-t)
                    for t in todo]
         try:
@@ -331,18 +351,18 @@ def _compute(todo, tasks, store, reader, config, derivatives, dtype, schema, cli
         bar.close()
 
 
-def _assemble(jobs, store, specs, bases, client, progress) -> None:
+def _assemble(jobs, store, specs, bases, counts, client, progress) -> None:
     bar = _progress(len(jobs), 0, "assemble", progress and len(jobs) > 1)
     try:
         if client is None:
             for path, r0, r1 in jobs:
-                W.assemble_rows(store, specs[path], r0, r1, bases)
+                W.assemble_rows(store, specs[path], r0, r1, bases, counts)
                 bar.update(1)
             return
         from distributed import as_completed
 
         token = os.urandom(4).hex()
-        futures = [client.submit(W.assemble_rows, store, specs[path], r0, r1, bases,
+        futures = [client.submit(W.assemble_rows, store, specs[path], r0, r1, bases, counts,
                                  key=f"gmp-assemble-{k}-{token}", pure=False)
                    for k, (path, r0, r1) in enumerate(jobs)]
         try:

@@ -73,6 +73,9 @@ def test_assembly_jobs_own_disjoint_whole_chunks(n_features, totals):
     tot = dict(zip(("structures", "atoms", "pairs"), totals))
     jobs = W.assembly_jobs(specs, tot)
     for path, spec in specs.items():
+        if path in layout.DIRECT:
+            assert not any(p == path for p, _, _ in jobs)   # written by the tasks themselves
+            continue
         n = tot[spec.level]
         rows = spec.chunk_rows(n)
         mine = sorted((a, b) for p, a, b in jobs if p == path)
@@ -85,6 +88,23 @@ def test_assembly_jobs_own_disjoint_whole_chunks(n_features, totals):
             assert rows * spec.row_bytes() >= layout.MIN_CHUNK_BYTES
 
 
+def test_tasks_own_whole_chunks_of_dfeatures():
+    """Race-free by design: each task's pairs/dfeatures region starts on a chunk boundary, is a
+    whole number of chunks, holds every pair it can produce (n * n per structure) and no other
+    task's region overlaps it."""
+    rng = np.random.default_rng(3)
+    n_atoms = rng.integers(1, 120, 300)
+    spec = layout.array_specs(21, "float32", True, {})["pairs/dfeatures"]
+    rows = spec.chunk_rows(1 << 62)
+    assert rows * spec.row_bytes() >= layout.MIN_CHUNK_BYTES
+    for tasks in (plan_tasks(n_atoms, n_workers=2), plan_tasks(n_atoms, chunk_size=1)):
+        caps = W.pair_capacities(n_atoms, tasks, rows)
+        base = np.concatenate([[0], np.cumsum(caps)])
+        assert np.all(base % rows == 0) and np.all(caps % rows == 0)
+        for (a, b), cap in zip(tasks, caps):
+            assert cap >= int((n_atoms[a:b] ** 2).sum())
+
+
 # -- race ----------------------------------------------------------------------------------------
 
 def test_many_tiny_tasks_on_several_processes_equal_a_serial_run(tmp_path, dask_address):  # noqa: F811
@@ -95,7 +115,7 @@ def test_many_tiny_tasks_on_several_processes_equal_a_serial_run(tmp_path, dask_
                   "--cluster", dask_address, "--no-progress")
     assert res.exit_code == 0, res.output
     assert "tasks: 101 planned, 101 computed, 0 already done" in res.output
-    serial_store("ase", TOY, tmp_path / "ser.zarr")
+    serial_store("ase", TOY, tmp_path / "ser.zarr", chunk_size=1)
     assert_stores_equal(out, tmp_path / "ser.zarr")
     assert open_store(out).attrs["counts"]["n_tasks"] == 101
 
@@ -155,7 +175,7 @@ def test_killed_run_is_incomplete_and_resume_gives_the_uninterrupted_store(tmp_p
     assert W.read_root_attrs(out)["complete"] is True
     assert not (out / layout.STAGING_DIR).exists()
 
-    serial_store("ase", BENCH, tmp_path / "uninterrupted.zarr")
+    serial_store("ase", BENCH, tmp_path / "uninterrupted.zarr", chunk_size=2)
     assert_stores_equal(out, tmp_path / "uninterrupted.zarr")
 
     # a third run has nothing to do

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StoreError
-from .layout import (FORMAT_NAME, FORMAT_VERSION, STAGING_DIR, ArraySpec, array_specs, codecs_for,
+from .layout import (DIRECT, FORMAT_NAME, FORMAT_VERSION, STAGING_DIR, ArraySpec, array_specs, codecs_for,
                      describe_differences, fingerprint)
 
 #: uncompressed bytes one assembly job writes (a whole number of chunks, at least one)
@@ -164,6 +164,17 @@ def collect_arrays(structures, results, specs: dict[str, ArraySpec], schema: dic
                    derivatives: bool) -> dict[str, np.ndarray]:
     """The staged arrays of one task: per-structure, per-atom and per-pair rows, concatenated."""
     out: dict[str, list] = {p: [] for p in specs}
+    # the big arrays are filled in place, cast to the store dtype on the way (no float64 concat)
+    big: dict[str, np.ndarray] = {}
+    n_tot = sum(len(s) for s in structures)
+    fspec = specs["atoms/features"]
+    big["atoms/features"] = np.empty((n_tot,) + fspec.trailing, dtype=fspec.dtype)
+    if derivatives:
+        p_tot = sum(int(np.asarray(r.pair_center).shape[0]) for r in results)
+        dspec = specs["pairs/dfeatures"]
+        big["pairs/dfeatures"] = np.empty((p_tot,) + dspec.trailing, dtype=dspec.dtype)
+        big["pairs/neighbor"] = np.empty(p_tot, dtype=np.int32)
+    a_off = p_off = 0
     info_map = {name: p for name, p in _extra_paths(schema, "info", "structures").items()}
     atom_map = {name: p for name, p in _extra_paths(schema, "atom_info", "atoms").items()}
     for s, r in zip(structures, results):
@@ -183,7 +194,8 @@ def collect_arrays(structures, results, specs: dict[str, ArraySpec], schema: dic
         if feats.shape != (n, specs["atoms/features"].trailing[0]):
             raise StoreError(f"featurizer returned features of shape {feats.shape} for a "
                              f"structure of {n} atoms (source index {s.source_index})")
-        out["atoms/features"].append(feats)
+        big["atoms/features"][a_off:a_off + n] = feats
+        a_off += n
         for name, p in info_map.items():
             value = s.info.get(name, specs[p].fill)
             out[p].append(np.array([value], dtype=object if specs[p].is_str else specs[p].dtype))
@@ -200,13 +212,15 @@ def collect_arrays(structures, results, specs: dict[str, ArraySpec], schema: dic
                 order = np.lexsort((pn, pc))
                 pc, pn, df = pc[order], pn[order], df[order]
             out["atoms/pair_count"].append(np.bincount(pc, minlength=n).astype(np.int64))
-            out["pairs/neighbor"].append(pn.astype(np.int32))
-            out["pairs/dfeatures"].append(df)
-    arrays = {}
+            k = pc.shape[0]
+            big["pairs/neighbor"][p_off:p_off + k] = pn
+            big["pairs/dfeatures"][p_off:p_off + k] = df
+            p_off += k
+    arrays = dict(big)
     for p, parts in out.items():
         spec = specs[p]
-        if p in ("structures/atom_start", "atoms/pair_start"):
-            continue  # derived from the counts at assembly time
+        if p in ("structures/atom_start", "atoms/pair_start") or p in big:
+            continue  # derived from the counts at assembly time, or filled above
         if parts:
             a = np.concatenate(parts, axis=0)
         else:
@@ -261,28 +275,84 @@ def load_metas(path, n_tasks: int) -> list[dict]:
     return metas
 
 
-# -- phase 3: assemble -----------------------------------------------------------------------------
+# -- pairs/dfeatures: written directly by the tasks into regions they own ---------------------------
 
-def task_bases(metas: list[dict]) -> dict[str, np.ndarray]:
-    """Row offset of every task in each level (length n_tasks + 1)."""
-    out = {}
-    for level, key in (("structures", "n_structures"), ("atoms", "n_atoms"),
-                       ("pairs", "n_pairs")):
-        counts = np.array([m.get(key, 0) for m in metas], dtype=np.int64)
-        out[level] = np.concatenate([[0], np.cumsum(counts)])
-    return out
+def pair_capacities(n_atoms, tasks, chunk_rows: int) -> np.ndarray:
+    """Rows of ``pairs/dfeatures`` reserved for each task: an upper bound of its pair count
+    (a structure of n atoms has at most n * n distinct (centre, neighbour) pairs) rounded up to
+    whole chunks, so every task owns whole chunks and starts on a chunk boundary."""
+    n_atoms = np.asarray(n_atoms, dtype=np.int64)
+    sq = np.concatenate([[0], np.cumsum(n_atoms * n_atoms)])
+    bound = np.array([sq[b] - sq[a] for a, b in tasks], dtype=np.int64)
+    return -(-bound // chunk_rows) * chunk_rows
 
 
-def create_arrays(path, specs: dict[str, ArraySpec], totals: dict[str, int]) -> None:
-    """Create every final array with its exact shape (replacing any from a killed assembly)."""
+def ensure_direct_arrays(path, specs: dict[str, ArraySpec], pair_rows: int) -> None:
+    """Create the arrays tasks write directly (``pairs/dfeatures``), once, before any task."""
     import zarr
 
     with quiet_zarr():
-        root = zarr.open_group(str(path), mode="r+")
+        root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+        for spec in specs.values():
+            if spec.path not in DIRECT:
+                continue
+            if spec.level not in root:
+                root.create_group(spec.level)
+            if spec.path in root:
+                continue
+            root.create_array(
+                spec.path, shape=(int(pair_rows),) + spec.trailing,
+                chunks=(spec.chunk_rows(1 << 62),) + spec.trailing, dtype=spec.dtype,
+                fill_value=spec.fill, compressors=codecs_for(spec),
+                dimension_names=[spec.level] + [f"dim{i + 1}" for i in range(len(spec.trailing))])
+
+
+def write_direct(path, spec_path: str, base: int, capacity: int, block: np.ndarray) -> None:
+    """Write a task's rows at the start of the region ``[base, base + capacity)`` it owns."""
+    import zarr
+
+    if block.shape[0] > capacity:
+        raise StoreError(f"{spec_path}: {block.shape[0]} rows exceed the {capacity} reserved")
+    if block.shape[0] == 0:
+        return
+    with quiet_zarr():
+        arr = zarr.open_array(str(Path(path) / spec_path), mode="r+")
+        arr[base:base + block.shape[0]] = block
+
+
+# -- phase 3: assemble -----------------------------------------------------------------------------
+
+def task_layout(metas: list[dict], pair_base=None) -> tuple[dict, dict]:
+    """(bases, counts): row offset (length n_tasks + 1) and row count of every task per level.
+
+    Structures and atoms are dense (each task starts where the previous one ends).  Pairs
+    start at ``pair_base`` (the regions reserved in the plan), so they may be followed by
+    unused rows.
+    """
+    bases, counts = {}, {}
+    for level, key in (("structures", "n_structures"), ("atoms", "n_atoms"),
+                       ("pairs", "n_pairs")):
+        c = np.array([m.get(key, 0) for m in metas], dtype=np.int64)
+        counts[level] = c
+        bases[level] = np.concatenate([[0], np.cumsum(c)])
+    if pair_base is not None:
+        bases["pairs"] = np.asarray(pair_base, dtype=np.int64)
+    return bases, counts
+
+
+def create_arrays(path, specs: dict[str, ArraySpec], totals: dict[str, int]) -> None:
+    """Create every assembled array with its exact shape (replacing any from a killed
+    assembly); the directly written arrays already exist."""
+    import zarr
+
+    with quiet_zarr():
+        root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
         for level in ("structures", "atoms", "pairs"):
             if any(s.level == level for s in specs.values()) and level not in root:
                 root.create_group(level)
         for spec in specs.values():
+            if spec.path in DIRECT:
+                continue
             n = int(totals[spec.level])
             root.create_array(
                 spec.path, shape=(n,) + spec.trailing,
@@ -296,6 +366,8 @@ def assembly_jobs(specs: dict[str, ArraySpec], totals: dict[str, int]) -> list[t
     """Disjoint (array path, row start, row stop) ranges, each a whole number of chunks."""
     jobs = []
     for spec in specs.values():
+        if spec.path in DIRECT:
+            continue
         n = int(totals[spec.level])
         if n == 0:
             continue
@@ -317,30 +389,35 @@ def _staged_rows(path, task: int, spec: ArraySpec, bases: dict[str, np.ndarray])
     return np.load(d / _file(spec.path), mmap_mode=None if spec.is_str else "r")
 
 
-def assemble_rows(path, spec: ArraySpec, r0: int, r1: int,
-                  bases: dict[str, np.ndarray]) -> int:
+def assemble_rows(path, spec: ArraySpec, r0: int, r1: int, bases: dict[str, np.ndarray],
+                  counts: dict[str, np.ndarray]) -> int:
     """Write rows ``[r0, r1)`` of one array from the staged tasks that cover them.
 
     ``r0`` is a chunk boundary and ``r1`` a chunk boundary or the end of the array, so this job
-    is the only writer of the chunks it touches.  Returns the number of bytes written
-    (uncompressed).
+    is the only writer of the chunks it touches.  Rows no task covers (the unused end of a
+    task's pair region) get the fill value.  Returns the number of bytes written (uncompressed).
     """
     import zarr
 
-    b = bases[spec.level]
-    first = int(np.searchsorted(b, r0, side="right")) - 1
-    last = int(np.searchsorted(b, r1, side="left"))
+    b, c = bases[spec.level], counts[spec.level]
+    first = max(int(np.searchsorted(b, r0, side="right")) - 1, 0)
+    last = min(int(np.searchsorted(b, r1, side="left")), len(c))
     parts = []
-    for t in range(max(first, 0), min(last, len(b) - 1)):
-        lo, hi = max(r0, int(b[t])), min(r1, int(b[t + 1]))
-        if hi <= lo:
-            continue
-        rows = _staged_rows(path, t, spec, bases)
-        parts.append(np.asarray(rows[lo - int(b[t]):hi - int(b[t])]))
-    block = np.concatenate(parts, axis=0) if parts else spec.empty(0)
-    if block.shape[0] != r1 - r0:
+    for t in range(first, last):
+        lo, hi = max(r0, int(b[t])), min(r1, int(b[t] + c[t]))
+        if hi > lo:
+            rows = _staged_rows(path, t, spec, bases)
+            parts.append((lo, np.asarray(rows[lo - int(b[t]):hi - int(b[t])])))
+    covered = sum(p.shape[0] for _, p in parts)
+    if spec.level != "pairs" and covered != r1 - r0:
         raise StoreError(f"staged rows of {spec.path} [{r0}, {r1}) are incomplete "
-                         f"({block.shape[0]} rows found)")
+                         f"({covered} rows found)")
+    if len(parts) == 1 and covered == r1 - r0:
+        block = parts[0][1]
+    else:
+        block = spec.empty(r1 - r0)
+        for lo, p in parts:
+            block[lo - r0:lo - r0 + p.shape[0]] = p
     if spec.is_str:
         block = block.astype(object)
     with quiet_zarr():
@@ -387,6 +464,7 @@ def base_attrs(*, feature_config: dict, feature_list, source: dict, options: dic
 
 
 __all__ = ["prepare_store", "save_plan", "load_plan", "finished_tasks", "clean_partial_tasks",
-           "collect_arrays", "write_staged", "load_metas", "task_bases", "create_arrays",
+           "collect_arrays", "write_staged", "load_metas", "task_layout", "create_arrays", "pair_capacities",
+           "ensure_direct_arrays", "write_direct",
            "assembly_jobs", "assemble_rows", "finalize", "base_attrs", "read_root_attrs",
            "quiet_zarr"]

@@ -1,0 +1,112 @@
+"""Pipeline throughput: the 200-structure OC20-like bench set through the CLI, with derivatives.
+
+    python benchmarks/bench_pipeline.py [--features FILE] [--repeat N]
+
+Runs ``gmp-pipeline featurize ase benchmarks/data/oc20_like_200.extxyz`` with 1 and with 2 local
+workers (each in a fresh process, as a user would), and the bare kernel in-process
+(``GMPFeaturizer.featurize_many`` on the same structures, no Dask, no I/O).  Prints
+structures/s and atoms/s of each, the 2-vs-1 speedup, the pipeline's fraction of the bare
+kernel's throughput, and the bytes on disk per atom and per pair.
+
+Pipeline throughput is structures / (featurize + assemble time) as the CLI reports it: the
+time from the first task submitted to the last chunk written, after the cluster is up and the
+kernels are warm on every worker.  The end-to-end wall time of the command (Python start,
+cluster start, kernel warm-up, planning, finalize) is printed as well.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "data" / "oc20_like_200.extxyz"
+
+
+def run_cli(store: Path, workers: int, features: str | None) -> dict:
+    cmd = [sys.executable, "-m", "gmp_pipeline.cli", "featurize", "ase", str(DATA), "-o",
+           str(store), "--workers", str(workers), "--no-progress", "--overwrite"]
+    if features:
+        cmd += ["--features", features]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"featurize failed:\n{proc.stdout}\n{proc.stderr}")
+    m = re.search(r"featurize ([\d.]+) s, assemble ([\d.]+) s", proc.stdout)
+    warm = re.search(r"warmup ([\d.]+) s", proc.stdout)
+    counts = re.search(r"(\d+) structures, (\d+) atoms, (\d+) pairs", proc.stdout)
+    featurize = float(m.group(1)) - float(warm.group(1))  # featurize includes the warm-up
+    assemble = float(m.group(2))
+    return {"wall": wall, "run": featurize + assemble, "featurize": featurize,
+            "assemble": assemble, "structures": int(counts.group(1)),
+            "atoms": int(counts.group(2)), "pairs": int(counts.group(3))}
+
+
+def bare_kernel(features: str | None) -> dict:
+    from gmp_pipeline.cli import make_featurizer
+    from gmp_pipeline.readers import open_reader
+
+    fz = make_featurizer(features)
+    structures = list(open_reader("ase", str(DATA)))
+    fz.featurize_many(structures[:2], derivatives=True)  # compile / load the cache
+    t0 = time.perf_counter()
+    res = fz.featurize_many(structures, derivatives=True)
+    dt = time.perf_counter() - t0
+    return {"run": dt, "structures": len(structures),
+            "atoms": sum(len(s) for s in structures),
+            "pairs": sum(len(r.pair_center) for r in res)}
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--features", help="feature YAML (default: the shipped default set)")
+    ap.add_argument("--repeat", type=int, default=2, help="runs per configuration (best kept)")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="gmp-bench-"))
+    try:
+        print(f"data: {DATA.name}; features: {args.features or 'default (21 features)'}; "
+              "derivatives on, float32")
+        bare = min((bare_kernel(args.features) for _ in range(args.repeat)),
+                   key=lambda r: r["run"])
+        runs = {}
+        for workers in (1, 2):
+            runs[workers] = min((run_cli(tmp / f"w{workers}.zarr", workers, args.features)
+                                 for _ in range(args.repeat)), key=lambda r: r["run"])
+        n, a = bare["structures"], bare["atoms"]
+        print(f"{'configuration':<22} {'time s':>8} {'structures/s':>13} {'atoms/s':>10} "
+              f"{'wall s':>8}")
+        print(f"{'bare kernel (1 proc)':<22} {bare['run']:>8.2f} {n / bare['run']:>13.1f} "
+              f"{a / bare['run']:>10.0f} {'':>8}")
+        for w, r in runs.items():
+            print(f"{'CLI, %d worker%s' % (w, 's' if w > 1 else ''):<22} {r['run']:>8.2f} "
+                  f"{r['structures'] / r['run']:>13.1f} {r['atoms'] / r['run']:>10.0f} "
+                  f"{r['wall']:>8.2f}")
+        speedup = runs[1]["run"] / runs[2]["run"]
+        print(f"speedup 2 vs 1 worker: {speedup:.2f}x "
+              f"(end-to-end wall: {runs[1]['wall'] / runs[2]['wall']:.2f}x)")
+        print(f"2 workers vs bare kernel: {bare['run'] / runs[2]['run']:.2f} of its throughput; "
+              f"per worker: {bare['run'] / runs[2]['run'] / 2:.2f}; "
+              f"1 worker vs bare kernel: {bare['run'] / runs[1]['run']:.2f}")
+        size = dir_bytes(tmp / "w2.zarr")
+        pairs = runs[2]["pairs"]
+        pair_bytes = dir_bytes(tmp / "w2.zarr" / "pairs")
+        print(f"store: {size / 1e6:.1f} MB on disk for {a} atoms and {pairs} pairs: "
+              f"{size / a:.0f} bytes per atom (all arrays), {pair_bytes / pairs:.1f} bytes per "
+              f"pair (pairs/ arrays), {(size - pair_bytes) / a:.1f} bytes per atom without pairs/")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
