@@ -9,7 +9,7 @@ python3 -m pip install --quiet -e ".[test]"
 
 if [[ "$(id -u)" == 0 && "${GMP_NO_SLURM:-0}" != 1 ]]; then
     slurm_was_up=0
-    if [[ -f /run/slurmctld.pid ]] && kill -0 "$(cat /run/slurmctld.pid 2>/dev/null)" 2>/dev/null; then
+    if [[ "$(cat "/proc/$(cat /run/slurmctld.pid 2>/dev/null)/comm" 2>/dev/null)" == slurmctld ]]; then
         slurm_was_up=1
     fi
     if (( ! slurm_was_up )); then

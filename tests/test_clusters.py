@@ -286,3 +286,32 @@ def test_slurm_workers_retire_at_lifetime_and_are_replaced(slurm, tmp_path):
     jobs = {r[1] for r in results}
     assert len(jobs) >= 3, (f"all {n} tasks ran in jobs {jobs} in {time.monotonic() - t0:.0f} s: "
                             f"no worker retired")
+
+
+@pytest.mark.slurm
+def test_cli_featurize_on_slurm_then_verify(slurm, tmp_path):
+    """The command a user runs on a login node, end to end, on real SLURM worker jobs."""
+    import sys
+
+    import yaml
+
+    sample = os.path.join(REPO, "tests", "data", "samples", "oc20_lmdb", "pyg2_is2re_style")
+    if not os.path.exists(sample):
+        pytest.skip(f"OC20 sample {sample} not in this checkout")
+    cfg = tmp_path / "slurm.yaml"
+    section = _slurm_config(tmp_path, memory="2GiB")["jobqueue"]["slurm"]
+    section.pop("job-script-prologue")          # the CLI's tasks are importable everywhere
+    cfg.write_text(yaml.safe_dump({"jobqueue": {"slurm": section}}))
+    out = tmp_path / "out.zarr"
+    cli = [sys.executable, "-m", "gmp_pipeline.cli"]
+    run = subprocess.run(cli + ["featurize", "ocp", sample, "-o", str(out), "--cluster", "slurm",
+                                "--cluster-config", str(cfg), "--max-jobs", "2"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr[-3000:]
+    check = subprocess.run(cli + ["verify", str(out)], capture_output=True, text=True,
+                           timeout=300, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert check.returncode == 0 and "OK" in check.stdout, (check.stdout, check.stderr[-3000:])
+    left = subprocess.run(["squeue", "-h", "-n", "gmp-worker", "-t", "RUNNING,PENDING"],
+                          capture_output=True, text=True, timeout=30).stdout.strip()
+    assert left == "", f"worker jobs left behind: {left}"
