@@ -243,7 +243,8 @@ def store_report(path) -> dict:
                 nbytes = int(np.prod(arr.shape, dtype=np.int64)) * (
                     arr.dtype.itemsize if hasattr(arr.dtype, "itemsize") else 16)
                 report["arrays"].append({
-                    "path": f"{level}/{name}", "shape": list(arr.shape), "dtype": str(arr.dtype),
+                    "path": f"{level}/{name}", "shape": list(arr.shape),
+                    "dtype": "str" if "str" in str(arr.dtype).lower() else str(arr.dtype),
                     "chunks": list(arr.chunks), "bytes": nbytes,
                     "bytes_on_disk": _dir_bytes(path / level / name)})
     return report
