@@ -300,6 +300,7 @@ def train(samples_train: list[dict], samples_val: list[dict], *, epochs: int, ba
         if val_batch is not None:
             model.eval()
             E, F = energy_and_forces(model, val_batch)
+            E, F = E.detach(), F.detach()
             vloss = float(((E - val_batch["energy_rel"]) ** 2).mean() / var_E
                           + force_weight * ((F - val_batch["forces"]) ** 2).mean() / var_F)
             rec.update(val_loss=vloss,
