@@ -121,3 +121,22 @@ def test_dry_run_needs_a_batch_scheduler(tmp_path):
                   "--cluster", "slurm")
     assert res.exit_code == 0, res.output
     assert "#SBATCH" in res.output
+
+
+def test_verify_detects_a_corrupted_store(tmp_path):
+    import zarr
+
+    from gmp_pipeline.features import GMPFeaturizer
+    from gmp_pipeline.pipeline import featurize_to_store
+    from gmp_pipeline.readers import open_reader
+    from helpers import SMALL_FEATURES
+
+    out = tmp_path / "q.zarr"
+    featurize_to_store(open_reader("qm9", str(SAMPLES / "qm9")), out,
+                       GMPFeaturizer(**SMALL_FEATURES), progress=False, log=lambda m: None)
+    assert run_cli("verify", out, "--sample", 20).exit_code == 0
+    arr = zarr.open_array(str(out / "pairs" / "dfeatures"), mode="r+")
+    arr[5] = arr[5] + 1.0
+    res = run_cli("verify", out, "--sample", 20)
+    assert res.exit_code == 1
+    assert "FAIL structure 0: dfeatures differs" in res.output
