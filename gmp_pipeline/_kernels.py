@@ -97,20 +97,24 @@ def _bin_neighbors(cnt, nb_j, nb_x, nb_y, nb_z, nb_D, nb_bin, spc, thr, nthr, bo
     """Counting sort of the neighbour list into cutoff bins.
 
     Species s owns bins bo[s] .. bo[s+1]-1; its bin b holds the neighbours with
-    thr[s, b-1] < D <= thr[s, b] (thr[s] ascending: every squared cutoff used for species s).
+    thr[s, b-1] < D <= thr[s, b] (thr[s] ascending: every squared cutoff used for species s,
+    padded with +inf to a power-of-two length).
     The neighbours of species s within thr[s, b] are the entries bstart[bo[s]]:bstart[bo[s]+b+1].
     Neighbours beyond every cutoff of their species are dropped.  Returns the number kept.
     """
     nb = bstart.shape[0] - 1
+    half = thr.shape[1] // 2  # rows are padded with +inf to a power of two
     for b in range(nb + 1):
         counts[b] = 0
     for t in range(cnt):
         s = spc[nb_j[t]]
         D = nb_D[t]
         b = 0
-        for k in range(nthr[s]):  # branch-free: number of thresholds below D
-            b += thr[s, k] < D
-        if b == nthr[s]:
+        step = half
+        while step > 0:  # branch-free binary search: number of thresholds below D
+            b += step if thr[s, b + step - 1] < D else 0
+            step >>= 1
+        if b >= nthr[s]:
             nb_bin[t] = -1
         else:
             nb_bin[t] = bo[s] + b
@@ -170,10 +174,11 @@ def _vexp(T, arg, scale, ibuf):
 
 @njit(cache=_CACHE, fastmath=True)
 def _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, hv, ridx, ncls,
-                tj, tE, targ, tux, tuy, tuz, th, tl, bend, ibuf):
+                tj, tE, targ, tux, tuy, tuz, th, tl, bend, ibuf, deriv):
     """Write the contributing terms of one sigma, bucketed by cutoff class.  Returns the total.
 
     On return bend[c] is the end of bucket c, so the terms of class c are tj[:bend[c]].
+    The atom index tj and lambda tl are written only when deriv is set.
     """
     for c in range(ncls):
         bend[c] = 0
@@ -207,14 +212,16 @@ def _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, 
                 p0 = bend[c] - prev - a
                 for t in range(a + prev, a + L):
                     p = p0 + t
-                    tj[p] = s_j[t]
                     tE[p] = C1
                     targ[p] = C2 * s_D[t]
                     tux[p] = lm * s_x[t]
                     tuy[p] = lm * s_y[t]
                     tuz[p] = lm * s_z[t]
                     th[p] = h
-                    tl[p] = lm
+                if deriv:
+                    for t in range(a + prev, a + L):
+                        tj[p0 + t] = s_j[t]
+                        tl[p0 + t] = lm
                 bend[c] += L - prev
                 prev = L
     _vexp(tot, targ, tE, ibuf)
@@ -397,7 +404,7 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
             for u in range(nsig):
                 T = _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1[u], c2[u],
                                 lam[u], hv[u], ridx[u], ncls, tj, tE, targ, tux, tuy, tuz, th, tl,
-                                bend, ibuf)
+                                bend, ibuf, deriv)
                 m2a = -2.0 * alpha[u]
                 gmax = 0
                 for o in range(nord):

@@ -320,7 +320,9 @@ class GMPFeaturizer:
         hv = np.zeros((max(U, 1), S, G))
         ridx = np.zeros((max(U, 1), max(C, 1), S, G), dtype=np.int64)
         ridxm1 = np.zeros((S, G), dtype=np.int64)
-        L = max([len(e["thr"]) for e in els] + [1])
+        L = 2
+        while L <= max(len(e["thr"]) for e in els):  # power of two with at least one +inf pad
+            L *= 2
         thr = np.full((S, L), np.inf)
         nthr = np.zeros(S, dtype=np.int64)
         bo = np.zeros(S + 1, dtype=np.int64)
