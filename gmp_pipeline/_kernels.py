@@ -256,9 +256,10 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
 
     rs2 = rs * rs
     feats = np.zeros((nc, ncol))
-    pcap = nc * min(n, 32) if deriv else 0
-    dF = np.zeros((pcap, 3, ncol))
-    pair_j = np.empty(pcap, dtype=np.int64)
+    pcap = 0
+    dF = np.empty((0, 3, ncol))
+    pair_j = np.empty(0, dtype=np.int64)
+    own_sum = np.empty((3, ncol))
     pair_count = np.zeros(nc, dtype=np.int64)
     npairs = 0
     jlist = np.empty(n, dtype=np.int64)
@@ -350,13 +351,17 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
                     k += 1
             jl = np.sort(jlist[:k])
             if npairs + k > pcap:
-                pcap = max(2 * pcap, npairs + k)
-                bigger = np.zeros((pcap, 3, ncol))
+                # grow to what the centres so far predict for all of them (rows are zeroed
+                # when a centre takes them, so the slack is never touched)
+                est = (npairs + k) * nc // (ci + 1)
+                pcap = min(max(est + est // 8 + k, 2 * pcap, npairs + k), max(nc * n, npairs + k))
+                bigger = np.empty((pcap, 3, ncol))
                 bigger[:npairs] = dF[:npairs]
                 dF = bigger
                 pj = np.empty(pcap, dtype=np.int64)
                 pj[:npairs] = pair_j[:npairs]
                 pair_j = pj
+            dF[base:base + k] = 0.0
             for kk in range(k):
                 slot[jl[kk]] = kk
                 pair_j[base + kk] = jl[kk]
@@ -463,12 +468,14 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
         if deriv:
             # total derivative: the centre's own block loses the sum of all partial blocks
             own = base + slot[i]
-            for m in range(ncol):
+            own_sum[:, :] = 0.0
+            for r in range(base, base + pair_count[ci]):
                 for k in range(3):
-                    acc = 0.0
-                    for r in range(base, base + pair_count[ci]):
-                        acc += dF[r, k, m]
-                    dF[own, k, m] -= acc
+                    for m in range(ncol):
+                        own_sum[k, m] += dF[r, k, m]
+            for k in range(3):
+                for m in range(ncol):
+                    dF[own, k, m] -= own_sum[k, m]
             for k in range(pair_count[ci]):
                 slot[pair_j[base + k]] = -1
     return feats, dF[:npairs], pair_j[:npairs], pair_count
