@@ -103,38 +103,46 @@ def descriptors(store_path, adsorbate: int) -> tuple[dict, np.ndarray, dict]:
             {"units": st.units, "n_features": M, "elements": elements, "repr": repr(st)})
 
 
-def ridge_loo(X: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
-    """Leave-one-out predictions of ridge regression with an unpenalized intercept on
-    standardized columns (closed form via the hat matrix; statistics from all rows, which
-    for LOO changes the fit negligibly and is stated in the docs)."""
-    mu, sd = X.mean(0), X.std(0)
+def _standardize(X, ref=None):
+    ref = X if ref is None else ref
+    mu, sd = ref.mean(0), ref.std(0)
     sd[sd == 0] = 1.0
-    Z = (X - mu) / sd
-    Z1 = np.hstack([np.ones((len(y), 1)), Z])
-    P = np.eye(Z1.shape[1]) * alpha
-    P[0, 0] = 0.0
-    H = Z1 @ np.linalg.solve(Z1.T @ Z1 + P, Z1.T)
+    return (X - mu) / sd
+
+
+def ridge_loo(X: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
+    """Exact leave-one-out predictions of ridge regression with an unpenalized intercept on
+    standardized columns, in the dual (kernel) form (S x S, cheap when columns >> rows).
+
+    With centred columns Z the hat matrix is 11^T/S + G (G + alpha I)^-1, G = Z Z^T, and the
+    LOO prediction is y_i - (y_i - yhat_i) / (1 - H_ii).  The column statistics use every row.
+    """
+    Z = _standardize(X)
+    G = Z @ Z.T
+    n = len(y)
+    H = np.full((n, n), 1.0 / n) + G @ np.linalg.inv(G + alpha * np.eye(n))
     yhat = H @ y
     return y - (y - yhat) / (1.0 - np.diag(H))
 
 
+def ridge_predict(X_fit, y_fit, x_new, alpha: float) -> float:
+    Z = _standardize(X_fit)
+    z = _standardize(x_new[None, :], X_fit)[0]
+    ym = y_fit.mean()
+    c = np.linalg.solve(Z @ Z.T + alpha * np.eye(len(y_fit)), y_fit - ym)
+    return float(ym + (Z @ z) @ c)
+
+
 def nested_loo_mae(X, y, alphas) -> tuple[float, list[float]]:
-    """Outer leave-one-out; in each outer fold alpha is picked by inner LOO on the rest."""
+    """Outer leave-one-out; in each outer fold alpha is picked by inner LOO on the rest, so
+    the reported MAE is not tuned on the structure it predicts."""
     errs, picked = [], []
     for i in range(len(y)):
         keep = np.arange(len(y)) != i
         inner = [np.abs(ridge_loo(X[keep], y[keep], a) - y[keep]).mean() for a in alphas]
         a = alphas[int(np.argmin(inner))]
         picked.append(a)
-        Xk, yk = X[keep], y[keep]
-        mu, sd = Xk.mean(0), Xk.std(0)
-        sd[sd == 0] = 1.0
-        Z1 = np.hstack([np.ones((len(yk), 1)), (Xk - mu) / sd])
-        P = np.eye(Z1.shape[1]) * a
-        P[0, 0] = 0.0
-        w = np.linalg.solve(Z1.T @ Z1 + P, Z1.T @ yk)
-        pred = np.concatenate([[1.0], (X[i] - mu) / sd]) @ w
-        errs.append(abs(pred - y[i]))
+        errs.append(abs(ridge_predict(X[keep], y[keep], X[i], a) - y[i]))
     return float(np.mean(errs)), picked
 
 
