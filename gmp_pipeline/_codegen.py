@@ -2,11 +2,12 @@
 
 For each order n = 0..9 it writes two numba functions whose loop body is fully unrolled:
 
-``feat_n(end, tE, tux, tuy, tuz, th, out)``
+``feat_n(end, cls, tc, tE, tux, tuy, tuz, th, out)``
     ``out[k] = sum_t E_t P_p(x_t) P_q(y_t) P_s(z_t)`` for the k-th monomial (p, q, s) of degree n
-    (order of :func:`gmp_pipeline._harmonics.monomials_of_degree`), over terms ``t < end``.
+    (order of :func:`gmp_pipeline._harmonics.monomials_of_degree`), over terms ``t < end`` whose
+    cutoff class ``tc[t] <= cls`` (the others count as zero).
 
-``grad_n(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)``
+``grad_n(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)``
     per term t: with ``U = sum_k uc[k] E P..`` over degree-n monomials and
     ``U_a = sum_k d_a[k] E P..`` over degree-(n-1) monomials,
     ``G[row + a, t] = m2a * U * u_a[t] + lambda_t * U_a`` (a = x, y, z).
@@ -29,8 +30,9 @@ from numba import njit
 
 
 def _moments_lines(n: int, indent: str) -> list[str]:
-    """Per-term 1-D moments: xk = E P_k(x), yk = P_k(y), zk = P_k(z), k <= n."""
-    L = [f"{indent}e = tE[t]", f"{indent}ux = tux[t]", f"{indent}uy = tuy[t]",
+    """Per-term 1-D moments: xk = E P_k(x), yk = P_k(y), zk = P_k(z), k <= n; terms whose
+    cutoff class is above ``cls`` get E = 0."""
+    L = [f"{indent}e = tE[t] if tc[t] <= cls else 0.0", f"{indent}ux = tux[t]", f"{indent}uy = tuy[t]",
          f"{indent}uz = tuz[t]", f"{indent}h = th[t]"]
     L.append(f"{indent}x0 = e")
     if n >= 1:
@@ -57,7 +59,7 @@ def _product(p: int, q: int, s: int) -> str:
 def _feat(n: int) -> str:
     monos = monomials_of_degree(n)
     L = ["@njit(cache=True, fastmath=True)",
-         f"def feat_{n}(end, tE, tux, tuy, tuz, th, out):"]
+         f"def feat_{n}(end, cls, tc, tE, tux, tuy, tuz, th, out):"]
     L += [f"    m{k} = 0.0" for k in range(len(monos))]
     L.append("    for t in range(end):")
     L += _moments_lines(n, "        ")
@@ -70,7 +72,7 @@ def _grad(n: int) -> str:
     monos = monomials_of_degree(n)
     lows = monomials_of_degree(n - 1) if n >= 1 else []
     L = ["@njit(cache=True, fastmath=True)",
-         f"def grad_{n}(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):"]
+         f"def grad_{n}(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):"]
     L += [f"    c{k} = uc[{k}]" for k in range(len(monos))]
     for k in range(len(lows)):
         L += [f"    ax{k} = dx[{k}]", f"    ay{k} = dy[{k}]", f"    az{k} = dz[{k}]"]
@@ -111,9 +113,9 @@ def generate() -> str:
         parts.append("")
         parts.append(_grad(n))
         parts.append("")
-    parts.append(_dispatch("feat", "end, tE, tux, tuy, tuz, th, out"))
+    parts.append(_dispatch("feat", "end, cls, tc, tE, tux, tuy, tuz, th, out"))
     parts.append("")
-    parts.append(_dispatch("grad", "end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row"))
+    parts.append(_dispatch("grad", "end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row"))
     return "\n\n".join(p.rstrip("\n") for p in parts if p) + "\n"
 
 

@@ -3,10 +3,10 @@
 from numba import njit
 
 @njit(cache=True, fastmath=True)
-def feat_0(end, tE, tux, tuy, tuz, th, out):
+def feat_0(end, cls, tc, tE, tux, tuy, tuz, th, out):
     m0 = 0.0
     for t in range(end):
-        e = tE[t]
+        e = tE[t] if tc[t] <= cls else 0.0
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
@@ -16,10 +16,10 @@ def feat_0(end, tE, tux, tuy, tuz, th, out):
     out[0] = m0
 
 @njit(cache=True, fastmath=True)
-def grad_0(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_0(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     for t in range(end):
-        e = tE[t]
+        e = tE[t] if tc[t] <= cls else 0.0
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
@@ -32,12 +32,12 @@ def grad_0(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
         G[row + 2, t] = Um * uz
 
 @njit(cache=True, fastmath=True)
-def feat_1(end, tE, tux, tuy, tuz, th, out):
+def feat_1(end, cls, tc, tE, tux, tuy, tuz, th, out):
     m0 = 0.0
     m1 = 0.0
     m2 = 0.0
     for t in range(end):
-        e = tE[t]
+        e = tE[t] if tc[t] <= cls else 0.0
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
@@ -54,7 +54,7 @@ def feat_1(end, tE, tux, tuy, tuz, th, out):
     out[2] = m2
 
 @njit(cache=True, fastmath=True)
-def grad_1(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_1(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -62,7 +62,7 @@ def grad_1(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
     ay0 = dy[0]
     az0 = dz[0]
     for t in range(end):
-        e = tE[t]
+        e = tE[t] if tc[t] <= cls else 0.0
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
@@ -83,7 +83,7 @@ def grad_1(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
         G[row + 2, t] = Um * uz + lm * Uz
 
 @njit(cache=True, fastmath=True)
-def feat_2(end, tE, tux, tuy, tuz, th, out):
+def feat_2(end, cls, tc, tE, tux, tuy, tuz, th, out):
     m0 = 0.0
     m1 = 0.0
     m2 = 0.0
@@ -91,7 +91,7 @@ def feat_2(end, tE, tux, tuy, tuz, th, out):
     m4 = 0.0
     m5 = 0.0
     for t in range(end):
-        e = tE[t]
+        e = tE[t] if tc[t] <= cls else 0.0
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
@@ -117,7 +117,7 @@ def feat_2(end, tE, tux, tuy, tuz, th, out):
     out[5] = m5
 
 @njit(cache=True, fastmath=True)
-def grad_2(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_2(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -134,7 +134,7 @@ def grad_2(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
     ay2 = dy[2]
     az2 = dz[2]
     for t in range(end):
-        e = tE[t]
+        e = tE[t] if tc[t] <= cls else 0.0
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
@@ -160,7 +160,7 @@ def grad_2(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
         G[row + 2, t] = Um * uz + lm * Uz
 
 @njit(cache=True, fastmath=True)
-def feat_3(end, tE, tux, tuy, tuz, th, out):
+def feat_3(end, cls, tc, tE, tux, tuy, tuz, th, out):
     m0 = 0.0
     m1 = 0.0
     m2 = 0.0
@@ -172,7 +172,7 @@ def feat_3(end, tE, tux, tuy, tuz, th, out):
     m8 = 0.0
     m9 = 0.0
     for t in range(end):
-        e = tE[t]
+        e = tE[t] if tc[t] <= cls else 0.0
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
@@ -209,7 +209,7 @@ def feat_3(end, tE, tux, tuy, tuz, th, out):
     out[9] = m9
 
 @njit(cache=True, fastmath=True)
-def grad_3(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_3(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -239,7 +239,7 @@ def grad_3(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
     ay5 = dy[5]
     az5 = dz[5]
     for t in range(end):
-        e = tE[t]
+        e = tE[t] if tc[t] <= cls else 0.0
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
@@ -271,7 +271,7 @@ def grad_3(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
         G[row + 2, t] = Um * uz + lm * Uz
 
 @njit(cache=True, fastmath=True)
-def feat_4(end, tE, tux, tuy, tuz, th, out):
+def feat_4(end, cls, tc, tE, tux, tuy, tuz, th, out):
     m0 = 0.0
     m1 = 0.0
     m2 = 0.0
@@ -288,7 +288,7 @@ def feat_4(end, tE, tux, tuy, tuz, th, out):
     m13 = 0.0
     m14 = 0.0
     for t in range(end):
-        e = tE[t]
+        e = tE[t] if tc[t] <= cls else 0.0
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
@@ -338,7 +338,7 @@ def feat_4(end, tE, tux, tuy, tuz, th, out):
     out[14] = m14
 
 @njit(cache=True, fastmath=True)
-def grad_4(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_4(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -385,7 +385,7 @@ def grad_4(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
     ay9 = dy[9]
     az9 = dz[9]
     for t in range(end):
-        e = tE[t]
+        e = tE[t] if tc[t] <= cls else 0.0
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
@@ -424,7 +424,7 @@ def grad_4(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
         G[row + 2, t] = Um * uz + lm * Uz
 
 @njit(cache=True, fastmath=True)
-def feat_5(end, tE, tux, tuy, tuz, th, out):
+def feat_5(end, cls, tc, tE, tux, tuy, tuz, th, out):
     m0 = 0.0
     m1 = 0.0
     m2 = 0.0
@@ -447,7 +447,7 @@ def feat_5(end, tE, tux, tuy, tuz, th, out):
     m19 = 0.0
     m20 = 0.0
     for t in range(end):
-        e = tE[t]
+        e = tE[t] if tc[t] <= cls else 0.0
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
@@ -512,7 +512,7 @@ def feat_5(end, tE, tux, tuy, tuz, th, out):
     out[20] = m20
 
 @njit(cache=True, fastmath=True)
-def grad_5(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_5(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -580,7 +580,7 @@ def grad_5(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
     ay14 = dy[14]
     az14 = dz[14]
     for t in range(end):
-        e = tE[t]
+        e = tE[t] if tc[t] <= cls else 0.0
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
@@ -627,7 +627,7 @@ def grad_5(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
         G[row + 2, t] = Um * uz + lm * Uz
 
 @njit(cache=True, fastmath=True)
-def feat_6(end, tE, tux, tuy, tuz, th, out):
+def feat_6(end, cls, tc, tE, tux, tuy, tuz, th, out):
     m0 = 0.0
     m1 = 0.0
     m2 = 0.0
@@ -657,7 +657,7 @@ def feat_6(end, tE, tux, tuy, tuz, th, out):
     m26 = 0.0
     m27 = 0.0
     for t in range(end):
-        e = tE[t]
+        e = tE[t] if tc[t] <= cls else 0.0
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
@@ -739,7 +739,7 @@ def feat_6(end, tE, tux, tuy, tuz, th, out):
     out[27] = m27
 
 @njit(cache=True, fastmath=True)
-def grad_6(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_6(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -832,7 +832,7 @@ def grad_6(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
     ay20 = dy[20]
     az20 = dz[20]
     for t in range(end):
-        e = tE[t]
+        e = tE[t] if tc[t] <= cls else 0.0
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
@@ -888,7 +888,7 @@ def grad_6(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
         G[row + 2, t] = Um * uz + lm * Uz
 
 @njit(cache=True, fastmath=True)
-def feat_7(end, tE, tux, tuy, tuz, th, out):
+def feat_7(end, cls, tc, tE, tux, tuy, tuz, th, out):
     m0 = 0.0
     m1 = 0.0
     m2 = 0.0
@@ -926,7 +926,7 @@ def feat_7(end, tE, tux, tuy, tuz, th, out):
     m34 = 0.0
     m35 = 0.0
     for t in range(end):
-        e = tE[t]
+        e = tE[t] if tc[t] <= cls else 0.0
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
@@ -1027,7 +1027,7 @@ def feat_7(end, tE, tux, tuy, tuz, th, out):
     out[35] = m35
 
 @njit(cache=True, fastmath=True)
-def grad_7(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_7(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -1149,7 +1149,7 @@ def grad_7(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
     ay27 = dy[27]
     az27 = dz[27]
     for t in range(end):
-        e = tE[t]
+        e = tE[t] if tc[t] <= cls else 0.0
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
@@ -1215,7 +1215,7 @@ def grad_7(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
         G[row + 2, t] = Um * uz + lm * Uz
 
 @njit(cache=True, fastmath=True)
-def feat_8(end, tE, tux, tuy, tuz, th, out):
+def feat_8(end, cls, tc, tE, tux, tuy, tuz, th, out):
     m0 = 0.0
     m1 = 0.0
     m2 = 0.0
@@ -1262,7 +1262,7 @@ def feat_8(end, tE, tux, tuy, tuz, th, out):
     m43 = 0.0
     m44 = 0.0
     for t in range(end):
-        e = tE[t]
+        e = tE[t] if tc[t] <= cls else 0.0
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
@@ -1384,7 +1384,7 @@ def feat_8(end, tE, tux, tuy, tuz, th, out):
     out[44] = m44
 
 @njit(cache=True, fastmath=True)
-def grad_8(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_8(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -1539,7 +1539,7 @@ def grad_8(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
     ay35 = dy[35]
     az35 = dz[35]
     for t in range(end):
-        e = tE[t]
+        e = tE[t] if tc[t] <= cls else 0.0
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
@@ -1616,7 +1616,7 @@ def grad_8(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
         G[row + 2, t] = Um * uz + lm * Uz
 
 @njit(cache=True, fastmath=True)
-def feat_9(end, tE, tux, tuy, tuz, th, out):
+def feat_9(end, cls, tc, tE, tux, tuy, tuz, th, out):
     m0 = 0.0
     m1 = 0.0
     m2 = 0.0
@@ -1673,7 +1673,7 @@ def feat_9(end, tE, tux, tuy, tuz, th, out):
     m53 = 0.0
     m54 = 0.0
     for t in range(end):
-        e = tE[t]
+        e = tE[t] if tc[t] <= cls else 0.0
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
@@ -1818,7 +1818,7 @@ def feat_9(end, tE, tux, tuy, tuz, th, out):
     out[54] = m54
 
 @njit(cache=True, fastmath=True)
-def grad_9(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_9(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -2010,7 +2010,7 @@ def grad_9(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
     ay44 = dy[44]
     az44 = dz[44]
     for t in range(end):
-        e = tE[t]
+        e = tE[t] if tc[t] <= cls else 0.0
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
@@ -2099,47 +2099,47 @@ def grad_9(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
         G[row + 2, t] = Um * uz + lm * Uz
 
 @njit(cache=True)
-def feat_order(n, end, tE, tux, tuy, tuz, th, out):
+def feat_order(n, end, cls, tc, tE, tux, tuy, tuz, th, out):
     if n == 0:
-        feat_0(end, tE, tux, tuy, tuz, th, out)
+        feat_0(end, cls, tc, tE, tux, tuy, tuz, th, out)
     elif n == 1:
-        feat_1(end, tE, tux, tuy, tuz, th, out)
+        feat_1(end, cls, tc, tE, tux, tuy, tuz, th, out)
     elif n == 2:
-        feat_2(end, tE, tux, tuy, tuz, th, out)
+        feat_2(end, cls, tc, tE, tux, tuy, tuz, th, out)
     elif n == 3:
-        feat_3(end, tE, tux, tuy, tuz, th, out)
+        feat_3(end, cls, tc, tE, tux, tuy, tuz, th, out)
     elif n == 4:
-        feat_4(end, tE, tux, tuy, tuz, th, out)
+        feat_4(end, cls, tc, tE, tux, tuy, tuz, th, out)
     elif n == 5:
-        feat_5(end, tE, tux, tuy, tuz, th, out)
+        feat_5(end, cls, tc, tE, tux, tuy, tuz, th, out)
     elif n == 6:
-        feat_6(end, tE, tux, tuy, tuz, th, out)
+        feat_6(end, cls, tc, tE, tux, tuy, tuz, th, out)
     elif n == 7:
-        feat_7(end, tE, tux, tuy, tuz, th, out)
+        feat_7(end, cls, tc, tE, tux, tuy, tuz, th, out)
     elif n == 8:
-        feat_8(end, tE, tux, tuy, tuz, th, out)
+        feat_8(end, cls, tc, tE, tux, tuy, tuz, th, out)
     elif n == 9:
-        feat_9(end, tE, tux, tuy, tuz, th, out)
+        feat_9(end, cls, tc, tE, tux, tuy, tuz, th, out)
 
 @njit(cache=True)
-def grad_order(n, end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_order(n, end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
     if n == 0:
-        grad_0(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_0(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
     elif n == 1:
-        grad_1(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_1(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
     elif n == 2:
-        grad_2(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_2(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
     elif n == 3:
-        grad_3(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_3(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
     elif n == 4:
-        grad_4(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_4(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
     elif n == 5:
-        grad_5(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_5(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
     elif n == 6:
-        grad_6(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_6(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
     elif n == 7:
-        grad_7(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_7(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
     elif n == 8:
-        grad_8(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_8(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
     elif n == 9:
-        grad_9(end, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_9(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)

@@ -174,58 +174,52 @@ def _vexp(T, arg, scale, ibuf):
 
 @njit(cache=_CACHE, fastmath=True)
 def _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, hv, ridx, ncls,
-                tj, tE, targ, tux, tuy, tuz, th, tl, bend, ibuf, deriv):
-    """Write the contributing terms of one sigma, bucketed by cutoff class.  Returns the total.
+                tj, tc, tE, targ, tux, tuy, tuz, th, tl, ibuf, deriv):
+    """Write the contributing terms of one sigma; returns their number T.
 
-    On return bend[c] is the end of bucket c, so the terms of class c are tj[:bend[c]].
+    Terms come in one run per (species, Gaussian): the neighbours within the largest cutoff
+    class of that Gaussian, nearest bins first.  tc[t] is the term's cutoff class, the smallest
+    class whose radius admits it, so order n counts exactly the terms with tc <= class(n).
     The atom index tj and lambda tl are written only when deriv is set.
     """
-    for c in range(ncls):
-        bend[c] = 0
+    p = 0
     for s in range(nspecies):
         a = bstart[bo[s]]
         if a == bstart[bo[s + 1]]:
             continue
-        for g in range(ng[s]):
-            prev = 0
-            for c in range(ncls):
-                L = bstart[bo[s] + ridx[c, s, g] + 1] - a
-                bend[c] += L - prev
-                prev = L
-    tot = 0
-    for c in range(ncls):
-        cnt = bend[c]
-        bend[c] = tot  # start of bucket c; advanced while filling
-        tot += cnt
-    for s in range(nspecies):
-        a = bstart[bo[s]]
-        if a == bstart[bo[s + 1]]:
-            continue
+        b0 = bo[s] + 1
         for g in range(ng[s]):
             C1 = c1[s, g]
             C2 = c2[s, g]
             lm = lam[s, g]
             h = hv[s, g]
-            prev = 0
-            for c in range(ncls):
-                L = bstart[bo[s] + ridx[c, s, g] + 1] - a
-                p0 = bend[c] - prev - a
-                for t in range(a + prev, a + L):
-                    p = p0 + t
-                    tE[p] = C1
-                    targ[p] = C2 * s_D[t]
-                    tux[p] = lm * s_x[t]
-                    tuy[p] = lm * s_y[t]
-                    tuz[p] = lm * s_z[t]
-                    th[p] = h
-                if deriv:
-                    for t in range(a + prev, a + L):
-                        tj[p0 + t] = s_j[t]
-                        tl[p0 + t] = lm
-                bend[c] += L - prev
-                prev = L
-    _vexp(tot, targ, tE, ibuf)
-    return tot
+            L = bstart[b0 + ridx[ncls - 1, s, g]] - a
+            p0 = p - a
+            for t in range(a, a + L):
+                q = p0 + t
+                tE[q] = C1
+                targ[q] = C2 * s_D[t]
+                tux[q] = lm * s_x[t]
+                tuy[q] = lm * s_y[t]
+                tuz[q] = lm * s_z[t]
+                th[q] = h
+            if ncls == 1:
+                for t in range(a, a + L):
+                    tc[p0 + t] = 0.0
+            else:
+                for t in range(a, a + L):
+                    tc[p0 + t] = 0.0
+                for c in range(ncls - 1):
+                    Lc = bstart[b0 + ridx[c, s, g]]
+                    for t in range(Lc, a + L):
+                        tc[p0 + t] += 1.0
+            if deriv:
+                for t in range(a, a + L):
+                    tj[p0 + t] = s_j[t]
+                    tl[p0 + t] = lm
+            p += L
+    _vexp(p, targ, tE, ibuf)
+    return p
 
 
 @njit(cache=_CACHE)
@@ -268,7 +262,6 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
     nbins = bo[nspecies]
     bstart = np.empty(nbins + 1, dtype=np.int64)
     bcount = np.empty(nbins + 1, dtype=np.int64)
-    bend = np.empty(max(ncls, 1), dtype=np.int64)
     mom = np.empty(66)
     mu = np.empty(66)
     uc = np.empty(66)
@@ -292,6 +285,7 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
     s_z = np.empty(0)
     s_D = np.empty(0)
     tj = np.empty(0, dtype=np.int64)
+    tc = np.empty(0)
     ibuf = np.empty(0, dtype=np.int64)
     tE = np.empty(0)
     targ = np.empty(0)
@@ -323,6 +317,7 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
             s_z = np.empty(cap)
             s_D = np.empty(cap)
             tj = np.empty(tcap, dtype=np.int64)
+            tc = np.empty(tcap)
             ibuf = np.empty(tcap, dtype=np.int64)
             tE = np.empty(tcap)
             targ = np.empty(tcap)
@@ -408,8 +403,8 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
         if nord > 0:
             for u in range(nsig):
                 T = _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1[u], c2[u],
-                                lam[u], hv[u], ridx[u], ncls, tj, tE, targ, tux, tuy, tuz, th, tl,
-                                bend, ibuf, deriv)
+                                lam[u], hv[u], ridx[u], ncls, tj, tc, tE, targ, tux, tuy, tuz, th,
+                                tl, ibuf, deriv)
                 m2a = -2.0 * alpha[u]
                 gmax = 0
                 for o in range(nord):
@@ -418,10 +413,10 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
                     if m < 0:
                         continue
                     nn = ords[o]
-                    end = bend[ocls[o]]
+                    cls = float(ocls[o])
                     m0 = mono_off[nn]
                     nm = mono_off[nn + 1] - m0
-                    feat_order(nn, end, tE, tux, tuy, tuz, th, mom)
+                    feat_order(nn, T, cls, tc, tE, tux, tuy, tuz, th, mom)
                     r0 = comp_start[nn]
                     r1 = comp_start[nn + 1]
                     S = 0.0
@@ -452,9 +447,9 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
                             ux[k] = (mono[mm, 0] + 1) * uc[raise_idx[0, mm] - m0]
                             uy[k] = (mono[mm, 1] + 1) * uc[raise_idx[1, mm] - m0]
                             uz[k] = (mono[mm, 2] + 1) * uc[raise_idx[2, mm] - m0]
-                    grad_order(nn, end, tE, tux, tuy, tuz, th, tl, m2a, uc, ux, uy, uz, Gt, 3 * o)
-                    gend[o] = end
-                    gmax = max(gmax, end)
+                    grad_order(nn, T, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, ux, uy, uz, Gt, 3 * o)
+                    gend[o] = T
+                    gmax = T
                 # scatter every order's per-term gradient into the (i, j) blocks
                 for t in range(gmax):
                     r = base + slot[tj[t]]
