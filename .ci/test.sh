@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Install gmp-pipeline with its test extras and run the whole test suite.
+# Install gmp-pipeline with its test extras (and torch) and run the whole test suite.
 # As root, a single-node SLURM is brought up first (.ci/slurm-up.sh) so the tests marked
 # `slurm` run, and torn down on exit if this script started it.  GMP_NO_SLURM=1 skips that
 # (the slurm tests then skip, or fail under CI=true).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install --quiet -e ".[test]"
+# torch first, pinned: on this machine kind torch==2.13.0 is a CPU build already on disk, while an
+# unpinned `torch` would pull a multi-GB CUDA build.  Then the package with the extras the tests
+# use (the torch adapter of the store reader, the workflows and their BP baseline).
+python3 -m pip install --quiet "torch==2.13.0"
+python3 -m pip install --quiet -e ".[test,train,workflows]"
 
 if [[ "$(id -u)" == 0 && "${GMP_NO_SLURM:-0}" != 1 ]]; then
     slurm_was_up=0
