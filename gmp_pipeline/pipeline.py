@@ -115,17 +115,38 @@ def get_featurizer(config: dict):
     return fz
 
 
-def warm_worker(config: dict, sample=None, derivatives: bool = True) -> int:
-    """Build the featurizer and compile its kernels in this process (run on every worker).
+def warm_worker(config: dict, reader=None, index: int | None = None,
+                derivatives: bool = True) -> int:
+    """Prepare this process for tasks (run on every worker before fanning out).
 
-    ``sample``: a structure of the source, featurized once so that every kernel specialisation
-    the run needs is compiled (or loaded from numba's cache) before tasks are timed.
+    Builds the featurizer and compiles its kernels (or loads them from numba's cache), imports
+    zarr and runs its codecs once, and reads and featurizes structure ``index`` of ``reader``
+    so that the reader's modules and every kernel specialisation the run needs are loaded
+    before the first task is timed.
     """
     fz = get_featurizer(config)
     fz.warmup()
-    if sample is not None:
-        fz.featurize(sample, derivatives=derivatives)
+    _warm_zarr()
+    if reader is not None and index is not None:
+        for s in reader.read(index, index + 1):
+            fz.featurize(s, derivatives=derivatives)
     return os.getpid()
+
+
+def _warm_zarr() -> None:
+    import zarr
+    from zarr.storage import MemoryStore
+
+    from .store.layout import ArraySpec, codecs_for
+
+    with W.quiet_zarr():
+        for spec in (ArraySpec("pairs/dfeatures", "float32", (3, 2)),
+                     ArraySpec("atoms/features", "float32", (2,))):
+            arr = zarr.create_array(MemoryStore(), shape=(64,) + spec.trailing,
+                                    chunks=(16,) + spec.trailing, dtype=spec.dtype,
+                                    compressors=codecs_for(spec))
+            arr[:] = 1.0
+            arr[:]
 
 
 def run_task(store: str, task: int, start: int, stop: int, reader, config: dict,
@@ -301,15 +322,14 @@ def _compute(todo, tasks, pair_base, store, reader, config, derivatives, dtype, 
     if todo:
         t_warm = time.perf_counter()
         first = tasks[todo[0]][0]
-        sample = next(iter(reader.read(first, first + 1)), None)
         if client is None:
-            warm_worker(config, sample, derivatives)
+            warm_worker(config, reader, first, derivatives)
         else:
             try:
                 client.wait_for_workers(1, timeout=600)
             except Exception as exc:  # noqa: BLE001
                 raise GMPError(f"no Dask worker joined within 10 minutes: {exc}") from exc
-            client.run(warm_worker, config, sample, derivatives)
+            client.run(warm_worker, config, reader, first, derivatives)
         summary.warmup_seconds = time.perf_counter() - t_warm
     bar = _progress(len(tasks), len(tasks) - len(todo), "featurize", progress)
     t0 = time.perf_counter()
