@@ -92,28 +92,30 @@ def _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_x, nb_y, nb_z, nb_
 
 
 @njit(cache=_CACHE)
-def _bin_neighbors(cnt, nb_j, nb_x, nb_y, nb_z, nb_D, nb_bin, spc, thr, nthr, bo,
+def _bin_neighbors(cnt, nb_j, nb_x, nb_y, nb_z, nb_D, nb_bin, spc, thr, nthr, bo, gscale, gtab,
                    s_j, s_x, s_y, s_z, s_D, bstart, counts):
     """Counting sort of the neighbour list into cutoff bins.
 
     Species s owns bins bo[s] .. bo[s+1]-1; its bin b holds the neighbours with
     thr[s, b-1] < D <= thr[s, b] (thr[s] ascending: every squared cutoff used for species s,
-    padded with +inf to a power-of-two length).
+    padded with +inf).
     The neighbours of species s within thr[s, b] are the entries bstart[bo[s]]:bstart[bo[s]+b+1].
     Neighbours beyond every cutoff of their species are dropped.  Returns the number kept.
+
+    The bin is found from a uniform grid in D: gtab[s, k] is a lower bound of the number of
+    thresholds below any D in grid cell k = int(D * gscale[s]); a short scan finishes it.
     """
     nb = bstart.shape[0] - 1
-    half = thr.shape[1] // 2  # rows are padded with +inf to a power of two
+    ncell = gtab.shape[1] - 1
     for b in range(nb + 1):
         counts[b] = 0
     for t in range(cnt):
         s = spc[nb_j[t]]
         D = nb_D[t]
-        b = 0
-        step = half
-        while step > 0:  # branch-free binary search: number of thresholds below D
-            b += step if thr[s, b + step - 1] < D else 0
-            step >>= 1
+        k = min(int(D * gscale[s]), ncell)
+        b = gtab[s, k]
+        while thr[s, b] < D:  # rows end with +inf
+            b += 1
         if b >= nthr[s]:
             nb_bin[t] = -1
         else:
@@ -224,7 +226,7 @@ def _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, 
 
 @njit(cache=_CACHE)
 def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
-                        ng, Bs, betas, rs, thr, nthr, bo,
+                        ng, Bs, betas, rs, thr, nthr, bo, gscale, gtab,
                         c1, c2, lam, hv, alpha, ridx, ncls, ridxm1,
                         ords, ocls, col, col_m1, ncol,
                         mono, mono_off, raise_idx, comp_start, comp_weight, hcoef,
@@ -330,7 +332,7 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
                 Gt = np.empty((3 * max(nord, 1), tcap))
             cnt = _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_x, nb_y, nb_z, nb_D)
         cnt = _bin_neighbors(cnt, nb_j, nb_x, nb_y, nb_z, nb_D, nb_bin, spc, thr, nthr, bo,
-                             s_j, s_x, s_y, s_z, s_D, bstart, bcount)
+                             gscale, gtab, s_j, s_x, s_y, s_z, s_D, bstart, bcount)
         base = npairs
         if deriv:
             # pair list of this centre: the centre and every atom with an image inside a cutoff

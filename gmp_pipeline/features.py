@@ -21,6 +21,8 @@ from .structure import Structure
 ORDER_FACTOR = {-1: 1.0, 0: 1.0, 1: 1.0, 2: 1.0, 3: 1e-1, 4: 1e-2, 5: 1e-4, 6: 1e-5, 7: 1e-7,
                 8: 1e-9, 9: 1e-11}
 VALID_ORDERS = tuple(range(-1, 10))
+#: cells of the per-element distance grid that locates a neighbour's cutoff bin
+GRID_CELLS = 2048
 
 
 @dataclass
@@ -295,8 +297,13 @@ class GMPFeaturizer:
         ridx = np.vectorize(pos.__getitem__, otypes=[np.int64])(r2) if r2.size else r2.astype(np.int64)
         ridxm1 = (np.array([pos[v] for v in r2m1.tolist()], dtype=np.int64) if self._has_m1
                   else np.zeros(K, dtype=np.int64))
+        # lookup grid for the kernel's binning: gtab[k] <= number of thresholds below any D in
+        # [k, k+1) / gscale (half a cell of margin against rounding)
+        gscale = GRID_CELLS / thr[-1] if len(thr) and thr[-1] > 0 else 0.0
+        edges = (np.arange(GRID_CELLS + 1) - 0.5) / gscale if gscale else np.zeros(GRID_CELLS + 1)
+        gtab = np.searchsorted(thr, edges, side="left").astype(np.int64)
         out = {"g": g, "c1": c1, "c2": c2, "lam": lam, "hv": hv, "thr": thr, "ridx": ridx,
-               "ridxm1": ridxm1, "rmax": rmax}
+               "ridxm1": ridxm1, "rmax": rmax, "gscale": gscale, "gtab": gtab}
         self._element_cache[z] = out
         return out
 
@@ -320,12 +327,12 @@ class GMPFeaturizer:
         hv = np.zeros((max(U, 1), S, G))
         ridx = np.zeros((max(U, 1), max(C, 1), S, G), dtype=np.int64)
         ridxm1 = np.zeros((S, G), dtype=np.int64)
-        L = 2
-        while L <= max(len(e["thr"]) for e in els):  # power of two with at least one +inf pad
-            L *= 2
+        L = max(len(e["thr"]) for e in els) + 1  # at least one +inf ends every row
         thr = np.full((S, L), np.inf)
         nthr = np.zeros(S, dtype=np.int64)
         bo = np.zeros(S + 1, dtype=np.int64)
+        gscale = np.array([e["gscale"] for e in els], dtype=np.float64)
+        gtab = np.stack([e["gtab"] for e in els])
         for s, e in enumerate(els):
             K = ng[s]
             Bs[s, :K] = e["g"][:, 0]
@@ -341,7 +348,8 @@ class GMPFeaturizer:
             bo[s + 1] = bo[s] + len(e["thr"])
         alpha = np.array([1.0 / (2.0 * s * s) for s in self._usig], dtype=np.float64)
         rsearch = max(e["rmax"] for e in els)
-        out = (ng, Bs, betas, c1, c2, lam, hv, alpha, thr, nthr, bo, ridx, ridxm1, rsearch)
+        out = (ng, Bs, betas, c1, c2, lam, hv, alpha, thr, nthr, bo, gscale, gtab, ridx, ridxm1,
+               rsearch)
         if len(self._species_cache) > 4096:
             self._species_cache.clear()
         self._species_cache[species] = out
@@ -427,7 +435,7 @@ class GMPFeaturizer:
                 raise InputError(f"centers must be atom indices in 0..{N - 1}, got {centers!r}")
             cidx = np.ascontiguousarray(cidx % N, dtype=np.int64) if cidx.size else cidx.astype(np.int64)
         tabs = self._species_tables(species)
-        ng, Bs, betas, c1, c2, lam, hv, alpha, thr, nthr, bo, ridx, ridxm1, rsearch = tabs
+        ng, Bs, betas, c1, c2, lam, hv, alpha, thr, nthr, bo, gscale, gtab, ridx, ridxm1, rsearch = tabs
         spc_of = np.zeros(int(numbers.max()) + 1, dtype=np.int64)
         for s, z in enumerate(species):
             spc_of[z] = s
@@ -435,7 +443,7 @@ class GMPFeaturizer:
         lat, inv, hinv, per = self._lattice(cell, pbc)
         feats, dF, pair_j, pair_count = K.featurize_structure(
             positions, spc, lat, inv, hinv, per, cidx,
-            ng, Bs, betas, rsearch, thr, nthr, bo, c1, c2, lam, hv, alpha, ridx,
+            ng, Bs, betas, rsearch, thr, nthr, bo, gscale, gtab, c1, c2, lam, hv, alpha, ridx,
             len(self._class_factors), ridxm1,
             self._uorders, self._ocls, self._col, self._col_m1, len(self._ucols),
             *self._tables, self.square, bool(derivatives))
