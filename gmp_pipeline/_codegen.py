@@ -1,11 +1,13 @@
-"""Generator of :mod:`gmp_pipeline._fused`: per-order fused loops over a term buffer.
+"""Generator of :mod:`gmp_pipeline._fused`: fused loops over a term buffer.
 
-For each order n = 0..9 it writes two numba functions whose loop body is fully unrolled:
+For each K = 0..9 it writes numba functions whose loop body is fully unrolled:
 
-``feat_n(end, cls, tc, tE, tux, tuy, tuz, th, out)``
-    ``out[k] = sum_t E_t P_p(x_t) P_q(y_t) P_s(z_t)`` for the k-th monomial (p, q, s) of degree n
-    (order of :func:`gmp_pipeline._harmonics.monomials_of_degree`), over terms ``t < end`` whose
-    cutoff class ``tc[t] <= cls`` (the others count as zero).
+``featall_K(end, cls, tc, tE, tux, tuy, tuz, th, out)``
+    for every order n <= K and the k-th monomial (p, q, s) of degree n (order of
+    :func:`gmp_pipeline._harmonics.monomials_of_degree`),
+    ``out[off_n + k] = sum_t E_t P_p(x_t) P_q(y_t) P_s(z_t)`` over the terms ``t < end`` whose
+    cutoff class ``tc[t] <= cls[n]`` (the others count as zero); off_n is the global index of
+    the first degree-n monomial.
 
 ``grad_n(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)``
     per term t: with ``U = sum_k uc[k] E P..`` over degree-n monomials and
@@ -56,18 +58,6 @@ def _product(p: int, q: int, s: int) -> str:
     return " * ".join(parts)
 
 
-def _feat(n: int) -> str:
-    monos = monomials_of_degree(n)
-    L = ["@njit(cache=True, fastmath=True)",
-         f"def feat_{n}(end, cls, tc, tE, tux, tuy, tuz, th, out):"]
-    L += [f"    m{k} = 0.0" for k in range(len(monos))]
-    L.append("    for t in range(end):")
-    L += _moments_lines(n, "        ")
-    L += [f"        m{k} += {_product(*m)}" for k, m in enumerate(monos)]
-    L += [f"    out[{k}] = m{k}" for k in range(len(monos))]
-    return "\n".join(L) + "\n"
-
-
 def _grad(n: int) -> str:
     monos = monomials_of_degree(n)
     lows = monomials_of_degree(n - 1) if n >= 1 else []
@@ -97,6 +87,36 @@ def _grad(n: int) -> str:
     return "\n".join(L) + "\n"
 
 
+def _featall(K: int) -> str:
+    """Moments of every order 0..K in one pass; order n counts the terms with tc <= cls[n]."""
+    names = []
+    for n in range(K + 1):
+        off = sum(len(monomials_of_degree(d)) for d in range(n))
+        names += [(n, off + k, m) for k, m in enumerate(monomials_of_degree(n))]
+    L = ["@njit(cache=True, fastmath=True)",
+         f"def featall_{K}(end, cls, tc, tE, tux, tuy, tuz, th, out):"]
+    L += [f"    c{n} = cls[{n}]" for n in range(K + 1)]
+    L += [f"    m{i} = 0.0" for _, i, _ in names]
+    L.append("    for t in range(end):")
+    L += ["        e = tE[t]", "        k = tc[t]", "        ux = tux[t]", "        uy = tuy[t]",
+          "        uz = tuz[t]", "        h = th[t]"]
+    L += [f"        w{n} = e if k <= c{n} else 0.0" for n in range(K + 1)]
+    if K >= 1:
+        L += ["        x1 = ux", "        y1 = uy", "        z1 = uz"]
+    if K >= 2:
+        L += ["        x2 = ux * x1 + h", "        y2 = uy * y1 + h", "        z2 = uz * z1 + h"]
+    for k in range(3, K + 1):
+        f = f"{k - 1}.0 * h"
+        L += [f"        x{k} = ux * x{k - 1} + {f} * x{k - 2}",
+              f"        y{k} = uy * y{k - 1} + {f} * y{k - 2}",
+              f"        z{k} = uz * z{k - 1} + {f} * z{k - 2}"]
+    for n, i, (p, q, r) in names:
+        parts = [f"w{n}"] + ([f"x{p}"] if p else []) + ([f"y{q}"] if q else []) + ([f"z{r}"] if r else [])
+        L.append(f"        m{i} += " + " * ".join(parts))
+    L += [f"    out[{i}] = m{i}" for _, i, _ in names]
+    return "\n".join(L) + "\n"
+
+
 def _dispatch(kind: str, args: str) -> str:
     L = ["@njit(cache=True)", f"def {kind}_order(n, {args}):"]
     for n in range(MAX_ORDER + 1):
@@ -109,11 +129,12 @@ def _dispatch(kind: str, args: str) -> str:
 def generate() -> str:
     parts = [HEADER]
     for n in range(MAX_ORDER + 1):
-        parts.append(_feat(n))
-        parts.append("")
         parts.append(_grad(n))
         parts.append("")
-    parts.append(_dispatch("feat", "end, cls, tc, tE, tux, tuy, tuz, th, out"))
+    for K in range(MAX_ORDER + 1):
+        parts.append(_featall(K))
+        parts.append("")
+    parts.append(_dispatch("featall", "end, cls, tc, tE, tux, tuy, tuz, th, out"))
     parts.append("")
     parts.append(_dispatch("grad", "end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row"))
     return "\n\n".join(p.rstrip("\n") for p in parts if p) + "\n"

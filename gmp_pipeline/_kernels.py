@@ -28,7 +28,7 @@ import math
 import numpy as np
 from numba import njit
 
-from ._fused import feat_order, grad_order
+from ._fused import featall_order, grad_order
 
 _CACHE = True
 #: fast-math without reassociation, for code whose rounding steps must stay as written
@@ -264,7 +264,12 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
     nbins = bo[nspecies]
     bstart = np.empty(nbins + 1, dtype=np.int64)
     bcount = np.empty(nbins + 1, dtype=np.int64)
-    mom = np.empty(66)
+    mom = np.empty(286)  # raw moments of every degree 0..9, by global monomial index
+    kmax = 0
+    ocls_of_n = np.zeros(10)  # cutoff class of each order (orders not asked for: class 0)
+    for o in range(nord):
+        kmax = max(kmax, ords[o])
+        ocls_of_n[ords[o]] = ocls[o]
     mu = np.empty(66)
     uc = np.empty(66)
     ux = np.empty(66)
@@ -409,6 +414,7 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
                                 tl, ibuf, deriv)
                 m2a = -2.0 * alpha[u]
                 gmax = 0
+                featall_order(kmax, T, ocls_of_n, tc, tE, tux, tuy, tuz, th, mom)
                 for o in range(nord):
                     gend[o] = 0
                     m = col[o, u]
@@ -418,14 +424,13 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
                     cls = float(ocls[o])
                     m0 = mono_off[nn]
                     nm = mono_off[nn + 1] - m0
-                    feat_order(nn, T, cls, tc, tE, tux, tuy, tuz, th, mom)
                     r0 = comp_start[nn]
                     r1 = comp_start[nn + 1]
                     S = 0.0
                     for r in range(r0, r1):
                         acc = 0.0
                         for k in range(nm):
-                            acc += hcoef[r, k] * mom[k]
+                            acc += hcoef[r, k] * mom[m0 + k]
                         mu[r - r0] = acc
                         S += comp_weight[r] * acc * acc
                     F = S if square else math.sqrt(S)
