@@ -72,11 +72,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--features", help="feature YAML (default: the shipped default set)")
     ap.add_argument("--repeat", type=int, default=2, help="runs per configuration (best kept)")
+    ap.add_argument("--dir", help="where to write the stores (default: the system temp dir; "
+                                  "/dev/shm separates the pipeline from the disk's speed)")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="gmp-bench-"))
+    tmp = Path(tempfile.mkdtemp(prefix="gmp-bench-", dir=args.dir))
     try:
         print(f"data: {DATA.name}; features: {args.features or 'default (21 features)'}; "
-              "derivatives on, float32")
+              f"derivatives on, float32; stores in {tmp.parent}")
         bare = min((bare_kernel(args.features) for _ in range(args.repeat)),
                    key=lambda r: r["run"])
         runs = {}
