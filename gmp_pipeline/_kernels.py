@@ -227,7 +227,7 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
                         c1, c2, lam, hv, alpha, ridx, ncls, ridxm1,
                         ords, ocls, col, col_m1, ncol,
                         mono, mono_off, raise_idx, comp_start, comp_weight, hcoef,
-                        square, deriv):
+                        square, deriv, total):
     """Features (nc, ncol) and, if deriv, total derivatives (P, 3, ncol) with pair lists.
 
     Per unique sigma u: c1/c2/lam/hv[u, s, g] term constants and alpha[u].  Cutoffs: thr[s, :nthr[s]]
@@ -238,7 +238,8 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
     degree n, raise_idx[a, k] global index of monomial k with its exponent a raised by one.
 
     Returns (features, dF, pair_j, pair_count); the pairs of centre c are the next
-    pair_count[c] rows, neighbours ascending.
+    pair_count[c] rows, neighbours ascending.  With total=False dF holds the reference's partial
+    derivatives (probe centres held fixed, spec 8.1) instead of the total ones.
     """
     n = pos.shape[0]
     nc = centers.shape[0]
@@ -463,7 +464,7 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
                             dF[r, 1, m] += Gt[3 * o + 1, t]
                             dF[r, 2, m] += Gt[3 * o + 2, t]
 
-        if deriv:
+        if deriv and total:
             # total derivative: the centre's own block loses the sum of all partial blocks
             own = base + slot[i]
             own_sum[:, :] = 0.0
@@ -474,6 +475,7 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
             for k in range(3):
                 for m in range(ncol):
                     dF[own, k, m] -= own_sum[k, m]
+        if deriv:
             for k in range(pair_count[ci]):
                 slot[pair_j[base + k]] = -1
     return feats, dF[:npairs], pair_j[:npairs], pair_count

@@ -416,11 +416,15 @@ class GMPFeaturizer:
         return lat, inv, hinv, np.asarray(pbc, dtype=np.bool_).copy()
 
     # ------------------------------------------------------------------ featurization
-    def featurize(self, atoms, derivatives: bool = False, centers=None) -> GMPResult:
-        """Features (and total derivatives) of one structure.
+    def featurize(self, atoms, derivatives: bool = False, centers=None,
+                  total: bool = True) -> GMPResult:
+        """Features (and position derivatives) of one structure.
 
         ``atoms``: an ``ase.Atoms`` or :class:`~gmp_pipeline.structure.Structure`.
         ``centers``: optional atom indices to featurize (default: every atom).
+        ``total``: True (default) gives the total derivative, each probe centre moving with its
+        atom (spec 8.2; what forces need); False gives the reference implementation's partial
+        derivatives with the probe centres held fixed (spec 8.1), for validation.
         """
         from . import _kernels as K
 
@@ -446,7 +450,7 @@ class GMPFeaturizer:
             ng, Bs, betas, rsearch, thr, nthr, bo, gscale, gtab, c1, c2, lam, hv, alpha, ridx,
             len(self._class_factors), ridxm1,
             self._uorders, self._ocls, self._col, self._col_m1, len(self._ucols),
-            *self._tables, self.square, bool(derivatives))
+            *self._tables, self.square, bool(derivatives), bool(total))
         cm = self._colmap
         identity = len(cm) == len(self._ucols) and np.array_equal(cm, np.arange(len(cm)))
         res = GMPResult(features=feats if identity else feats[:, cm], centers=cidx, n_atoms=N)
