@@ -28,7 +28,14 @@ import math
 import numpy as np
 from numba import njit
 
-from ._fused import featall_order, grad_order
+from ._numba_cache import keyed_cache
+
+# everything compiled from here on caches in a directory keyed on the kernel sources
+# (see _numba_cache); the block is closed at the end of this module
+_keyed = keyed_cache()
+_keyed.__enter__()
+
+from ._fused import featall_order, grad_order  # noqa: E402
 
 _CACHE = True
 #: fast-math without reassociation, for code whose rounding steps must stay as written
@@ -479,3 +486,6 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
             for k in range(pair_count[ci]):
                 slot[pair_j[base + k]] = -1
     return feats, dF[:npairs], pair_j[:npairs], pair_count
+
+
+_keyed.__exit__(None, None, None)
