@@ -3,7 +3,8 @@
 Public names:
 
 * :class:`GMPFeaturizer`, :class:`GMPResult`: the featurizer (``featurize``, ``featurize_many``).
-* :func:`open_store`: read a gmp-features Zarr store from training code.
+* :func:`open_store`, :class:`FeatureStore`, :func:`collate_energy_forces`: read a
+  gmp-features Zarr store from training code (numpy; a torch Dataset when torch is installed).
 * :class:`Structure`: the record every reader yields.
 * the exception family :class:`GMPError` and its subclasses.
 """
@@ -22,5 +23,15 @@ def open_store(path, **kwargs):
     return _open(path, **kwargs)
 
 
-__all__ = ["GMPFeaturizer", "GMPResult", "Structure", "open_store", "GMPError", "InputError",
-           "PseudopotentialError", "SourceError", "StoreError", "ClusterError", "__version__"]
+def __getattr__(name):
+    # the store reader imports zarr: only when asked for
+    if name in ("FeatureStore", "collate_energy_forces"):
+        from . import store
+
+        return getattr(store, name)
+    raise AttributeError(f"module 'gmp_pipeline' has no attribute {name!r}")
+
+
+__all__ = ["GMPFeaturizer", "GMPResult", "Structure", "open_store", "FeatureStore",
+           "collate_energy_forces", "GMPError", "InputError", "PseudopotentialError",
+           "SourceError", "StoreError", "ClusterError", "__version__"]
