@@ -177,7 +177,13 @@ def slurm():
     return reason
 
 
-def _slurm_config(tmp_path, **overrides):
+@pytest.fixture(scope="module")
+def shared_numba(tmp_path_factory):
+    """One numba cache base for the CLI runs on SLURM, so the second reuses compiled kernels."""
+    return tmp_path_factory.mktemp("numba-shared")
+
+
+def _slurm_config(tmp_path, numba_dir=None, **overrides):
     section = {"cores": 1, "processes": 1, "memory": "1GiB", "walltime": "00:10:00",
                "interface": "lo", "log-directory": str(tmp_path / "slurm-logs"),
                "death-timeout": 30, "scheduler-options": {"dashboard_address": ":0"},
@@ -187,7 +193,7 @@ def _slurm_config(tmp_path, **overrides):
     return {"jobqueue": {"slurm": section},
             # replace a killed worker's job after 2 s instead of dask's default 15 s
             "distributed": {"deploy": {"lost-worker-timeout": "2s"}},
-            "gmp-pipeline": {"cluster": {"numba-cache-dir": str(tmp_path / "numba")}}}
+            "gmp-pipeline": {"cluster": {"numba-cache-dir": str(numba_dir or tmp_path / "numba")}}}
 
 
 def _job_ids(client):
@@ -289,7 +295,7 @@ def test_slurm_workers_retire_at_lifetime_and_are_replaced(slurm, tmp_path):
 
 
 @pytest.mark.slurm
-def test_cli_featurize_on_slurm_then_verify(slurm, tmp_path):
+def test_cli_featurize_on_slurm_then_verify(slurm, tmp_path, shared_numba):
     """The command a user runs on a login node, end to end, on real SLURM worker jobs."""
     import sys
 
@@ -299,9 +305,9 @@ def test_cli_featurize_on_slurm_then_verify(slurm, tmp_path):
     if not os.path.exists(sample):
         pytest.skip(f"OC20 sample {sample} not in this checkout")
     cfg = tmp_path / "slurm.yaml"
-    section = _slurm_config(tmp_path, memory="2GiB")["jobqueue"]["slurm"]
-    section.pop("job-script-prologue")          # the CLI's tasks are importable everywhere
-    cfg.write_text(yaml.safe_dump({"jobqueue": {"slurm": section}}))
+    full = _slurm_config(tmp_path, numba_dir=shared_numba, memory="2GiB")
+    full["jobqueue"]["slurm"].pop("job-script-prologue")  # the CLI's tasks import everywhere
+    cfg.write_text(yaml.safe_dump(full))
     out = tmp_path / "out.zarr"
     cli = [sys.executable, "-m", "gmp_pipeline.cli"]
     run = subprocess.run(cli + ["featurize", "ocp", sample, "-o", str(out), "--cluster", "slurm",
@@ -315,3 +321,64 @@ def test_cli_featurize_on_slurm_then_verify(slurm, tmp_path):
     left = subprocess.run(["squeue", "-h", "-n", "gmp-worker", "-t", "RUNNING,PENDING"],
                           capture_output=True, text=True, timeout=30).stdout.strip()
     assert left == "", f"worker jobs left behind: {left}"
+
+
+@pytest.mark.slurm
+def test_cli_featurize_survives_a_killed_worker_job(slurm, tmp_path, shared_numba):
+    """`featurize --cluster slurm` while one worker job is scancelled mid-run (a lost node or
+    preemption): adaptive scaling replaces it, the run completes and `verify` accepts the store."""
+    import sys
+
+    import yaml
+
+    from gmp_pipeline.store.writer import finished_tasks, load_plan
+
+    source = os.path.join(REPO, "benchmarks", "data", "oc20_like_200.extxyz")
+    cfg = _slurm_config(tmp_path, numba_dir=shared_numba, memory="2GiB")
+    cfg["jobqueue"]["slurm"].pop("job-script-prologue")
+    cfg_file = tmp_path / "slurm.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    # enough work per task that the run is still going when the job is killed
+    feats = tmp_path / "features.yaml"
+    feats.write_text(yaml.safe_dump({"orders": [-1, 0, 1, 2, 3, 4],
+                                     "sigmas": [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6],
+                                     "psp": "QE-kjpaw", "overlap_threshold": 1e-16}))
+    out = tmp_path / "out.zarr"
+    cli = [sys.executable, "-m", "gmp_pipeline.cli"]
+    proc = subprocess.Popen(cli + ["featurize", "ase", source, "-o", str(out), "--features",
+                                   str(feats), "--cluster", "slurm", "--cluster-config",
+                                   str(cfg_file), "--min-jobs", "2", "--max-jobs", "2",
+                                   "--chunk-size", "2", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(finished_tasks(out)) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before a worker could be killed"
+        n_tasks = len(load_plan(out)["tasks"])
+        done_at_kill = len(finished_tasks(out))
+        assert done_at_kill < n_tasks
+        jobs = subprocess.run(["squeue", "-h", "-n", "gmp-worker", "-t", "RUNNING", "-o", "%i"],
+                              capture_output=True, text=True, timeout=30).stdout.split()
+        assert jobs, "no running worker job to kill"
+        subprocess.run(["scancel", sorted(jobs)[0]], check=True, timeout=30)
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert f"tasks: {n_tasks} planned" in stdout, stdout
+    check = subprocess.run(cli + ["verify", str(out), "--sample", "5"], capture_output=True,
+                           text=True, timeout=300, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert check.returncode == 0 and "OK" in check.stdout, (check.stdout, check.stderr[-3000:])
+    inspect = subprocess.run(cli + ["inspect", str(out)], capture_output=True, text=True,
+                             timeout=120, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert "complete:    yes" in inspect.stdout, inspect.stdout
+    left = subprocess.run(["squeue", "-h", "-n", "gmp-worker", "-t", "RUNNING,PENDING"],
+                          capture_output=True, text=True, timeout=30).stdout.strip()
+    assert left == "", f"worker jobs left behind: {left}"
+    print(f"killed job {sorted(jobs)[0]} after {done_at_kill}/{n_tasks} tasks; run completed")
