@@ -28,9 +28,12 @@ DEPRECATED = {"extra": "worker-extra-args", "job-extra": "job-extra-directives",
 class Scheduler:
     """What differs between batch systems: the dask-jobqueue class and the commands."""
 
-    def __init__(self, kind, cluster_cls, title, preflight_cmd, install_hint, status_cmd=None):
+    def __init__(self, kind, cluster_cls, title, preflight_cmd, install_hint, status_cmd=None,
+                 capacity_cmd=None):
         self.kind = kind
         self.status_cmd = status_cmd    # callable(job ids) -> argv showing why jobs wait
+        # callable(queue or None) -> argv printing "<cpus> <memory MB>" per node, or None
+        self.capacity_cmd = capacity_cmd
         self.cluster_cls = cluster_cls
         self.title = title
         self.preflight_cmd = preflight_cmd
@@ -169,6 +172,58 @@ class Scheduler:
                           "shared_temp_directory": cfg.get("shared-temp-directory")}
         return job_kwargs, cluster_kwargs
 
+    def node_capacity(self, queue=None, timeout: float = 15):
+        """(cpus, memory bytes) of the largest node the scheduler reports, or None."""
+        if self.capacity_cmd is None:
+            return None
+        try:
+            proc = subprocess.run(self.capacity_cmd(queue), capture_output=True, text=True,
+                                  timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        best = None
+        for line in proc.stdout.split("\n"):
+            parts = line.split()
+            if len(parts) < 2:
+                continue
+            try:
+                cpus = int(parts[0].rstrip("+"))
+                mem = int(parts[1].rstrip("+")) * 2**20
+            except ValueError:
+                continue
+            if best is None or (cpus, mem) > best:
+                best = (cpus, mem)
+        return best
+
+    def fit_to_nodes(self, job_kwargs) -> None:
+        """Shrink a job that no node could run (it would wait forever) to the largest node.
+
+        SLURM accepts such a job and leaves it pending (reason PartitionConfig), so a run with
+        the shipped defaults on a small cluster would hang; this says what it changed instead.
+        """
+        cap = self.node_capacity(job_kwargs.get("queue"))
+        if cap is None:
+            return
+        cpus, mem = cap
+        cores = job_kwargs.get("cores")
+        changed = []
+        if isinstance(cores, int) and cpus > 0 and cores > cpus:
+            job_kwargs["cores"] = cpus
+            job_kwargs["processes"] = min(int(job_kwargs.get("processes") or cpus), cpus)
+            changed.append(f"cores {cores} -> {cpus}, processes -> {job_kwargs['processes']}")
+        memory = job_kwargs.get("memory")
+        if memory is not None and mem > 0:
+            want = parse_memory(memory, f"jobqueue.{self.kind}.memory")
+            if want > mem:
+                # whole GiB, rounded down: dask-jobqueue rounds --mem up to the next unit
+                job_kwargs["memory"] = f"{max(mem // 2**30, 1)}GiB"
+                changed.append(f"memory {memory} -> {job_kwargs['memory']}")
+        if changed:
+            print(f"gmp-pipeline: the largest {self.title} node has {cpus} CPUs and "
+                  f"{mem // 2**20} MiB; a job as configured could never start, so: "
+                  f"{'; '.join(changed)} (set jobqueue.{self.kind} in --cluster-config)",
+                  file=sys.stderr)
+
     # ----------------------------------------------------------------- products
     def job_script(self, **resolve_kwargs) -> str:
         job_kwargs, _ = self.resolve(**resolve_kwargs)
@@ -189,6 +244,7 @@ class Scheduler:
             raise ClusterError(f"need 0 <= min_jobs <= max_jobs and max_jobs >= 1, got "
                                f"min_jobs={min_jobs}, max_jobs={max_jobs}")
         self.preflight()
+        self.fit_to_nodes(job_kwargs)
         interface = job_kwargs.pop("interface", None)
         try:
             cluster = self.cluster_cls(interface=interface, **cluster_kwargs, **job_kwargs)
@@ -261,6 +317,16 @@ class NoWorkerWatchdog:
                 continue
             idle = time.monotonic() - since
             if idle >= wait:
-                print(f"gmp-pipeline: no Dask worker connected for {idle:.0f} s; "
-                      f"{self._job_states()}", file=sys.stderr, flush=True)
+                states = self._job_states()
+                print(f"gmp-pipeline: no Dask worker connected for {idle:.0f} s; {states}",
+                      file=sys.stderr, flush=True)
+                if states.startswith("no job was submitted") and wait > self.after:
+                    # every submission failed twice over: waiting longer cannot help
+                    print(f"gmp-pipeline: giving up: no {self.scheduler.title} job could be "
+                          f"submitted (see the {self.scheduler.submit_command} errors above)",
+                          file=sys.stderr, flush=True)
+                    import _thread
+
+                    _thread.interrupt_main()
+                    return
                 wait *= 2

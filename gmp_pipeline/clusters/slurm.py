@@ -10,6 +10,7 @@ SCHEDULER = Scheduler(
     preflight_cmd=["sinfo", "--noheader", "--format=%P %a %D"],
     install_hint="or load the site's slurm module; for a test machine see .ci/slurm-up.sh",
     status_cmd=lambda ids: ["squeue", "-h", "-o", "%i %T reason=%r", "-j", ",".join(ids)],
+    capacity_cmd=lambda queue: ["sinfo", "-h", "-o", "%c %m"] + (["-p", str(queue)] if queue else []),
 )
 
 
