@@ -118,6 +118,9 @@ def test_torch_dataset_and_collate_give_forces(toy_store):
     st = open_store(toy_store)
     ds = st.torch_dataset()
     assert len(ds) == 101
+    one = ds[0]
+    assert one["energy"].shape == () and one["energy"].dtype == torch.float64  # 0-d, exact
+    assert one["features"].dtype == torch.float32
     loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate_energy_forces)
     batch = next(iter(loader))
     n = batch["n_atoms"]

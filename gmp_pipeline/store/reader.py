@@ -252,10 +252,13 @@ def make_torch_dataset(store: FeatureStore, indices=None, *, dtype=None):
             v = np.asarray(v)
             if v.dtype.kind in "US" or v.dtype == object:
                 out[k] = v  # text extras stay numpy
+            elif k == "energy":
+                # a total energy (e.g. -97080 kcal/mol) in float32 keeps only ~0.008 of it
+                out[k] = torch.as_tensor(np.asarray(v, dtype=np.float64, order="C"))
             elif k in _FLOAT_KEYS:
-                out[k] = torch.as_tensor(np.ascontiguousarray(v)).to(dtype)
+                out[k] = torch.as_tensor(np.asarray(v, order="C")).to(dtype)  # 0-d stays 0-d
             else:
-                out[k] = torch.as_tensor(np.ascontiguousarray(v))
+                out[k] = torch.as_tensor(np.asarray(v, order="C"))
         return out
 
     class GMPDataset(torch.utils.data.Dataset):
