@@ -191,3 +191,29 @@ def test_truncated_archive(archive, tmp_path):
     cut.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(SourceError, match=r"cut\.tar\.bz2.*field 'archive'.*truncated or corrupt"):
         len(open_reader("qm9", cut))
+
+
+def test_atomref_table_and_atomization_energy_of_methane():
+    from gmp_pipeline.readers.qm9 import read_atomref
+
+    ref = read_atomref(SAMPLES / "atomref.txt")
+    assert sorted(ref) == [1, 6, 7, 8, 9]
+    assert ref[1]["U0"] == -0.500273 and ref[9]["G"] == -99.733544 and ref[6]["Cv"] == 2.981
+    ch4 = next(open_reader("qm9", SAMPLES).read(0, 1))
+    assert list(ch4.numbers) == [6, 1, 1, 1, 1]
+    atomization = ch4.info["U0"] - sum(ref[int(z)]["U0"] for z in ch4.numbers)
+    assert atomization == pytest.approx(-40.47893 - (-37.846772 - 4 * 0.500273), abs=1e-9)
+    assert atomization == pytest.approx(-0.631066, abs=1e-6)  # about -17.2 eV
+
+
+def test_atomref_bad_values(tmp_path):
+    from gmp_pipeline.readers.qm9 import read_atomref
+
+    bad = tmp_path / "atomref.txt"
+    bad.write_text("   H     0.000000     -0.5oops      -0.498857       -0.497912       -0.510927       2.981\n")
+    with pytest.raises(SourceError, match=r"atomref.txt.*line 1.*'U0'.*non-numeric"):
+        read_atomref(bad)
+    short = tmp_path / "short.txt"
+    short.write_text("   C     0.0  -37.8\n")
+    with pytest.raises(SourceError, match="expected 7 columns"):
+        read_atomref(short)

@@ -133,6 +133,39 @@ def read_uncharacterized(path) -> set[int]:
     return out
 
 
+#: columns of QM9's atomref.txt after the element symbol, with their units
+ATOMREF_COLUMNS = (("zpve", "Hartree"), ("U0", "Hartree"), ("U", "Hartree"), ("H", "Hartree"),
+                   ("G", "Hartree"), ("Cv", "cal/(mol K)"))
+
+
+def read_atomref(path) -> dict[int, dict[str, float]]:
+    """Per-element reference values of QM9's ``atomref.txt``: ``{Z: {"zpve", "U0", "U", "H",
+    "G", "Cv"}}`` (units in :data:`ATOMREF_COLUMNS`).  The atomization energy of a molecule is
+    its ``U0`` minus the sum of ``atomref[Z]["U0"]`` over its atoms."""
+    from ase.data import atomic_numbers
+
+    out: dict[int, dict[str, float]] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SourceError(f"cannot read the atomref table ({exc})", path=path) from None
+    for lineno, line in enumerate(lines, start=1):
+        tok = line.split()
+        if not tok or tok[0] not in atomic_numbers or len(tok) == 1:
+            continue  # rules, headers, blank lines
+        if len(tok) != 1 + len(ATOMREF_COLUMNS):
+            raise SourceError(f"expected {1 + len(ATOMREF_COLUMNS)} columns, got {len(tok)}",
+                              path=path, record=f"line {lineno}", field=tok[0])
+        values = {}
+        for (name, _), text in zip(ATOMREF_COLUMNS, tok[1:]):
+            values[name] = _num(text, path=path, record=f"line {lineno}", field=name)
+        out[atomic_numbers[tok[0]]] = values
+    if not out:
+        raise SourceError("no element rows found (is this QM9's atomref.txt?)", path=path)
+    return out
+
+
 @register_reader("qm9")
 class QM9Reader(Reader):
     """QM9 molecules.  ``info``: ``gdb_index``, ``file_name``, the 15 properties, ``frequencies``
