@@ -88,56 +88,29 @@ def multinomial(a: int, b: int, c: int) -> int:
 
 @lru_cache(maxsize=None)
 def order_tables():
-    """Flat tables for orders 0..MAX_ORDER used by the kernels.
+    """Flat tables of the solid harmonics of orders 0..MAX_ORDER used by the kernels.
 
-    Returns a dict of numpy arrays:
-
-    ``comp_start[n]``      first component row of order n (components of order n are rows
-                           comp_start[n]:comp_start[n+1]);
-    ``comp_weight[r]``     group coefficient w = n!/(a!b!c!) of component row r;
-    ``hcoef[r, k]``        coefficient of the k-th degree-n monomial (local index) in H_abc;
-    ``gx_lo, gy_lo, gz_lo [r, k]``  coefficient of the k-th degree-(n-1) monomial in d/dx H-moment
-                           identity (the ``p * P_{p-1}`` part, see spec 8 and the kernel notes);
-    ``gx_hi, gy_hi, gz_hi [r, k]``  coefficient of the k-th degree-(n+1) monomial, to be multiplied
-                           by ``-2 alpha``.
+    ``comp_start[n]``   first component row of order n (rows comp_start[n]:comp_start[n+1]);
+    ``comp_weight[r]``  group coefficient w = n!/(a!b!c!) of component row r;
+    ``hcoef[r, k]``     coefficient of the k-th degree-n monomial (local index, order of
+                        :func:`monomials_of_degree`) in H_abc.
     """
-    nmax = MAX_ORDER
     rows = []
     comp_start = [0]
-    for n in range(nmax + 1):
+    for n in range(MAX_ORDER + 1):
         for abc in components(n):
             rows.append((n, abc))
         comp_start.append(len(rows))
     ncol = (MAX_DEGREE + 1) * (MAX_DEGREE + 2) // 2  # largest number of monomials of one degree
-    R = len(rows)
-    weight = np.zeros(R)
-    hcoef = np.zeros((R, ncol))
-    g_lo = np.zeros((3, R, ncol))
-    g_hi = np.zeros((3, R, ncol))
+    weight = np.zeros(len(rows))
+    hcoef = np.zeros((len(rows), ncol))
     for r, (n, abc) in enumerate(rows):
         weight[r] = multinomial(*abc)
-        poly = solid_harmonic(*abc)
         loc_n = {m: i for i, m in enumerate(monomials_of_degree(n))}
-        loc_lo = {m: i for i, m in enumerate(monomials_of_degree(n - 1))} if n >= 1 else {}
-        loc_hi = {m: i for i, m in enumerate(monomials_of_degree(n + 1))}
-        for (p, q, s), cval in poly.items():
-            hcoef[r, loc_n[(p, q, s)]] = cval
-            e = (p, q, s)
-            for k in range(3):
-                up = list(e)
-                up[k] += 1
-                g_hi[k, r, loc_hi[tuple(up)]] += cval
-                if e[k] > 0:
-                    dn = list(e)
-                    dn[k] -= 1
-                    g_lo[k, r, loc_lo[tuple(dn)]] += e[k] * cval
-    return {
-        "comp_start": np.array(comp_start, dtype=np.int64),
-        "comp_weight": weight,
-        "hcoef": hcoef,
-        "g_lo": g_lo,
-        "g_hi": g_hi,
-    }
+        for pqs, cval in solid_harmonic(*abc).items():
+            hcoef[r, loc_n[pqs]] = cval
+    return {"comp_start": np.array(comp_start, dtype=np.int64), "comp_weight": weight,
+            "hcoef": hcoef}
 
 
 @lru_cache(maxsize=None)
@@ -146,23 +119,15 @@ def kernel_tables():
 
     ``mono``       (n_mono, 3) exponents by global monomial index;
     ``mono_off``   first global index of each degree;
-    ``yz_of[q,s]`` row of the product P_q(y) P_s(z) in the kernel's Pyz array (q + s <= MAX_ORDER);
-    ``yz_q, yz_s`` the exponents of each row;
     ``raise_idx[a, k]`` global index of monomial k with exponent a raised by one (-1 past MAX_DEGREE).
     """
     mono = monomial_table()
     off = degree_offsets()
     idx = monomial_index()
-    pairs = [(q, s) for d in range(MAX_ORDER + 1) for q in range(d, -1, -1) for s in [d - q]]
-    yz_of = np.full((MAX_ORDER + 1, MAX_ORDER + 1), -1, dtype=np.int64)
-    for r, (q, s) in enumerate(pairs):
-        yz_of[q, s] = r
-    yz_q = np.array([p[0] for p in pairs], dtype=np.int64)
-    yz_s = np.array([p[1] for p in pairs], dtype=np.int64)
     raise_idx = np.full((3, len(mono)), -1, dtype=np.int64)
     for k, e in enumerate(mono):
         for a in range(3):
             up = [int(v) for v in e]
             up[a] += 1
             raise_idx[a, k] = idx.get(tuple(up), -1)
-    return mono, off, yz_of, yz_q, yz_s, raise_idx
+    return mono, off, raise_idx

@@ -8,13 +8,15 @@ Work for one centre atom i (spec sections 5-8):
    (:func:`_neighbors`), counting-sorted into *cutoff bins* (:func:`_bin_neighbors`): for each
    species the sorted list of all its squared cutoff radii splits distance into bins, so the
    images within any one cutoff are a prefix of that species' entries.
-2. For each sigma, every contributing (image, Gaussian) *term* goes to a term buffer, bucketed by
-   the smallest cutoff class that admits it (orders with equal order factor share a class).
-   Classes are nested, so the terms of order n are a prefix of the buffer (:func:`_fill_terms`).
+2. For each sigma, every (image, Gaussian) *term* within the Gaussian's largest cutoff goes to a
+   term buffer, one run per (species, Gaussian), tagged with its cutoff class: the smallest
+   class (orders with equal order factor share one) whose radius admits it
+   (:func:`_fill_terms`).  Order n counts exactly the terms whose class is <= its own.
 3. Per term the prefactor ``E = C1 exp(C2 D)`` (vectorizable exp, :func:`_vexp`) and the 1-D
    Gaussian moments ``P_k`` (spec 5); the overlap with a probe monomial ``x^p y^q z^s`` is
-   ``E P_p(x) P_q(y) P_s(z)``.  Raw moment sums contracted with the solid-harmonic tables give
-   ``mu_abc``, then ``S`` and ``F``.
+   ``E P_p(x) P_q(y) P_s(z)``.  One generated loop (:mod:`._fused`) sums the raw moments of all
+   orders in registers; contracted with the solid-harmonic tables they give ``mu_abc``, then
+   ``S`` and ``F``.
 4. Derivatives (spec 8.1 per term): ``d/dd [E Q] = 2 C2 d E Q + lambda E grad_u Q``.  Contracting
    with ``w mu`` first gives one polynomial ``U = sum_abc w mu_abc Q_abc`` per (centre, order,
    sigma), so each term needs ``U`` and its three partial derivatives only.  Terms are scattered

@@ -208,7 +208,7 @@ class GMPFeaturizer:
         self._ucols = ucols
         self._colmap = np.array([ucols.index(p) for p in self.feature_list], dtype=np.int64)
         t = _harmonics.order_tables()
-        mono, mono_off, _, _, _, raise_idx = _harmonics.kernel_tables()
+        mono, mono_off, raise_idx = _harmonics.kernel_tables()
         self._tables = (mono, mono_off, raise_idx, t["comp_start"], t["comp_weight"], t["hcoef"])
         self._species_cache: dict[tuple[int, ...], tuple] = {}
         self._element_cache: dict[int, dict] = {}
