@@ -162,9 +162,13 @@ def run_task(store: str, task: int, start: int, stop: int, reader, config: dict,
     fz = get_featurizer(config)
     n_skipped_before = len(reader.skipped)
     structures = list(reader.read(start, stop))
+    t_read = time.perf_counter()
     results = fz.featurize_many(structures, derivatives=derivatives) if structures else []
+    t_feat = time.perf_counter()
     specs = array_specs(fz.n_features, dtype, derivatives, schema)
     arrays = W.collect_arrays(structures, results, specs, schema, derivatives)
+    del results
+    t_collect = time.perf_counter()
     skipped = [(int(i), str(m)) for i, m in reader.skipped[n_skipped_before:]
                if start <= int(i) < stop]
     meta = {"task": task, "start": start, "stop": stop,
@@ -175,7 +179,10 @@ def run_task(store: str, task: int, start: int, stop: int, reader, config: dict,
     for path in layout.DIRECT:
         if path in arrays:
             W.write_direct(store, path, pair_base, pair_capacity, arrays.pop(path))
-    meta["seconds"] = time.perf_counter() - t0
+    t_direct = time.perf_counter()
+    meta["seconds"] = t_direct - t0
+    meta["stage_seconds"] = {"read": t_read - t0, "featurize": t_feat - t_read,
+                             "collect": t_collect - t_feat, "write_pairs": t_direct - t_collect}
     W.write_staged(store, task, arrays, meta)
     return meta
 
@@ -288,6 +295,12 @@ def featurize_to_store(reader, store, featurizer, *, derivatives: bool = True,
     metas_new = _compute(todo, tasks, pair_base, store, reader, config, derivatives, dtype,
                          schema, client, progress, summary)
     summary.compute_seconds = time.perf_counter() - t0 - summary.warmup_seconds
+    if metas_new:
+        stages: dict[str, float] = {}
+        for m in metas_new:
+            for k, v in (m.get("stage_seconds") or {}).items():
+                stages[k] = stages.get(k, 0.0) + float(v)
+        log("worker time summed over tasks: " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()))
     summary.tasks_computed = len(metas_new)
     summary.structures_computed = sum(m["n_structures"] for m in metas_new)
     summary.atoms_computed = sum(m["n_atoms"] for m in metas_new)
