@@ -1,4 +1,4 @@
-"""Per-worker setup: each worker process gets its own numba cache directory.
+"""Per-worker setup: each worker process gets its own numba cache directory (and malloc tuning).
 
 Several worker processes writing one numba cache at once corrupt its index and crash workers
 (numba issue 4807).  :class:`NumbaCachePlugin` runs in every worker process, current and
@@ -33,6 +33,45 @@ def default_cache_base() -> str:
     if env:
         return env
     return os.path.join(os.path.expanduser("~"), ".cache", "gmp-pipeline", "numba")
+
+
+_M_TRIM_THRESHOLD = -1   # mallopt parameters, from glibc's malloc.h
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_malloc(mmap_threshold: int | None = None, trim_threshold: int | None = None) -> dict:
+    """Set glibc's malloc thresholds of this process (config ``gmp-pipeline.cluster.malloc``).
+
+    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also pins the mmap
+    threshold at 128 KiB, so every large temporary array (the kernels' per-structure scratch
+    and derivative blocks, Zarr's chunk buffers) is a fresh mmap, page-faulted and zeroed each
+    time.  Raising both thresholds lets freed memory be reused.  Returns what was set
+    (``{}`` where there is no glibc, e.g. macOS, or nothing is configured).
+    """
+    import ctypes
+    import ctypes.util
+
+    import dask
+
+    conf = dask.config.get("gmp-pipeline.cluster.malloc", None) or {}
+    if mmap_threshold is None:
+        mmap_threshold = conf.get("mmap-threshold")
+    if trim_threshold is None:
+        trim_threshold = conf.get("trim-threshold")
+    if not sys.platform.startswith("linux"):
+        return {}
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others without mallopt
+        return {}
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    done = {}
+    for name, param, value in (("mmap-threshold", _M_MMAP_THRESHOLD, mmap_threshold),
+                               ("trim-threshold", _M_TRIM_THRESHOLD, trim_threshold)):
+        if value is not None and mallopt(param, int(value)) == 1:
+            done[name] = int(value)
+    return done
 
 
 def _set_numba_cache(path: str) -> None:
@@ -92,6 +131,7 @@ class NumbaCachePlugin(WorkerPlugin):
             path.mkdir(parents=True, exist_ok=True)
         self.cache_dir = str(path)
         _set_numba_cache(self.cache_dir)
+        self.malloc = tune_malloc()
 
     def teardown(self, worker):
         if self._lock is not None:
