@@ -25,7 +25,6 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import GMPError, InputError, StoreError
-from .store import layout
 from .store.layout import array_specs, fingerprint_parts, normalize_dtype
 from .store import writer as W
 
@@ -35,6 +34,9 @@ MAX_TASK_ATOMS = 20_000
 MIN_TASK_ATOMS = 500
 #: default number of tasks per worker (several, so fast workers pick up slack)
 TASKS_PER_WORKER = 6
+#: assembly writing at most this many bytes (uncompressed) runs in the driver's threads: a Dask
+#: round trip per job costs more than the work itself for small stores
+LOCAL_ASSEMBLY_BYTES = 256 << 20
 
 
 @dataclass
@@ -159,30 +161,40 @@ def run_task(store: str, task: int, start: int, stop: int, reader, config: dict,
     is staged in the task's own directory, whose appearance marks the task done.
     """
     t0 = time.perf_counter()
+    started = time.time()
     fz = get_featurizer(config)
     n_skipped_before = len(reader.skipped)
     structures = list(reader.read(start, stop))
     t_read = time.perf_counter()
-    results = fz.featurize_many(structures, derivatives=derivatives) if structures else []
-    t_feat = time.perf_counter()
     specs = array_specs(fz.n_features, dtype, derivatives, schema)
-    arrays = W.collect_arrays(structures, results, specs, schema, derivatives)
-    del results
-    t_collect = time.perf_counter()
+    pairs = (W.PairStream(store, specs["pairs/dfeatures"], pair_base, pair_capacity)
+             if derivatives else None)
+    collector = W.TaskCollector(specs, schema, derivatives, sum(len(s) for s in structures),
+                                pairs)
+    t_feat = 0.0
+    result = None
+    for s in structures:
+        t = time.perf_counter()
+        result = fz.featurize(s, derivatives=derivatives)
+        t_feat += time.perf_counter() - t
+        collector.add(s, result)
+    del result
+    arrays = collector.finish()
+    if pairs is not None:
+        pairs.close()
+    t_done = time.perf_counter()
     skipped = [(int(i), str(m)) for i, m in reader.skipped[n_skipped_before:]
                if start <= int(i) < stop]
     meta = {"task": task, "start": start, "stop": stop,
             "n_structures": len(structures),
-            "n_atoms": int(arrays["atoms/numbers"].shape[0]),
-            "n_pairs": int(arrays["pairs/neighbor"].shape[0]) if derivatives else 0,
+            "n_atoms": collector.n_atoms, "n_pairs": collector.n_pairs,
             "skipped": skipped, "pid": os.getpid()}
-    for path in layout.DIRECT:
-        if path in arrays:
-            W.write_direct(store, path, pair_base, pair_capacity, arrays.pop(path))
-    t_direct = time.perf_counter()
-    meta["seconds"] = t_direct - t0
-    meta["stage_seconds"] = {"read": t_read - t0, "featurize": t_feat - t_read,
-                             "collect": t_collect - t_feat, "write_pairs": t_direct - t_collect}
+    write_pairs = pairs.seconds if pairs is not None else 0.0
+    meta["seconds"] = t_done - t0
+    meta["interval"] = [started, time.time()]   # wall clock, for the run's timeline
+    meta["stage_seconds"] = {"read": t_read - t0, "featurize": t_feat,
+                             "collect": t_done - t_read - t_feat - write_pairs,
+                             "write_pairs": write_pairs}
     W.write_staged(store, task, arrays, meta)
     return meta
 
@@ -278,6 +290,10 @@ def featurize_to_store(reader, store, featurizer, *, derivatives: bool = True,
     pair_base = plan.get("pair_base") or [0] * (len(tasks) + 1)
     if derivatives:
         W.ensure_direct_arrays(store, specs, pair_base[-1])
+    # the other arrays too, with the planned shapes (assembly re-creates any whose shape
+    # changed because records were skipped)
+    W.create_arrays(store, specs, {"structures": plan["n_structures"], "atoms": plan["n_atoms"],
+                                   "pairs": pair_base[-1]})
     W.clean_partial_tasks(store)
     done = W.finished_tasks(store)
     todo = [t for t in range(len(tasks)) if t not in done]
@@ -312,7 +328,9 @@ def featurize_to_store(reader, store, featurizer, *, derivatives: bool = True,
     totals = {level: int(b[-1]) for level, b in bases.items()}
     W.create_arrays(store, specs, totals)
     jobs = W.assembly_jobs(specs, totals)
-    _assemble(jobs, store, specs, bases, counts_, client, progress)
+    local = client is None or sum((r1 - r0) * specs[p].row_bytes()
+                                  for p, r0, r1 in jobs) <= LOCAL_ASSEMBLY_BYTES
+    _assemble(jobs, store, specs, bases, counts_, None if local else client, progress)
     n_pairs = int(counts_["pairs"].sum())
     summary.assemble_seconds = time.perf_counter() - t1
 
@@ -388,9 +406,15 @@ def _assemble(jobs, store, specs, bases, counts, client, progress) -> None:
     bar = _progress(len(jobs), 0, "assemble", progress and len(jobs) > 1)
     try:
         if client is None:
-            for path, r0, r1 in jobs:
-                W.assemble_rows(store, specs[path], r0, r1, bases, counts)
-                bar.update(1)
+            # jobs write disjoint chunks, so threads are as safe as processes here
+            from concurrent.futures import ThreadPoolExecutor
+
+            staged = W.StagedTasks(store, cache=True)   # each task's file read once
+            with ThreadPoolExecutor(max_workers=min(4, max(1, len(jobs)))) as pool:
+                for _ in pool.map(lambda job: W.assemble_rows(store, specs[job[0]], job[1],
+                                                              job[2], bases, counts, staged),
+                                  jobs):
+                    bar.update(1)
             return
         from distributed import as_completed
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StoreError
-from .layout import (DIRECT, FORMAT_NAME, FORMAT_VERSION, STAGING_DIR, ArraySpec, array_specs, codecs_for,
+from .layout import (DIRECT, FORMAT_NAME, FORMAT_VERSION, STAGING_DIR, ArraySpec, codecs_for,
                      describe_differences, fingerprint)
 
 #: uncompressed bytes one assembly job writes (a whole number of chunks, at least one)
@@ -156,28 +156,30 @@ def clean_partial_tasks(path) -> int:
 
 # -- phase 2: stage one task ---------------------------------------------------------------------
 
-def _file(spec_path: str) -> str:
-    return spec_path.replace("/", "__") + ".npy"
+class TaskCollector:
+    """The staged arrays of one task, built structure by structure.
 
+    ``pairs`` (a :class:`PairStream`, with derivatives) takes each structure's ``dfeatures``
+    rows as they come, so a task never holds all of its derivative blocks at once.
+    """
 
-def collect_arrays(structures, results, specs: dict[str, ArraySpec], schema: dict,
-                   derivatives: bool) -> dict[str, np.ndarray]:
-    """The staged arrays of one task: per-structure, per-atom and per-pair rows, concatenated."""
-    out: dict[str, list] = {p: [] for p in specs}
-    # the big arrays are filled in place, cast to the store dtype on the way (no float64 concat)
-    big: dict[str, np.ndarray] = {}
-    n_tot = sum(len(s) for s in structures)
-    fspec = specs["atoms/features"]
-    big["atoms/features"] = np.empty((n_tot,) + fspec.trailing, dtype=fspec.dtype)
-    if derivatives:
-        p_tot = sum(int(np.asarray(r.pair_center).shape[0]) for r in results)
-        dspec = specs["pairs/dfeatures"]
-        big["pairs/dfeatures"] = np.empty((p_tot,) + dspec.trailing, dtype=dspec.dtype)
-        big["pairs/neighbor"] = np.empty(p_tot, dtype=np.int32)
-    a_off = p_off = 0
-    info_map = {name: p for name, p in _extra_paths(schema, "info", "structures").items()}
-    atom_map = {name: p for name, p in _extra_paths(schema, "atom_info", "atoms").items()}
-    for s, r in zip(structures, results):
+    def __init__(self, specs: dict[str, ArraySpec], schema: dict, derivatives: bool,
+                 n_atoms: int, pairs: "PairStream | None" = None):
+        self.specs = specs
+        self.derivatives = derivatives
+        self.pairs = pairs
+        self.n_features = specs["atoms/features"].trailing[0]
+        self.out: dict[str, list] = {p: [] for p in specs}
+        fspec = specs["atoms/features"]
+        self.features = np.empty((int(n_atoms),) + fspec.trailing, dtype=fspec.dtype)
+        self.n_atoms = 0
+        self.n_pairs = 0
+        self.info_map = _extra_paths(schema, "info", "structures")
+        self.atom_map = _extra_paths(schema, "atom_info", "atoms")
+
+    def add(self, s, r) -> None:
+        """Add structure ``s`` (a :class:`~gmp_pipeline.structure.Structure`) and its result."""
+        out, specs = self.out, self.specs
         n = len(s)
         out["structures/n_atoms"].append(np.array([n], dtype=np.int64))
         out["structures/source_index"].append(np.array([s.source_index], dtype=np.int64))
@@ -191,48 +193,78 @@ def collect_arrays(structures, results, specs: dict[str, ArraySpec], schema: dic
             out["atoms/forces"].append(s.forces if s.forces is not None
                                        else np.full((n, 3), np.nan))
         feats = np.asarray(r.features)
-        if feats.shape != (n, specs["atoms/features"].trailing[0]):
+        if feats.shape != (n, self.n_features):
             raise StoreError(f"featurizer returned features of shape {feats.shape} for a "
                              f"structure of {n} atoms (source index {s.source_index})")
-        big["atoms/features"][a_off:a_off + n] = feats
-        a_off += n
-        for name, p in info_map.items():
+        if self.n_atoms + n > self.features.shape[0]:
+            raise StoreError(f"task has more atoms than the {self.features.shape[0]} planned "
+                             f"(source index {s.source_index})")
+        self.features[self.n_atoms:self.n_atoms + n] = feats
+        self.n_atoms += n
+        for name, p in self.info_map.items():
             value = s.info.get(name, specs[p].fill)
             out[p].append(np.array([value], dtype=object if specs[p].is_str else specs[p].dtype))
-        for name, p in atom_map.items():
+        for name, p in self.atom_map.items():
             value = s.atom_info.get(name)
             if value is None:
                 value = specs[p].empty(n)
             out[p].append(np.asarray(value).reshape(n))
-        if derivatives:
+        if self.derivatives:
             pc = np.asarray(r.pair_center, dtype=np.int64)
-            pn = np.asarray(r.pair_neighbor, dtype=np.int64)
+            pn = np.asarray(r.pair_neighbor)
             df = np.asarray(r.dfeatures)
             if pc.size > 1 and np.any(np.diff(pc) < 0):
                 order = np.lexsort((pn, pc))
                 pc, pn, df = pc[order], pn[order], df[order]
             out["atoms/pair_count"].append(np.bincount(pc, minlength=n).astype(np.int64))
-            k = pc.shape[0]
-            big["pairs/neighbor"][p_off:p_off + k] = pn
-            big["pairs/dfeatures"][p_off:p_off + k] = df
-            p_off += k
-    arrays = dict(big)
-    for p, parts in out.items():
-        spec = specs[p]
-        if p in ("structures/atom_start", "atoms/pair_start") or p in big:
-            continue  # derived from the counts at assembly time, or filled above
-        if parts:
-            a = np.concatenate(parts, axis=0)
-        else:
-            a = spec.empty(0)
-        if spec.is_str:
-            a = np.asarray([str(x) for x in a.reshape(-1)], dtype=str)
-            if a.size == 0:
-                a = np.zeros(0, dtype="<U1")
-        else:
-            a = np.ascontiguousarray(a, dtype=spec.dtype).reshape((-1,) + spec.trailing)
-        arrays[p] = a
+            out["pairs/neighbor"].append(pn.astype(np.int32))
+            self.pairs.append(df)
+            self.n_pairs += pc.shape[0]
+
+    def finish(self) -> dict[str, np.ndarray]:
+        """The task's arrays to stage (everything but ``pairs/dfeatures``)."""
+        arrays = {"atoms/features": self.features[:self.n_atoms]}
+        for p, parts in self.out.items():
+            spec = self.specs[p]
+            if p in ("structures/atom_start", "atoms/pair_start", "atoms/features") or p in DIRECT:
+                continue  # derived from the counts at assembly time, or filled above
+            a = np.concatenate(parts, axis=0) if parts else spec.empty(0)
+            if spec.is_str:
+                a = np.asarray([str(x) for x in a.reshape(-1)], dtype=str)
+                if a.size == 0:
+                    a = np.zeros(0, dtype="<U1")
+            else:
+                a = np.ascontiguousarray(a, dtype=spec.dtype).reshape((-1,) + spec.trailing)
+            arrays[p] = a
+        return arrays
+
+
+def collect_arrays(structures, results, specs: dict[str, ArraySpec], schema: dict,
+                   derivatives: bool) -> dict[str, np.ndarray]:
+    """Every array of one task, ``pairs/dfeatures`` included, in memory (for tests and small
+    in-process uses; the pipeline streams ``dfeatures`` with :class:`TaskCollector`)."""
+    sink = _MemoryPairs(specs["pairs/dfeatures"]) if derivatives else None
+    col = TaskCollector(specs, schema, derivatives, sum(len(s) for s in structures), sink)
+    for s, r in zip(structures, results):
+        col.add(s, r)
+    arrays = col.finish()
+    if derivatives:
+        arrays["pairs/dfeatures"] = sink.array()
     return arrays
+
+
+class _MemoryPairs:
+    def __init__(self, spec: ArraySpec):
+        self.spec = spec
+        self.parts: list[np.ndarray] = []
+
+    def append(self, block) -> None:
+        self.parts.append(np.asarray(block, dtype=self.spec.dtype))
+
+    def array(self) -> np.ndarray:
+        if not self.parts:
+            return self.spec.empty(0)
+        return np.concatenate(self.parts, axis=0)
 
 
 def _extra_paths(schema, key, level):
@@ -241,17 +273,38 @@ def _extra_paths(schema, key, level):
     return {name: extra_path(level, name) for name in sorted(schema.get(key) or {})}
 
 
+#: the staged arrays of a task, back to back in one file (``meta.json`` holds the index)
+STAGED_FILE = "arrays.bin"
+_ALIGN = 64
+
+
 def write_staged(path, task: int, arrays: dict[str, np.ndarray], meta: dict) -> bool:
-    """Save one task's arrays in its own directory; False if another run already saved it."""
+    """Save one task's arrays in its own directory; False if another run already saved it.
+
+    The arrays go back to back into one file (``arrays.bin``, each 64-byte aligned) and
+    ``meta.json`` records each one's dtype, shape and offset under ``"staged"``: one file to
+    write and read per task instead of one per array.
+    """
     final = task_dir(path, task)
     if (final / "meta.json").is_file():
         return False
     tmp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex}")
     tmp.mkdir(parents=True)
     try:
-        for p, a in arrays.items():
-            np.save(tmp / _file(p), a, allow_pickle=False)
-        (tmp / "meta.json").write_text(json.dumps(meta, default=str))
+        index = {}
+        offset = 0
+        with open(tmp / STAGED_FILE, "wb") as f:
+            for p, a in arrays.items():
+                a = np.ascontiguousarray(a)
+                if a.dtype.hasobject:
+                    raise StoreError(f"staged array {p} has dtype object")
+                pad = -offset % _ALIGN
+                f.write(b"\0" * pad)
+                offset += pad
+                index[p] = {"dtype": a.dtype.str, "shape": list(a.shape), "offset": offset}
+                f.write(memoryview(a.reshape(-1)).cast("B") if a.size else b"")
+                offset += a.nbytes
+        (tmp / "meta.json").write_text(json.dumps({**meta, "staged": index}, default=str))
         try:
             os.rename(tmp, final)
         except OSError:
@@ -263,6 +316,61 @@ def write_staged(path, task: int, arrays: dict[str, np.ndarray], meta: dict) -> 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return True
+
+
+class StagedTasks:
+    """Reads the staged arrays of a store's tasks (one ``arrays.bin`` per task).
+
+    ``cache=True`` keeps every task read (for assembly in one process, where each task's file
+    is then read once rather than once per array); small files are read whole, large ones
+    memory-mapped so a job needing a few rows does not read the rest.
+    """
+
+    MMAP_BYTES = 4 << 20
+
+    def __init__(self, path, cache: bool = False):
+        self.path = path
+        self._cache: dict[int, dict[str, np.ndarray]] | None = {} if cache else None
+
+    def arrays(self, task: int) -> dict[str, np.ndarray]:
+        if self._cache is not None and task in self._cache:
+            return self._cache[task]
+        d = task_dir(self.path, task)
+        try:
+            index = json.loads((d / "meta.json").read_text())["staged"]
+            f = d / STAGED_FILE
+            size = f.stat().st_size
+            blob = (np.memmap(f, dtype=np.uint8, mode="r") if size > self.MMAP_BYTES
+                    else np.fromfile(f, dtype=np.uint8))
+        except (OSError, ValueError, KeyError) as exc:
+            raise StoreError(f"staged result of task {task} in {d} is unreadable: {exc}; "
+                             "remove that directory and rerun to recompute the task") from exc
+        out = {}
+        for p, e in index.items():
+            dt = np.dtype(e["dtype"])
+            shape = tuple(e["shape"])
+            n = dt.itemsize * int(np.prod(shape, dtype=np.int64))
+            if e["offset"] + n > size:
+                raise StoreError(f"staged result of task {task} in {d} is truncated ({p})")
+            out[p] = blob[e["offset"]:e["offset"] + n].view(dt).reshape(shape)
+        if self._cache is not None:
+            self._cache[task] = out
+        return out
+
+    def rows(self, task: int, spec: ArraySpec, bases: dict[str, np.ndarray]) -> np.ndarray:
+        """The staged rows of ``spec`` for ``task`` (offsets made global where needed)."""
+        a = self.arrays(task)
+        if spec.path == "structures/atom_start":
+            return bases["atoms"][task] + _exclusive_cumsum(a["structures/n_atoms"])
+        if spec.path == "atoms/pair_start":
+            return bases["pairs"][task] + _exclusive_cumsum(a["atoms/pair_count"])
+        return a[spec.path]
+
+
+def _exclusive_cumsum(counts) -> np.ndarray:
+    out = np.zeros(len(counts), dtype=np.int64)
+    np.cumsum(counts[:-1], out=out[1:])
+    return out
 
 
 def load_metas(path, n_tasks: int) -> list[dict]:
@@ -307,17 +415,91 @@ def ensure_direct_arrays(path, specs: dict[str, ArraySpec], pair_rows: int) -> N
                 dimension_names=[spec.level] + [f"dim{i + 1}" for i in range(len(spec.trailing))])
 
 
+class PairStream:
+    """A task's ``pairs/dfeatures`` rows, written into its reserved region as they come.
+
+    Rows are cast to the store dtype into a buffer of one chunk, which is encoded and written
+    as soon as it is full (:mod:`.chunks`), so the derivative blocks stay in cache between the
+    kernel and the file.  ``close()`` writes the last, partly filled chunk (the rest of it is
+    fill value, as is every reserved chunk the task does not reach).
+    """
+
+    def __init__(self, path, spec: ArraySpec, base: int, capacity: int):
+        from .chunks import open_direct
+
+        self.label = f"{spec.path} of {path}"
+        self.array_path = Path(path) / spec.path
+        self.base, self.capacity = int(base), int(capacity)
+        self.spec = spec
+        self.direct = open_direct(self.array_path)
+        self.rows = self.direct.rows if self.direct is not None else max(1, self.capacity)
+        if self.direct is not None and self.base % self.rows:
+            raise StoreError(f"{self.label}: region start {self.base} is not chunk-aligned")
+        self.buf = np.empty((self.rows,) + spec.trailing, dtype=spec.dtype) if capacity else None
+        self.filled = 0       # rows in buf
+        self.flushed = 0      # rows already written (whole chunks)
+        self.seconds = 0.0    # time spent encoding and writing
+
+    @property
+    def n_rows(self) -> int:
+        return self.flushed + self.filled
+
+    def append(self, block) -> None:
+        block = np.asarray(block)
+        n = block.shape[0]
+        if self.n_rows + n > self.capacity:
+            raise StoreError(f"{self.label}: more than the {self.capacity} rows reserved")
+        k = 0
+        while k < n:
+            take = min(self.rows - self.filled, n - k)
+            self.buf[self.filled:self.filled + take] = block[k:k + take]
+            self.filled += take
+            k += take
+            if self.filled == self.rows:
+                self._flush()
+
+    def _flush(self) -> None:
+        t = time.perf_counter()
+        if self.direct is not None:
+            self.buf[self.filled:] = self.spec.fill
+            self.direct.write(self.base + self.flushed, self.buf)
+        else:  # not a layout chunks.py writes: through Zarr (capacity-sized buffer)
+            _write_rows(self.array_path, self.base + self.flushed, self.buf[:self.filled])
+        self.flushed += self.filled
+        self.filled = 0
+        self.seconds += time.perf_counter() - t
+
+    def close(self) -> int:
+        """Write what is left; returns the number of rows written."""
+        if self.filled:
+            self._flush()
+        return self.flushed
+
+
 def write_direct(path, spec_path: str, base: int, capacity: int, block: np.ndarray) -> None:
     """Write a task's rows at the start of the region ``[base, base + capacity)`` it owns."""
-    import zarr
-
     if block.shape[0] > capacity:
         raise StoreError(f"{spec_path}: {block.shape[0]} rows exceed the {capacity} reserved")
     if block.shape[0] == 0:
         return
+    _write_rows(Path(path) / spec_path, base, block)
+
+
+def _write_rows(array_path: Path, r0: int, block: np.ndarray) -> None:
+    """Rows ``[r0, r0 + len(block))`` of the array at ``array_path``, whose chunks from ``r0``
+    to the end of the block's last chunk belong to the caller: encoded and written chunk by
+    chunk where the array's codecs allow (:mod:`.chunks`), through Zarr otherwise."""
+    from .chunks import open_direct
+
+    direct = open_direct(array_path)
+    if direct is not None:
+        direct.write(r0, block)
+        return
+    import zarr
+
     with quiet_zarr():
-        arr = zarr.open_array(str(Path(path) / spec_path), mode="r+")
-        arr[base:base + block.shape[0]] = block
+        arr = zarr.open_array(str(array_path), mode="r+")
+        arr[r0:r0 + block.shape[0]] = block
 
 
 # -- phase 3: assemble -----------------------------------------------------------------------------
@@ -340,20 +522,41 @@ def task_layout(metas: list[dict], pair_base=None) -> tuple[dict, dict]:
     return bases, counts
 
 
+def _array_layout(array_path: Path):
+    """(shape, chunk shape) of the Zarr v3 array at ``array_path``, or None if there is none."""
+    try:
+        meta = json.loads((array_path / "zarr.json").read_text())
+        return (list(meta["shape"]), list(meta["chunk_grid"]["configuration"]["chunk_shape"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def create_arrays(path, specs: dict[str, ArraySpec], totals: dict[str, int]) -> None:
-    """Create every assembled array with its exact shape (replacing any from a killed
-    assembly); the directly written arrays already exist."""
+    """Create every assembled array with its exact shape; the directly written arrays already
+    exist.  An array that already has that shape and chunking (created when the run was
+    planned, or by an interrupted assembly whose chunks will all be written again) is kept;
+    one with another shape (records were skipped) is replaced."""
     import zarr
 
+    wanted = {}
+    for spec in specs.values():
+        if spec.path in DIRECT:
+            continue
+        n = int(totals[spec.level])
+        layout_ = [[n, *spec.trailing], [spec.chunk_rows(n), *spec.trailing]]
+        if _array_layout(Path(path) / spec.path) != tuple(layout_):
+            wanted[spec.path] = n
+    if not wanted:
+        return
     with quiet_zarr():
         root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
         for level in ("structures", "atoms", "pairs"):
             if any(s.level == level for s in specs.values()) and level not in root:
                 root.create_group(level)
         for spec in specs.values():
-            if spec.path in DIRECT:
+            if spec.path not in wanted:
                 continue
-            n = int(totals[spec.level])
+            n = wanted[spec.path]
             root.create_array(
                 spec.path, shape=(n,) + spec.trailing,
                 chunks=(spec.chunk_rows(n),) + spec.trailing,
@@ -378,27 +581,16 @@ def assembly_jobs(specs: dict[str, ArraySpec], totals: dict[str, int]) -> list[t
     return jobs
 
 
-def _staged_rows(path, task: int, spec: ArraySpec, bases: dict[str, np.ndarray]) -> np.ndarray:
-    d = task_dir(path, task)
-    if spec.path == "structures/atom_start":
-        counts = np.load(d / _file("structures/n_atoms"))
-        return bases["atoms"][task] + np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    if spec.path == "atoms/pair_start":
-        counts = np.load(d / _file("atoms/pair_count"))
-        return bases["pairs"][task] + np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    return np.load(d / _file(spec.path), mmap_mode=None if spec.is_str else "r")
-
-
 def assemble_rows(path, spec: ArraySpec, r0: int, r1: int, bases: dict[str, np.ndarray],
-                  counts: dict[str, np.ndarray]) -> int:
+                  counts: dict[str, np.ndarray], staged: StagedTasks | None = None) -> int:
     """Write rows ``[r0, r1)`` of one array from the staged tasks that cover them.
 
     ``r0`` is a chunk boundary and ``r1`` a chunk boundary or the end of the array, so this job
     is the only writer of the chunks it touches.  Rows no task covers (the unused end of a
     task's pair region) get the fill value.  Returns the number of bytes written (uncompressed).
+    ``staged``: where to read the tasks' staged arrays (default: a fresh, uncached reader).
     """
-    import zarr
-
+    staged = staged or StagedTasks(path)
     b, c = bases[spec.level], counts[spec.level]
     first = max(int(np.searchsorted(b, r0, side="right")) - 1, 0)
     last = min(int(np.searchsorted(b, r1, side="left")), len(c))
@@ -406,7 +598,7 @@ def assemble_rows(path, spec: ArraySpec, r0: int, r1: int, bases: dict[str, np.n
     for t in range(first, last):
         lo, hi = max(r0, int(b[t])), min(r1, int(b[t] + c[t]))
         if hi > lo:
-            rows = _staged_rows(path, t, spec, bases)
+            rows = staged.rows(t, spec, bases)
             parts.append((lo, np.asarray(rows[lo - int(b[t]):hi - int(b[t])])))
     covered = sum(p.shape[0] for _, p in parts)
     if spec.level != "pairs" and covered != r1 - r0:
@@ -420,9 +612,7 @@ def assemble_rows(path, spec: ArraySpec, r0: int, r1: int, bases: dict[str, np.n
             block[lo - r0:lo - r0 + p.shape[0]] = p
     if spec.is_str:
         block = block.astype(object)
-    with quiet_zarr():
-        arr = zarr.open_array(str(Path(path) / spec.path), mode="r+")
-        arr[r0:r1] = block
+    _write_rows(Path(path) / spec.path, r0, block)
     return int(block.nbytes)
 
 
@@ -464,7 +654,7 @@ def base_attrs(*, feature_config: dict, feature_list, source: dict, options: dic
 
 
 __all__ = ["prepare_store", "save_plan", "load_plan", "finished_tasks", "clean_partial_tasks",
-           "collect_arrays", "write_staged", "load_metas", "task_layout", "create_arrays", "pair_capacities",
+           "collect_arrays", "TaskCollector", "PairStream", "write_staged", "StagedTasks", "load_metas", "task_layout", "create_arrays", "pair_capacities",
            "ensure_direct_arrays", "write_direct",
            "assembly_jobs", "assemble_rows", "finalize", "base_attrs", "read_root_attrs",
            "quiet_zarr"]
