@@ -67,11 +67,14 @@ class RunSummary:
 
 def plan_tasks(n_atoms, *, n_workers: int = 1, chunk_size: int | None = None,
                tasks_per_worker: int = TASKS_PER_WORKER) -> list[tuple[int, int]]:
-    """Split structures ``0..len(n_atoms)`` into contiguous ranges of about equal atom count.
+    """Split structures ``0..len(n_atoms)`` into contiguous ranges balanced by atom count.
 
     ``chunk_size``: about this many structures per task (the atom target is ``chunk_size`` times
-    the mean atom count, so tasks stay balanced by atoms).  Default: ``tasks_per_worker`` tasks
-    per worker, each between ``MIN_TASK_ATOMS`` and ``MAX_TASK_ATOMS`` atoms.
+    the mean atom count, so tasks stay balanced by atoms), all of one size.  Default:
+    ``tasks_per_worker`` tasks per worker, each between ``MIN_TASK_ATOMS`` and
+    ``MAX_TASK_ATOMS`` atoms; with several workers the last round of work is cut into tasks of
+    a half and then a quarter of that size (run last), so that workers finish close together
+    instead of one idling while another runs a whole task.
     """
     n_atoms = np.asarray(n_atoms, dtype=np.int64).reshape(-1)
     n = n_atoms.size
@@ -81,15 +84,19 @@ def plan_tasks(n_atoms, *, n_workers: int = 1, chunk_size: int | None = None,
     if chunk_size is not None:
         if int(chunk_size) < 1:
             raise InputError(f"chunk size must be at least 1 structure, got {chunk_size}")
-        n_tasks = int(math.ceil(n / int(chunk_size)))
+        sizes = [1.0] * int(math.ceil(n / int(chunk_size)))
     else:
         target = total / max(1, n_workers * tasks_per_worker)
         target = min(max(target, MIN_TASK_ATOMS), MAX_TASK_ATOMS)
         n_tasks = max(1, min(n, int(round(total / target))))
-    if n_tasks >= n:
+        sizes = [1.0] * n_tasks
+        if n_workers > 1 and n_tasks > n_workers and target >= 2 * MIN_TASK_ATOMS:
+            # the last n_workers full tasks become n_workers halves and 2 n_workers quarters
+            sizes = [1.0] * (n_tasks - n_workers) + [0.5] * n_workers + [0.25] * (2 * n_workers)
+    if len(sizes) >= n:
         return [(i, i + 1) for i in range(n)]
     cum = np.cumsum(n_atoms)
-    goals = total * np.arange(1, n_tasks) / n_tasks
+    goals = total * np.cumsum(sizes)[:-1] / sum(sizes)
     idx = np.searchsorted(cum, goals, side="left")
     # choose between ending at structure idx (inclusive) or idx-1, whichever is closer to the goal
     cuts = []
