@@ -256,12 +256,21 @@ def featurize_to_store(reader, store, featurizer, *, derivatives: bool = True,
     ``client``: a :class:`distributed.Client`; ``None`` runs every task in this process (the
     serial reference).  An existing store with the same fingerprint is resumed (only missing
     tasks are computed); one with a different fingerprint raises :class:`StoreError` unless
-    ``overwrite``.  Returns a :class:`RunSummary`.
+    ``overwrite``.  A second run on the same store while this one holds it raises
+    :class:`StoreError` (see :func:`~gmp_pipeline.store.writer.store_lock`).  Returns a
+    :class:`RunSummary`.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if dtype not in ("float32", "float64"):
         raise InputError(f"dtype must be float32 or float64, got {dtype!r}")
     store = os.path.abspath(os.fspath(store))
+    with W.store_lock(store, log):
+        return _featurize_to_store(reader, store, featurizer, derivatives, dtype, client,
+                                   chunk_size, overwrite, progress, log)
+
+
+def _featurize_to_store(reader, store, featurizer, derivatives, dtype, client, chunk_size,
+                        overwrite, progress, log) -> RunSummary:
     t_start = time.perf_counter()
     attrs, schema = store_attrs(reader, featurizer, derivatives=derivatives, dtype=dtype)
     state = W.prepare_store(store, attrs, overwrite=overwrite)

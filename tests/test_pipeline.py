@@ -230,6 +230,25 @@ def test_fingerprint_covers_psp_bytes_threshold_and_version():
     assert layout.fingerprint(layout.fingerprint_parts(**{**base, "version": "0.2.0"})) != fp
 
 
+def test_a_second_run_on_a_store_in_use_is_refused(tmp_path):
+    """Two runs on one store would share its staging area; the second one stops at once,
+    saying who holds the store, and the lock goes with the run that held it."""
+    out = tmp_path / "q.zarr"
+    lock = W.lock_path(out)
+    with W.store_lock(out):
+        info = json.loads(lock.read_text())
+        assert info["pid"] == os.getpid()
+        with pytest.raises(StoreError, match=rf"another gmp-pipeline run \(pid {os.getpid()}"):
+            serial_store("qm9", SAMPLES / "qm9", out)
+        res = run_cli("featurize", "qm9", SAMPLES / "qm9", "-o", out, "--features",
+                      write_features_yaml(tmp_path / "f.yaml"), "--no-progress")
+        assert res.exit_code == 1 and "being written by another" in res.output
+        assert not out.exists()
+    assert not lock.exists()
+    serial_store("qm9", SAMPLES / "qm9", out)                 # free again
+    assert W.read_root_attrs(out)["complete"] and not lock.exists()
+
+
 def test_non_store_directory_is_never_touched(tmp_path):
     d = tmp_path / "data"
     d.mkdir()
