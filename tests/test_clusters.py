@@ -6,6 +6,7 @@ Under CI (``CI=true``) they fail when SLURM is missing; elsewhere they are skipp
 from __future__ import annotations
 
 import os
+import sys
 import subprocess
 import time
 
@@ -146,6 +147,13 @@ def test_local_cluster_two_processes(tmp_path):
 
             dirs = client.run(lambda: __import__("numba").config.CACHE_DIR)
             assert dirs == caches
+            # ... and malloc thresholds that keep freed memory for reuse (Linux/glibc)
+            if sys.platform.startswith("linux"):
+                from gmp_pipeline.clusters.workers import PLUGIN_NAME
+
+                set_ = client.run(lambda dask_worker: dask_worker.plugins[PLUGIN_NAME].malloc)
+                assert all(v == {"mmap-threshold": 32 << 20, "trim-threshold": 256 << 20}
+                           for v in set_.values()), set_
             # idempotent
             prepare_workers(client)
             assert client.run(lambda: os.environ.get("NUMBA_CACHE_DIR")) == caches

@@ -40,7 +40,9 @@ _M_MMAP_THRESHOLD = -3
 
 
 def tune_malloc(mmap_threshold: int | None = None, trim_threshold: int | None = None) -> dict:
-    """Set glibc's malloc thresholds of this process (config ``gmp-pipeline.cluster.malloc``).
+    """Set glibc's malloc thresholds of this process (None: leave that one as it is).
+
+    Workers get the values of config ``gmp-pipeline.cluster.malloc`` (see NumbaCachePlugin).
 
     Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also pins the mmap
     threshold at 128 KiB, so every large temporary array (the kernels' per-structure scratch
@@ -51,13 +53,6 @@ def tune_malloc(mmap_threshold: int | None = None, trim_threshold: int | None = 
     import ctypes
     import ctypes.util
 
-    import dask
-
-    conf = dask.config.get("gmp-pipeline.cluster.malloc", None) or {}
-    if mmap_threshold is None:
-        mmap_threshold = conf.get("mmap-threshold")
-    if trim_threshold is None:
-        trim_threshold = conf.get("trim-threshold")
     if not sys.platform.startswith("linux"):
         return {}
     try:
@@ -96,6 +91,12 @@ class NumbaCachePlugin(WorkerPlugin):
         self.base = base
         self._lock = None
         self.cache_dir = None
+        # read where the run is configured (the driver), so a --cluster-config file counts on
+        # batch-job workers, which do not share the driver's dask.config
+        import dask
+
+        self.malloc_config = dict(dask.config.get("gmp-pipeline.cluster.malloc", None) or {})
+        self.malloc = {}
 
     def _claim_slot(self, base: Path):
         import fcntl
@@ -131,7 +132,9 @@ class NumbaCachePlugin(WorkerPlugin):
             path.mkdir(parents=True, exist_ok=True)
         self.cache_dir = str(path)
         _set_numba_cache(self.cache_dir)
-        self.malloc = tune_malloc()
+        if self.malloc_config:
+            self.malloc = tune_malloc(self.malloc_config.get("mmap-threshold"),
+                                      self.malloc_config.get("trim-threshold"))
 
     def teardown(self, worker):
         if self._lock is not None:
