@@ -402,12 +402,32 @@ class StagedTasks:
     MMAP_BYTES = 4 << 20
 
     def __init__(self, path, cache: bool = False):
+        import threading
+
         self.path = path
         self._cache: dict[int, dict[str, np.ndarray]] | None = {} if cache else None
+        self._lock = threading.Lock()   # threads sharing a cache read each task once
 
     def arrays(self, task: int) -> dict[str, np.ndarray]:
-        if self._cache is not None and task in self._cache:
+        if self._cache is None:
+            return self._load(task)
+        with self._lock:
+            if task not in self._cache:
+                self._cache[task] = self._load(task)
             return self._cache[task]
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state):
+        import threading
+
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _load(self, task: int) -> dict[str, np.ndarray]:
         d = task_dir(self.path, task)
         try:
             index = json.loads((d / "meta.json").read_text())["staged"]
@@ -426,8 +446,6 @@ class StagedTasks:
             if e["offset"] + n > size:
                 raise StoreError(f"staged result of task {task} in {d} is truncated ({p})")
             out[p] = blob[e["offset"]:e["offset"] + n].view(dt).reshape(shape)
-        if self._cache is not None:
-            self._cache[task] = out
         return out
 
     def rows(self, task: int, spec: ArraySpec, bases: dict[str, np.ndarray]) -> np.ndarray:
