@@ -11,7 +11,9 @@ kernel's throughput, and the bytes on disk per atom and per pair.
 Pipeline throughput is structures / (featurize + assemble time) as the CLI reports it: the
 time from the first task submitted to the last chunk written, after the cluster is up and the
 kernels are warm on every worker.  The end-to-end wall time of the command (Python start,
-cluster start, kernel warm-up, planning, finalize) is printed as well.
+cluster start, kernel warm-up, planning, finalize) is printed as well.  Configurations are
+interleaved and the page cache is flushed (``sync``) before each timed run, so that one run's
+background writeback does not land in the next (see :func:`settle`).
 """
 from __future__ import annotations
 
@@ -27,6 +29,21 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "oc20_like_200.extxyz"
+VERBOSE = False
+
+
+def settle() -> None:
+    """Flush the page cache's dirty data before a timed run (after removing the previous store).
+
+    Each run writes ~240 MB; the kernel writes it back about 30 s later, and frees (and, on a
+    disk mounted with ``discard``, trims) the blocks of a removed store at its next journal
+    commit -- in whichever run is going on then.  On 2 cores that costs a 2-worker run (no idle
+    core) far more than a 1-worker one, so without this the comparison depends on the order of
+    the runs.
+    """
+    if hasattr(os, "sync"):
+        os.sync()
+    time.sleep(1.0)
 
 
 def run_cli(store: Path, workers: int, features: str | None) -> dict:
@@ -34,6 +51,8 @@ def run_cli(store: Path, workers: int, features: str | None) -> dict:
            str(store), "--workers", str(workers), "--no-progress", "--overwrite"]
     if features:
         cmd += ["--features", features]
+    shutil.rmtree(store, ignore_errors=True)   # removed and synced before the run, not in it
+    settle()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -42,6 +61,10 @@ def run_cli(store: Path, workers: int, features: str | None) -> dict:
     m = re.search(r"featurize ([\d.]+) s, assemble ([\d.]+) s", proc.stdout)
     warm = re.search(r"warmup ([\d.]+) s", proc.stdout)
     counts = re.search(r"(\d+) structures, (\d+) atoms, (\d+) pairs", proc.stdout)
+    if VERBOSE:
+        for line in proc.stdout.splitlines() + proc.stderr.splitlines():
+            if line.startswith(("worker time", "time:")):
+                print(f"  [{workers} worker{'s' if workers > 1 else ''}] {line}")
     featurize = float(m.group(1))   # after the warm-up (reported separately)
     assemble = float(m.group(2))
     return {"wall": wall, "run": featurize + assemble, "featurize": featurize,
@@ -56,6 +79,7 @@ def bare_kernel(features: str | None) -> dict:
     fz = make_featurizer(features)
     structures = list(open_reader("ase", str(DATA)))
     fz.featurize_many(structures[:2], derivatives=True)  # compile / load the cache
+    settle()
     t0 = time.perf_counter()
     res = fz.featurize_many(structures, derivatives=True)
     dt = time.perf_counter() - t0
@@ -75,7 +99,11 @@ def main():
                     help="runs per configuration, interleaved (best kept)")
     ap.add_argument("--dir", help="where to write the stores (default: the system temp dir; "
                                   "/dev/shm separates the pipeline from the disk's speed)")
+    ap.add_argument("--verbose", action="store_true",
+                    help="print each run's stage times (summed over tasks) and timing line")
     args = ap.parse_args()
+    global VERBOSE
+    VERBOSE = args.verbose
     tmp = Path(tempfile.mkdtemp(prefix="gmp-bench-", dir=args.dir))
     try:
         print(f"data: {DATA.name}; features: {args.features or 'default (21 features)'}; "

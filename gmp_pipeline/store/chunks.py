@@ -13,6 +13,7 @@ Zarr; :func:`open_direct` returns None for them.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ class DirectArray:
         from numcodecs import Blosc
 
         self.path = Path(path)
+        self.encode_seconds = 0.0
         try:
             self.shape = tuple(int(x) for x in meta["shape"])
             grid = meta["chunk_grid"]
@@ -94,7 +96,9 @@ class DirectArray:
                 pad = np.full((self.rows,) + self.shape[1:], self.fill, dtype=self.dtype)
                 pad[:part.shape[0]] = part
                 part = pad
+            _t = time.perf_counter()
             data = self.encode(part)
+            self.encode_seconds += time.perf_counter() - _t
             key = self._key(((row0 + r) // self.rows,) + zeros)
             target = self.path / key
             try:
