@@ -356,6 +356,7 @@ def _featurize_to_store(reader, store, featurizer, derivatives, dtype, client, c
     counts = {"n_structures": totals["structures"], "n_atoms": totals["atoms"],
               "n_pairs": n_pairs, "pair_rows": totals["pairs"], "n_tasks": len(tasks),
               "n_skipped_records": len(skipped)}
+    W.write_skipped(store, skipped)
     W.finalize(store, {"counts": counts,
                        "skipped_records": [[i, m] for i, m in skipped][:1000]})
     summary.n_structures, summary.n_atoms, summary.n_pairs = (

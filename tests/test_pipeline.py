@@ -309,4 +309,9 @@ def test_bad_record_mid_run_fails_cleanly_and_store_stays_incomplete(tmp_path, d
     assert len(st) == 100 and 60 not in st.array("structures/source_index")[:]
     assert st.attrs["counts"]["n_skipped_records"] == 1
     assert json.dumps(st.attrs["skipped_records"]).count("60") >= 1
+    import zarr
+
+    g = zarr.open_group(str(out), mode="r")                    # every skipped record, as arrays
+    assert g["skipped/source_index"][:].tolist() == [60]
+    assert "60" in str(g["skipped/message"][0])
     assert re.search(r"\b1 skipped records", run_cli("inspect", out).output)

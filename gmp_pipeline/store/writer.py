@@ -709,6 +709,28 @@ def assemble_rows(path, spec: ArraySpec, r0: int, r1: int, bases: dict[str, np.n
 
 # -- phase 4: finalize -----------------------------------------------------------------------------
 
+def write_skipped(path, skipped: list[tuple[int, str]]) -> None:
+    """Every record skipped as bad, as arrays ``skipped/source_index`` (int64) and
+    ``skipped/message`` (text), in source order (the root attributes list only the first
+    1000).  Written by the driver before :func:`finalize`; nothing when no record was skipped."""
+    import zarr
+
+    if not skipped:
+        return
+    idx = np.array([int(i) for i, _ in skipped], dtype=np.int64)
+    msg = np.array([str(m) for _, m in skipped], dtype=object)
+    with quiet_zarr():
+        root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+        g = root.require_group("skipped")
+        for name, data, dt, spec in (
+                ("source_index", idx, "int64", ArraySpec("skipped/source_index", "int64")),
+                ("message", msg, str, ArraySpec("skipped/message", "str", fill=""))):
+            arr = g.create_array(name, shape=data.shape, chunks=(max(1, len(data)),), dtype=dt,
+                                 compressors=codecs_for(spec), overwrite=True,
+                                 dimension_names=["skipped"])
+            arr[:] = data
+
+
 def finalize(path, attrs_update: dict) -> None:
     """Mark the store complete, consolidate metadata (once), and remove the staging area."""
     import zarr
@@ -747,5 +769,5 @@ def base_attrs(*, feature_config: dict, feature_list, source: dict, options: dic
 __all__ = ["store_lock", "lock_path", "prepare_store", "save_plan", "load_plan", "finished_tasks", "clean_partial_tasks",
            "collect_arrays", "TaskCollector", "PairStream", "write_staged", "StagedTasks", "load_metas", "task_layout", "create_arrays", "pair_capacities",
            "ensure_direct_arrays", "write_direct",
-           "assembly_jobs", "assemble_rows", "finalize", "base_attrs", "read_root_attrs",
+           "assembly_jobs", "assemble_rows", "write_skipped", "finalize", "base_attrs", "read_root_attrs",
            "quiet_zarr"]
