@@ -202,7 +202,7 @@ def run_task(store: str, task: int, start: int, stop: int, reader, config: dict,
     meta["stage_seconds"] = {"read": t_read - t0, "featurize": t_feat,
                              "collect": t_done - t_read - t_feat - write_pairs,
                              "write_pairs": write_pairs}
-    if pairs is not None and pairs.direct is not None:
+    if pairs is not None:
         meta["stage_seconds"]["encode_pairs"] = pairs.direct.encode_seconds
     W.write_staged(store, task, arrays, meta)
     return meta

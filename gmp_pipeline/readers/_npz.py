@@ -143,11 +143,8 @@ class FrameNpzReader(Reader):
 
     def __init__(self, path, *, energy_unit: str | None = None, molecule: str | None = None,
                  skip_bad_records: bool = False, **options: Any):
-        if energy_unit is not None:
-            options["energy_unit"] = energy_unit
-        if molecule is not None:
-            options["molecule"] = molecule
-        super().__init__(path, skip_bad_records=skip_bad_records, **options)
+        super().__init__(path, skip_bad_records=skip_bad_records, energy_unit=energy_unit,
+                         molecule=molecule, **options)
         if energy_unit is not None:
             normalize_energy_unit(energy_unit)  # fail early on an unknown unit
         self._energy_unit_req = energy_unit

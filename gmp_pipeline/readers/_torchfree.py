@@ -90,7 +90,7 @@ def load_legacy_storage(data: bytes) -> np.ndarray:
         def persistent_load(self, pid):
             if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
                 raise DecodeError(f"unexpected persistent id {pid!r:.80}")
-            stype, key, _location, numel = pid[1], str(pid[2]), pid[3], pid[4]
+            stype, key, numel = pid[1], str(pid[2]), pid[4]   # pid[3]: location
             if not isinstance(stype, _StorageType):
                 raise DecodeError(f"storage type {stype!r:.60} is not a torch storage class")
             if len(pid) > 5 and pid[5] is not None:

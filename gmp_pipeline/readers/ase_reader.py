@@ -90,11 +90,8 @@ class ASEReader(Reader):
 
     def __init__(self, path, *, format: str | None = None, energy_unit: str | None = None,
                  skip_bad_records: bool = False, **options: Any):
-        if format is not None:
-            options["format"] = format
-        if energy_unit is not None:
-            options["energy_unit"] = energy_unit
-        super().__init__(path, skip_bad_records=skip_bad_records, **options)
+        super().__init__(path, skip_bad_records=skip_bad_records, format=format,
+                         energy_unit=energy_unit, **options)
         self._format = format
         self._factor, self._unit = energy_conversion("eV", energy_unit)
         self._n: int | None = None

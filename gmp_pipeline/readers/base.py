@@ -73,9 +73,11 @@ class Reader(abc.ABC):
     units: dict[str, str]
 
     def __init__(self, path, *, skip_bad_records: bool = False, **options: Any):
+        """``options``: the reader's own settings, recorded in :meth:`describe` (and so in a
+        store's fingerprint); those given as None (left at their default) are left out."""
         self.path = path
         self.skip_bad_records = bool(skip_bad_records)
-        self.options = dict(options)
+        self.options = {k: v for k, v in options.items() if v is not None}
         self.skipped: list[tuple[int, str]] = []
 
     @abc.abstractmethod

@@ -128,11 +128,8 @@ class OCPReader(Reader):
 
     def __init__(self, path, *, format: str | None = None, energy_unit: str | None = None,
                  skip_bad_records: bool = False, **options: Any):
-        if format is not None:
-            options["format"] = format
-        if energy_unit is not None:
-            options["energy_unit"] = energy_unit
-        super().__init__(path, skip_bad_records=skip_bad_records, **options)
+        super().__init__(path, skip_bad_records=skip_bad_records, format=format,
+                         energy_unit=energy_unit, **options)
         self._factor, self._unit = energy_conversion("eV", energy_unit)
         self._files: list[str] | None = None
         self._sizes: list[int] | None = None
@@ -229,14 +226,10 @@ class LegacyLMDBReader(OCPReader):
 
     def __init__(self, path, *, energy_key: str | None = None, energy_kind: str | None = None,
                  **options):
-        if energy_key is not None:
-            if energy_key not in _LMDB_ENERGIES:
-                raise InputError(f"energy_key {energy_key!r}: choose one of "
-                                 f"{', '.join(_LMDB_ENERGIES)}")
-            options["energy_key"] = energy_key
-        if energy_kind is not None:
-            options["energy_kind"] = energy_kind
-        super().__init__(path, **options)
+        if energy_key is not None and energy_key not in _LMDB_ENERGIES:
+            raise InputError(f"energy_key {energy_key!r}: choose one of "
+                             f"{', '.join(_LMDB_ENERGIES)}")
+        super().__init__(path, energy_key=energy_key, energy_kind=energy_kind, **options)
         self._energy_key = energy_key
         self._energy_kind = energy_kind
 

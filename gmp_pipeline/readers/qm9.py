@@ -181,12 +181,11 @@ class QM9Reader(Reader):
         if energy_key not in _ENERGY_KEYS:
             raise InputError(f"energy_key {energy_key!r} is not a QM9 energy property; choose "
                              f"one of {', '.join(_ENERGY_KEYS)}")
-        options.update(energy_key=energy_key, exclude_uncharacterized=bool(exclude_uncharacterized))
-        if uncharacterized is not None:
-            options["uncharacterized"] = os.fspath(uncharacterized)
-        if energy_unit is not None:
-            options["energy_unit"] = energy_unit
-        super().__init__(path, skip_bad_records=skip_bad_records, **options)
+        super().__init__(path, skip_bad_records=skip_bad_records, energy_key=energy_key,
+                         exclude_uncharacterized=bool(exclude_uncharacterized),
+                         uncharacterized=None if uncharacterized is None
+                         else os.fspath(uncharacterized),
+                         energy_unit=energy_unit, **options)
         self._energy_key = energy_key
         self._factor, self._unit = energy_conversion("Hartree", energy_unit)
         self._exclude = bool(exclude_uncharacterized)

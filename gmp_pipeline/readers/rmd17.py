@@ -55,11 +55,8 @@ class RMD17Reader(FrameNpzReader):
     key_R, key_z, key_E, key_F = "coords", "nuclear_charges", "energies", "forces"
 
     def __init__(self, path, *, split_file=None, include_old_forces: bool = False, **options):
-        if split_file is not None:
-            options["split_file"] = os.fspath(split_file)
-        if include_old_forces:
-            options["include_old_forces"] = True
-        super().__init__(path, **options)
+        super().__init__(path, split_file=None if split_file is None else os.fspath(split_file),
+                         include_old_forces=True if include_old_forces else None, **options)
         self._split_file = None if split_file is None else os.fspath(split_file)
         self._include_old_forces = bool(include_old_forces)
         self._rows: np.ndarray | None = None
@@ -107,7 +104,6 @@ class RMD17Reader(FrameNpzReader):
     def read(self, start=0, stop=None):
         for s in super().read(start, stop):
             if self._include_old_forces:
-                j = s.source_index
                 row = s.info["frame_index"]
                 s.atom_info["old_forces"] = (np.asarray(self._npz.array("old_forces")[row],
                                                         dtype=np.float64) * self._factor)

@@ -1,23 +1,25 @@
-"""Writing a store in three race-free phases: plan, stage (per task), assemble (per chunk).
+"""Writing a store in race-free phases: plan, stage (per task), assemble (per chunk), finalize.
 
-1. **Plan** (driver): the root group is created with ``complete: false`` and the task plan
-   (structure ranges balanced by atoms) is saved in ``_staging/plan.json``.
-2. **Stage** (one Dask task per planned range, :func:`stage_task`): the task reads its slice of
-   the source, featurizes it and saves its arrays under its *own* directory
+1. **Plan** (driver): the root group is created with ``complete: false``, the task plan
+   (structure ranges balanced by atoms, and each task's chunk-aligned ``pairs/`` region) is
+   saved in ``_staging/plan.json``, and every array is created with its planned shape.
+2. **Stage** (one Dask task per planned range, ``pipeline.run_task``): the task streams its
+   ``dfeatures`` rows into its own ``pairs/`` region (:class:`PairStream`) and saves its other
+   arrays (:class:`TaskCollector`) in one file under its *own* directory
    ``_staging/tasks/t0000012``.  It writes into a temporary directory and renames it into place,
    so the directory exists only when complete: it is the task's completion marker.  Its
    ``meta.json`` holds the task's structure, atom and pair counts -- this is the pair-counting
    pass: pair counts are only known once the neighbour lists are built.
-3. **Assemble** (one Dask task per group of whole output chunks, :func:`assemble_rows`): the
-   global offsets of every task are prefix sums of the staged counts; the final arrays are created
-   with their exact shapes; each assembly job owns a disjoint, chunk-aligned row range of one
-   array and is the only writer of those chunks.
+3. **Assemble** (jobs of whole output chunks, :func:`assemble_rows`): the global offsets of
+   every task are prefix sums of the staged counts; an array whose final shape differs from the
+   plan is re-created; each assembly job owns a disjoint, chunk-aligned row range of one array
+   and is the only writer of those chunks.
 4. **Finalize** (driver, :func:`finalize`): root attrs get ``complete: true`` and the counts,
    metadata is consolidated once, and ``_staging`` is removed.
 
-No two concurrent writers ever touch the same file: staging directories are per task, assembly
-jobs own whole chunks, metadata is written only by the driver.  The final layout depends only on
-the source and the configuration, not on the task plan or on which worker did what.
+No two concurrent writers ever touch the same file: staging directories and ``pairs/`` regions
+are per task, assembly jobs own whole chunks, metadata is written only by the driver.  The final
+layout depends only on the source and the configuration, not on which worker did what.
 """
 from __future__ import annotations
 
@@ -312,34 +314,6 @@ class TaskCollector:
         return arrays
 
 
-def collect_arrays(structures, results, specs: dict[str, ArraySpec], schema: dict,
-                   derivatives: bool) -> dict[str, np.ndarray]:
-    """Every array of one task, ``pairs/dfeatures`` included, in memory (for tests and small
-    in-process uses; the pipeline streams ``dfeatures`` with :class:`TaskCollector`)."""
-    sink = _MemoryPairs(specs["pairs/dfeatures"]) if derivatives else None
-    col = TaskCollector(specs, schema, derivatives, sum(len(s) for s in structures), sink)
-    for s, r in zip(structures, results):
-        col.add(s, r)
-    arrays = col.finish()
-    if derivatives:
-        arrays["pairs/dfeatures"] = sink.array()
-    return arrays
-
-
-class _MemoryPairs:
-    def __init__(self, spec: ArraySpec):
-        self.spec = spec
-        self.parts: list[np.ndarray] = []
-
-    def append(self, block) -> None:
-        self.parts.append(np.asarray(block, dtype=self.spec.dtype))
-
-    def array(self) -> np.ndarray:
-        if not self.parts:
-            return self.spec.empty(0)
-        return np.concatenate(self.parts, axis=0)
-
-
 def _extra_paths(schema, key, level):
     from .layout import extra_path
 
@@ -523,8 +497,10 @@ class PairStream:
         self.base, self.capacity = int(base), int(capacity)
         self.spec = spec
         self.direct = open_direct(self.array_path)
-        self.rows = self.direct.rows if self.direct is not None else max(1, self.capacity)
-        if self.direct is not None and self.base % self.rows:
+        if self.direct is None:
+            raise StoreError(f"{self.label}: not a bytes + blosc array; cannot stream into it")
+        self.rows = self.direct.rows
+        if self.base % self.rows:
             raise StoreError(f"{self.label}: region start {self.base} is not chunk-aligned")
         self.buf = np.empty((self.rows,) + spec.trailing, dtype=spec.dtype) if capacity else None
         self.filled = 0       # rows in buf
@@ -551,11 +527,8 @@ class PairStream:
 
     def _flush(self) -> None:
         t = time.perf_counter()
-        if self.direct is not None:
-            self.buf[self.filled:] = self.spec.fill
-            self.direct.write(self.base + self.flushed, self.buf)
-        else:  # not a layout chunks.py writes: through Zarr (capacity-sized buffer)
-            _write_rows(self.array_path, self.base + self.flushed, self.buf[:self.filled])
+        self.buf[self.filled:] = self.spec.fill
+        self.direct.write(self.base + self.flushed, self.buf)
         self.flushed += self.filled
         self.filled = 0
         self.seconds += time.perf_counter() - t
@@ -565,15 +538,6 @@ class PairStream:
         if self.filled:
             self._flush()
         return self.flushed
-
-
-def write_direct(path, spec_path: str, base: int, capacity: int, block: np.ndarray) -> None:
-    """Write a task's rows at the start of the region ``[base, base + capacity)`` it owns."""
-    if block.shape[0] > capacity:
-        raise StoreError(f"{spec_path}: {block.shape[0]} rows exceed the {capacity} reserved")
-    if block.shape[0] == 0:
-        return
-    _write_rows(Path(path) / spec_path, base, block)
 
 
 def _write_rows(array_path: Path, r0: int, block: np.ndarray) -> None:
@@ -767,7 +731,7 @@ def base_attrs(*, feature_config: dict, feature_list, source: dict, options: dic
 
 
 __all__ = ["store_lock", "lock_path", "prepare_store", "save_plan", "load_plan", "finished_tasks", "clean_partial_tasks",
-           "collect_arrays", "TaskCollector", "PairStream", "write_staged", "StagedTasks", "load_metas", "task_layout", "create_arrays", "pair_capacities",
-           "ensure_direct_arrays", "write_direct",
+           "TaskCollector", "PairStream", "write_staged", "StagedTasks", "load_metas", "task_layout", "create_arrays", "pair_capacities",
+           "ensure_direct_arrays",
            "assembly_jobs", "assemble_rows", "write_skipped", "finalize", "base_attrs", "read_root_attrs",
            "quiet_zarr"]
