@@ -82,8 +82,17 @@ class GMPFeaturizer:
     Duplicate orders or sigmas give duplicate columns, as in the reference.
     """
 
-    def __init__(self, orders: Sequence[int] = (-1, 0, 1, 2, 3), sigmas: Sequence[float] = (0.2, 0.4, 0.6, 0.8, 1.0),
-                 psp="QE-kjpaw", overlap_threshold: float = 1e-16, square: bool = False):
+    def __init__(self, orders: Sequence[int] | None = None, sigmas: Sequence[float] | None = None,
+                 psp=None, overlap_threshold: float | None = None, square: bool | None = None):
+        # defaults (None): the shipped feature set, written once in data/features-default.yaml
+        from .config import feature_defaults
+
+        d = feature_defaults()
+        orders = d["orders"] if orders is None else orders
+        sigmas = d["sigmas"] if sigmas is None else sigmas
+        psp = d["psp"] if psp is None else psp
+        overlap_threshold = d["overlap_threshold"] if overlap_threshold is None else overlap_threshold
+        square = d["square"] if square is None else square
         if isinstance(orders, (int, np.integer)) or isinstance(orders, (str, bytes)):
             raise InputError(f"orders must be a list of integers, got {orders!r}")
         try:
@@ -163,9 +172,8 @@ class GMPFeaturizer:
         extra = set(cfg) - known
         if extra:
             raise InputError(f"feature config has unknown keys {sorted(extra)}; known: {sorted(known)}")
-        fz = cls(orders=cfg.get("orders", (-1, 0, 1, 2, 3)), sigmas=cfg.get("sigmas", (0.2, 0.4, 0.6, 0.8, 1.0)),
-                 psp=cfg.get("psp", "QE-kjpaw"), overlap_threshold=cfg.get("overlap_threshold", 1e-16),
-                 square=cfg.get("square", False))
+        fz = cls(**{k: cfg[k] for k in ("orders", "sigmas", "psp", "overlap_threshold", "square")
+                    if k in cfg})
         want = cfg.get("psp_sha256")
         if want and want != fz.psp_sha256:
             raise InputError(f"psp {cfg.get('psp')!r} has sha256 {fz.psp_sha256}, "
