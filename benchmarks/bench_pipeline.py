@@ -73,10 +73,11 @@ def run_cli(store: Path, workers: int, features: str | None) -> dict:
 
 
 def bare_kernel(features: str | None) -> dict:
-    from gmp_pipeline.cli import make_featurizer
+    from gmp_pipeline import GMPFeaturizer
+    from gmp_pipeline.config import load_feature_config
     from gmp_pipeline.readers import open_reader
 
-    fz = make_featurizer(features)
+    fz = GMPFeaturizer(**load_feature_config(features))
     structures = list(open_reader("ase", str(DATA)))
     fz.featurize_many(structures[:2], derivatives=True)  # compile / load the cache
     settle()

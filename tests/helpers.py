@@ -1,11 +1,11 @@
-"""Shared test helpers (import with ``from helpers import ...``; append new helpers below)."""
+"""Shared test helpers (import with ``from helpers import ...``; append new helpers below).
+Fixtures are in ``conftest.py``; fixture *data writers* (OCP LMDBs, ...) in ``fixtures/``."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 TESTS = Path(__file__).parent
 SAMPLES = TESTS / "data" / "samples"
@@ -159,16 +159,3 @@ def kernel_cache_env() -> dict:
     import os
 
     return {**os.environ, "DASK_GMP_PIPELINE__CLUSTER__NUMBA_CACHE_DIR": kernel_cache_dir()}
-
-
-@pytest.fixture(scope="module")
-def dask_address():
-    """Address of a real multi-process LocalCluster (2 single-threaded worker processes),
-    shared by the tests of one module; closed at the end of the module."""
-    import dask
-
-    from gmp_pipeline.clusters import start_cluster
-
-    with dask.config.set({"gmp-pipeline.cluster.numba-cache-dir": kernel_cache_dir()}):
-        with start_cluster("local", workers=2, quiet=True) as client:
-            yield client.scheduler.address

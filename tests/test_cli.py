@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import (SAMPLES, check_store_against_source, dask_address,  # noqa: F401
-                     write_features_yaml)
+from helpers import SAMPLES, check_store_against_source, write_features_yaml
 
 from gmp_pipeline.cli import main
 
@@ -35,7 +34,7 @@ def run_cli(*args):
 
 
 @pytest.mark.parametrize("kind", _kinds())
-def test_featurize_inspect_verify_every_reader(kind, tmp_path, dask_address):  # noqa: F811
+def test_featurize_inspect_verify_every_reader(kind, tmp_path, dask_address):
     from gmp_pipeline.features import GMPFeaturizer
     from gmp_pipeline.readers import open_reader
     from helpers import SMALL_FEATURES
@@ -66,7 +65,7 @@ def test_featurize_inspect_verify_every_reader(kind, tmp_path, dask_address):  #
     assert "verify: OK" in res.output
 
 
-def test_no_derivatives_float64(tmp_path, dask_address):  # noqa: F811
+def test_no_derivatives_float64(tmp_path, dask_address):
     from gmp_pipeline.features import GMPFeaturizer
     from gmp_pipeline.readers import open_reader
     from gmp_pipeline.store import open_store
@@ -95,7 +94,8 @@ def test_help_texts():
 
 
 def test_default_feature_set_is_documented_and_loads():
-    from gmp_pipeline.cli import DEFAULT_FEATURES, make_featurizer
+    from gmp_pipeline.cli import make_featurizer
+    from gmp_pipeline.config import DEFAULT_FEATURES
 
     fz = make_featurizer()
     assert DEFAULT_FEATURES.is_file()

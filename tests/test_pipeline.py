@@ -14,13 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import (SAMPLES, SMALL_FEATURES, assert_stores_equal, dask_address,  # noqa: F401
-                     kernel_cache_env, write_features_yaml)
+from helpers import (SAMPLES, SMALL_FEATURES, assert_stores_equal, kernel_cache_env,
+                     write_features_yaml)
 
 from gmp_pipeline.cli import main
+from gmp_pipeline.config import knob
 from gmp_pipeline.errors import StoreError
 from gmp_pipeline.pipeline import featurize_to_store, plan_tasks
 from gmp_pipeline.store import layout, open_store
+from gmp_pipeline.store import lock, staging
 from gmp_pipeline.store import writer as W
 
 BENCH = Path(__file__).parents[1] / "benchmarks" / "data" / "oc20_like_200.extxyz"
@@ -84,8 +86,8 @@ def test_assembly_jobs_own_disjoint_whole_chunks(n_features, totals):
             assert covered == list(range(n))
         for a, b in mine:
             assert a % rows == 0 and (b % rows == 0 or b == n)
-        if n * spec.row_bytes() >= layout.MIN_CHUNK_BYTES:
-            assert rows * spec.row_bytes() >= layout.MIN_CHUNK_BYTES
+        if n * spec.row_bytes() >= knob("store.min-chunk-bytes"):
+            assert rows * spec.row_bytes() >= knob("store.min-chunk-bytes")
 
 
 def test_tasks_own_whole_chunks_of_dfeatures():
@@ -96,7 +98,7 @@ def test_tasks_own_whole_chunks_of_dfeatures():
     n_atoms = rng.integers(1, 120, 300)
     spec = layout.array_specs(21, "float32", True, {})["pairs/dfeatures"]
     rows = spec.chunk_rows(1 << 62)
-    assert rows * spec.row_bytes() >= layout.MIN_CHUNK_BYTES
+    assert rows * spec.row_bytes() >= knob("store.min-chunk-bytes")
     for tasks in (plan_tasks(n_atoms, n_workers=2), plan_tasks(n_atoms, chunk_size=1)):
         caps = W.pair_capacities(n_atoms, tasks, rows)
         base = np.concatenate([[0], np.cumsum(caps)])
@@ -107,7 +109,7 @@ def test_tasks_own_whole_chunks_of_dfeatures():
 
 # -- race ----------------------------------------------------------------------------------------
 
-def test_many_tiny_tasks_on_several_processes_equal_a_serial_run(tmp_path, dask_address):  # noqa: F811
+def test_many_tiny_tasks_on_several_processes_equal_a_serial_run(tmp_path, dask_address):
     """101 one-structure tasks racing on 2 worker processes give exactly the serial store."""
     out = tmp_path / "par.zarr"
     res = run_cli("featurize", "ase", TOY, "-o", out, "--features",
@@ -137,7 +139,7 @@ def test_killed_run_is_incomplete_and_resume_gives_the_uninterrupted_store(tmp_p
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if len(W.finished_tasks(out)) >= 3:
+            if len(staging.finished_tasks(out)) >= 3:
                 os.killpg(proc.pid, signal.SIGKILL)    # the CLI, its scheduler and workers
                 break
             time.sleep(0.01)
@@ -156,12 +158,12 @@ def test_killed_run_is_incomplete_and_resume_gives_the_uninterrupted_store(tmp_p
                  and not ln.split()[2].startswith("Z")]
     assert not survivors, f"processes of the killed run survive: {survivors}"
 
-    attrs = W.read_root_attrs(out)
+    attrs = layout.read_root_attrs(out)
     assert attrs["complete"] is False
     with pytest.raises(StoreError, match="incomplete"):
         open_store(out)
-    n_total = len(W.load_plan(out)["tasks"])
-    n_done = len(W.finished_tasks(out))
+    n_total = len(staging.load_plan(out)["tasks"])
+    n_done = len(staging.finished_tasks(out))
     assert n_total == 100 and 3 <= n_done < n_total, (n_done, n_total)
     res = run_cli("inspect", out)
     assert "complete:    NO" in res.output and f"of {n_total} tasks done" in res.output
@@ -172,7 +174,7 @@ def test_killed_run_is_incomplete_and_resume_gives_the_uninterrupted_store(tmp_p
     assert (f"tasks: {n_total} planned, {n_total - n_done} computed, {n_done} already done"
             in rerun.stdout), rerun.stdout
     assert f"resuming {out}: {n_done} of {n_total} tasks already done" in rerun.stderr
-    assert W.read_root_attrs(out)["complete"] is True
+    assert layout.read_root_attrs(out)["complete"] is True
     assert not (out / layout.STAGING_DIR).exists()
 
     serial_store("ase", BENCH, tmp_path / "uninterrupted.zarr", chunk_size=2)
@@ -190,7 +192,7 @@ def test_fingerprint_mismatch_is_refused_and_overwrite_replaces(tmp_path):
     qm9 = SAMPLES / "qm9"
     out = tmp_path / "q.zarr"
     serial_store("qm9", qm9, out)
-    fp = W.read_root_attrs(out)["fingerprint"]
+    fp = layout.read_root_attrs(out)["fingerprint"]
     other = write_features_yaml(tmp_path / "g.yaml", sigmas=[0.3, 0.7])
     args = ["featurize", "qm9", qm9, "-o", out, "--features", other, "--cluster", "local",
             "--workers", 1, "--no-progress"]
@@ -199,7 +201,7 @@ def test_fingerprint_mismatch_is_refused_and_overwrite_replaces(tmp_path):
     assert "different configuration" in res.output
     assert "feature_config.sigmas" in res.output and "0.7" in res.output
     assert "--overwrite" in res.output and "Traceback" not in res.output
-    assert W.read_root_attrs(out)["fingerprint"] == fp       # untouched
+    assert layout.read_root_attrs(out)["fingerprint"] == fp       # untouched
 
     for opt, key in ((["--no-derivatives"], "options.derivatives"),
                      (["--dtype", "float64"], "options.dtype")):
@@ -209,7 +211,7 @@ def test_fingerprint_mismatch_is_refused_and_overwrite_replaces(tmp_path):
 
     res = run_cli(*args, "--overwrite")
     assert res.exit_code == 0, res.output
-    attrs = W.read_root_attrs(out)
+    attrs = layout.read_root_attrs(out)
     assert attrs["complete"] and attrs["fingerprint"] != fp
     assert attrs["feature_config"]["sigmas"] == [0.3, 0.7]
 
@@ -234,9 +236,9 @@ def test_a_second_run_on_a_store_in_use_is_refused(tmp_path):
     """Two runs on one store would share its staging area; the second one stops at once,
     saying who holds the store, and the lock goes with the run that held it."""
     out = tmp_path / "q.zarr"
-    lock = W.lock_path(out)
-    with W.store_lock(out):
-        info = json.loads(lock.read_text())
+    lock_file = lock.lock_path(out)
+    with lock.store_lock(out):
+        info = json.loads(lock_file.read_text())
         assert info["pid"] == os.getpid()
         with pytest.raises(StoreError, match=rf"another gmp-pipeline run \(pid {os.getpid()}"):
             serial_store("qm9", SAMPLES / "qm9", out)
@@ -244,9 +246,9 @@ def test_a_second_run_on_a_store_in_use_is_refused(tmp_path):
                       write_features_yaml(tmp_path / "f.yaml"), "--no-progress")
         assert res.exit_code == 1 and "being written by another" in res.output
         assert not out.exists()
-    assert not lock.exists()
+    assert not lock_file.exists()
     serial_store("qm9", SAMPLES / "qm9", out)                 # free again
-    assert W.read_root_attrs(out)["complete"] and not lock.exists()
+    assert layout.read_root_attrs(out)["complete"] and not lock_file.exists()
 
 
 def test_non_store_directory_is_never_touched(tmp_path):
@@ -285,7 +287,7 @@ def _corrupt_toy(path: Path, frame: int) -> Path:
     return path
 
 
-def test_bad_record_mid_run_fails_cleanly_and_store_stays_incomplete(tmp_path, dask_address):  # noqa: F811
+def test_bad_record_mid_run_fails_cleanly_and_store_stays_incomplete(tmp_path, dask_address):
     bad = _corrupt_toy(tmp_path / "bad.extxyz", 60)
     feats = write_features_yaml(tmp_path / "f.yaml")
     out = tmp_path / "bad.zarr"
@@ -294,7 +296,7 @@ def test_bad_record_mid_run_fails_cleanly_and_store_stays_incomplete(tmp_path, d
     assert res.exit_code == 1, res.output
     assert "Error:" in res.output and "bad.extxyz" in res.output and "record 60" in res.output
     assert "Traceback" not in res.output
-    assert W.read_root_attrs(out)["complete"] is False
+    assert layout.read_root_attrs(out)["complete"] is False
     with pytest.raises(StoreError):
         open_store(out)
     res = run_cli("verify", out)

@@ -10,7 +10,7 @@ from helpers import SAMPLES, SMALL_FEATURES
 from gmp_pipeline.errors import StoreError
 from gmp_pipeline.pipeline import featurize_to_store
 from gmp_pipeline.store import FORMAT_NAME, FORMAT_VERSION, open_store
-from gmp_pipeline.store import writer as W
+from gmp_pipeline.store.layout import read_root_attrs
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def toy_store(tmp_path_factory):
 
 
 def test_root_metadata(toy_store):
-    a = W.read_root_attrs(toy_store)
+    a = read_root_attrs(toy_store)
     assert a["format"] == FORMAT_NAME and a["format_version"] == FORMAT_VERSION
     assert a["complete"] is True
     assert a["fingerprint"].startswith("sha256:")

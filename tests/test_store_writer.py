@@ -7,7 +7,7 @@ import zarr
 
 from gmp_pipeline.errors import StoreError
 from gmp_pipeline.pipeline import plan_tasks
-from gmp_pipeline.store import writer as W
+from gmp_pipeline.store import staging as S
 from gmp_pipeline.store.chunks import open_direct
 from gmp_pipeline.store.layout import ArraySpec, codecs_for
 
@@ -74,7 +74,7 @@ def test_pair_stream_writes_what_it_is_given_across_chunk_boundaries(tmp_path, b
     arr = _make(tmp_path / "pairs" / "dfeatures", spec, 64, rows)
     rng = np.random.default_rng(0)
     parts = [rng.standard_normal((k,) + spec.trailing) for k in blocks]   # float64 in
-    stream = W.PairStream(tmp_path, spec, base, capacity)
+    stream = S.PairStream(tmp_path, spec, base, capacity)
     for p in parts:
         stream.append(p)
     n = stream.close()
@@ -85,7 +85,7 @@ def test_pair_stream_writes_what_it_is_given_across_chunk_boundaries(tmp_path, b
         expect[base:base + n] = np.concatenate(parts).astype(np.float32)
     np.testing.assert_array_equal(got, expect)           # NaN outside the rows written
     with pytest.raises(StoreError, match="rows reserved"):
-        W.PairStream(tmp_path, spec, base, capacity).append(np.zeros((capacity + 1, 3, 5)))
+        S.PairStream(tmp_path, spec, base, capacity).append(np.zeros((capacity + 1, 3, 5)))
 
 
 def test_staged_task_round_trip_and_truncation_is_reported(tmp_path):
@@ -95,17 +95,17 @@ def test_staged_task_round_trip_and_truncation_is_reported(tmp_path):
               "structures/name": np.array(["CH4", "water"]),
               "atoms/empty": np.zeros((0, 3))}
     (tmp_path / "_staging" / "tasks").mkdir(parents=True)
-    assert W.write_staged(tmp_path, 0, arrays, {"task": 0})
-    assert not W.write_staged(tmp_path, 0, arrays, {"task": 0})   # already there: kept
-    got = W.StagedTasks(tmp_path).arrays(0)
+    assert S.write_staged(tmp_path, 0, arrays, {"task": 0})
+    assert not S.write_staged(tmp_path, 0, arrays, {"task": 0})   # already there: kept
+    got = S.StagedTasks(tmp_path).arrays(0)
     assert set(got) == set(arrays)
     for k, a in arrays.items():
         np.testing.assert_array_equal(got[k], a)
         assert got[k].dtype == a.dtype and got[k].shape == a.shape
-    blob = W.task_dir(tmp_path, 0) / W.STAGED_FILE
+    blob = S.task_dir(tmp_path, 0) / S.STAGED_FILE
     blob.write_bytes(blob.read_bytes()[:40])
     with pytest.raises(StoreError, match="task 0 .* truncated"):
-        W.StagedTasks(tmp_path).arrays(0)
+        S.StagedTasks(tmp_path).arrays(0)
 
 
 def test_plan_tapers_the_last_round_with_several_workers():

@@ -73,7 +73,7 @@ def time_gmp_featurizer(features_yaml: Path, n: int = 200) -> dict:
     """In-process GMPFeaturizer cost, ms per structure (one thread, kernels warmed up),
     with and without derivatives, on the first ``n`` test structures."""
     from gmp_pipeline import GMPFeaturizer, Structure
-    from gmp_pipeline.cli import load_feature_config
+    from gmp_pipeline.config import load_feature_config
 
     fz = GMPFeaturizer(**load_feature_config(features_yaml))
     Z, R, _, _ = read_rmd17(C.RMD17_TEST, n)

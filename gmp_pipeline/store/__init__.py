@@ -1,7 +1,13 @@
-"""The ``gmp-features`` Zarr v3 store: layout (:mod:`.layout`), writer (:mod:`.writer`) and
-reader (:mod:`.reader`).  The format is described in ``docs/format.md``."""
+"""The ``gmp-features`` Zarr v3 store (format: ``docs/format.md``).
+
+:mod:`.layout` (array specs, codecs, fingerprint, root attributes), :mod:`.lock`, :mod:`.staging`
+(the per-task results of a run), :mod:`.chunks` (whole-chunk writes), :mod:`.writer` (the
+:class:`~.writer.StoreWriter` phases), :mod:`.reader` (:func:`open_store`), :mod:`.torch` (the torch
+Dataset and collate function) and :mod:`.verify` (``inspect`` / ``verify``).
+"""
 from .layout import FORMAT_NAME, FORMAT_VERSION
-from .reader import FeatureStore, collate_energy_forces, make_torch_dataset, open_store
+from .reader import FeatureStore, open_store
+from .torch import collate_energy_forces, make_torch_dataset
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "FeatureStore", "collate_energy_forces",
            "make_torch_dataset", "open_store"]

@@ -6,18 +6,26 @@ shapes, the codecs and the fingerprint.  The writer (:mod:`.writer`) and the rea
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import time
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..errors import StoreError
+from ..schema import Schema
+
 FORMAT_NAME = "gmp-features"
 FORMAT_VERSION = 1
 
-#: smallest uncompressed size of a chunk (bytes); an array smaller than this is one chunk
+#: smallest uncompressed size of a chunk (bytes) unless dask.config
+#: ``gmp-pipeline.store.min-chunk-bytes`` says otherwise; an array smaller is one chunk
 MIN_CHUNK_BYTES = 1 << 20
 
 #: directory (inside the store) holding the plan, per-task results and completion markers
@@ -36,9 +44,6 @@ RESERVED = {
 #: arrays the featurization tasks write themselves, each into chunk-aligned regions reserved
 #: for it in the plan (all other arrays are staged per task and assembled chunk by chunk)
 DIRECT = {"pairs/dfeatures"}
-
-_DEFAULT_FILL = {"b": False, "i": -1, "u": 0, "f": float("nan"), "U": "", "O": ""}
-
 
 @dataclass(frozen=True)
 class ArraySpec:
@@ -69,27 +74,15 @@ class ArraySpec:
     def chunk_rows(self, n_rows: int) -> int:
         """Rows per chunk: the fewest rows that make at least ``MIN_CHUNK_BYTES``, capped at the
         array length (so a small array is a single chunk)."""
-        rows = max(1, math.ceil(MIN_CHUNK_BYTES / self.row_bytes()))
+        from ..config import knob
+
+        rows = max(1, math.ceil(int(knob("store.min-chunk-bytes")) / self.row_bytes()))
         return max(1, min(rows, int(n_rows)))
 
     def empty(self, n: int) -> np.ndarray:
         if self.is_str:
             return np.full((n,) + self.trailing, self.fill, dtype=object)
         return np.full((n,) + self.trailing, self.fill, dtype=self.dtype)
-
-
-def normalize_dtype(dt) -> str:
-    """A schema dtype as a numpy dtype name, or ``"str"`` for text."""
-    text = str(dt)
-    if text in ("str", "object", "O", "string") or text.lstrip("<>|=").startswith("U"):
-        return "str"
-    return np.dtype(text).name
-
-
-def fill_for(dtype: str):
-    if dtype == "str":
-        return ""
-    return _DEFAULT_FILL.get(np.dtype(dtype).kind, 0)
 
 
 def extra_path(level: str, name: str) -> str:
@@ -101,8 +94,10 @@ def extra_path(level: str, name: str) -> str:
 
 
 def array_specs(n_features: int, dtype: str, derivatives: bool,
-                schema: dict[str, Any]) -> dict[str, ArraySpec]:
-    """Every array of a store, keyed by path, in a fixed order."""
+                schema: Schema) -> dict[str, ArraySpec]:
+    """Every array of a store, keyed by path, in a fixed order: the pipeline's own arrays, then
+    one per extra of ``schema`` with the extra's dtype and trailing shape."""
+    schema = Schema.coerce(schema)
     specs = [
         ArraySpec("structures/n_atoms", "int64"),
         ArraySpec("structures/atom_start", "int64"),
@@ -113,25 +108,24 @@ def array_specs(n_features: int, dtype: str, derivatives: bool,
         ArraySpec("atoms/numbers", "int64"),
         ArraySpec("atoms/positions", "float64", (3,)),
     ]
-    if schema.get("has_forces"):
+    if schema.has_forces:
         specs.append(ArraySpec("atoms/forces", "float64", (3,), fill=float("nan")))
     specs.append(ArraySpec("atoms/features", dtype, (n_features,), fill=float("nan")))
     if derivatives:
         specs += [ArraySpec("atoms/pair_start", "int64"), ArraySpec("atoms/pair_count", "int64"),
                   ArraySpec("pairs/neighbor", "int32", fill=-1),
                   ArraySpec("pairs/dfeatures", dtype, (3, n_features), fill=float("nan"))]
-    for level, key in (("structures", "info"), ("atoms", "atom_info")):
-        for name, dt in sorted((schema.get(key) or {}).items()):
-            dt = normalize_dtype(dt)
-            specs.append(ArraySpec(extra_path(level, name), dt, fill=fill_for(dt)))
+    for level, extras in (("structures", schema.info), ("atoms", schema.atom_info)):
+        for name, e in extras.items():
+            specs.append(ArraySpec(extra_path(level, name), e.dtype, e.shape, fill=e.fill))
     return {s.path: s for s in specs}
 
 
-def extras_map(schema: dict[str, Any]) -> dict[str, dict[str, str]]:
+def extras_map(schema: Schema) -> dict[str, dict[str, str]]:
     """{"info": {name: array path}, "atom_info": {name: array path}} for the root attrs."""
-    return {"info": {n: extra_path("structures", n) for n in sorted(schema.get("info") or {})},
-            "atom_info": {n: extra_path("atoms", n)
-                          for n in sorted(schema.get("atom_info") or {})}}
+    schema = Schema.coerce(schema)
+    return {"info": {n: extra_path("structures", n) for n in schema.info},
+            "atom_info": {n: extra_path("atoms", n) for n in schema.atom_info}}
 
 
 def codecs_for(spec: ArraySpec):
@@ -191,3 +185,52 @@ def describe_differences(old: dict, new: dict, limit: int = 8) -> list[str]:
     if len(lines) > limit:
         lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
     return lines
+
+
+# -- root attributes ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def quiet_zarr():
+    """Silence zarr's warnings about consolidated metadata, text dtypes and ``_staging``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        warnings.filterwarnings("ignore", message=".*not recognized as a component.*")
+        warnings.filterwarnings("ignore", category=UserWarning, module="zarr")
+        warnings.filterwarnings("ignore", category=FutureWarning, module="zarr")
+        yield
+
+
+def read_root_attrs(path) -> dict | None:
+    """Root attributes of the Zarr v3 group at ``path``, or None if there is none."""
+    meta = Path(path) / "zarr.json"
+    if not meta.is_file():
+        return None
+    try:
+        doc = json.loads(meta.read_text())
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{meta} is unreadable: {exc}") from exc
+    return doc.get("attributes", {}) or {}
+
+
+def root_attrs(*, feature_config: dict, feature_list, source: dict, options: dict,
+               schema: Schema, version: str) -> dict:
+    """The root attributes a run starts a store with (``complete: false``; the counts are added
+    when it is finalized)."""
+    schema = Schema.coerce(schema)
+    parts = fingerprint_parts(feature_config, source, options, version)
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "complete": False,
+        "gmp_pipeline_version": version,
+        "fingerprint": fingerprint(parts),
+        "fingerprint_parts": parts,
+        "feature_config": feature_config,
+        "feature_list": [[int(o), float(s)] for o, s in feature_list],
+        "source": source,
+        "options": options,
+        "units": dict(schema.units),
+        "extras": extras_map(schema),
+        "schema": {"has_energy": schema.has_energy, "has_forces": schema.has_forces},
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

@@ -1,21 +1,23 @@
-"""Writing a store in race-free phases: plan, stage (per task), assemble (per chunk), finalize.
+"""Writing a store in race-free phases: prepare, plan, stage (per task), assemble (per chunk),
+finalize -- the :class:`StoreWriter`.
 
-1. **Plan** (driver): the root group is created with ``complete: false``, the task plan
-   (structure ranges balanced by atoms, and each task's chunk-aligned ``pairs/`` region) is
-   saved in ``_staging/plan.json``, and every array is created with its planned shape.
-2. **Stage** (one Dask task per planned range, ``pipeline.run_task``): the task streams its
-   ``dfeatures`` rows into its own ``pairs/`` region (:class:`PairStream`) and saves its other
-   arrays (:class:`TaskCollector`) in one file under its *own* directory
-   ``_staging/tasks/t0000012``.  It writes into a temporary directory and renames it into place,
-   so the directory exists only when complete: it is the task's completion marker.  Its
-   ``meta.json`` holds the task's structure, atom and pair counts -- this is the pair-counting
+1. **Prepare** (driver): the root group is created with ``complete: false`` and the run's root
+   attributes (:func:`~.layout.root_attrs`), or an existing store is checked against the run's
+   fingerprint (resume, or refuse naming what differs).
+2. **Plan** (driver): the task plan (structure ranges balanced by atoms, and each task's
+   chunk-aligned ``pairs/`` region) is saved in ``_staging/plan.json`` and every array is
+   created with its planned shape.
+3. **Stage** (one task per planned range, :func:`gmp_pipeline.pipeline.tasks.run_task`): the task
+   streams its ``dfeatures`` rows into its own ``pairs/`` region and saves its other arrays in
+   its *own* directory ``_staging/tasks/t0000012`` (:mod:`.staging`), whose appearance marks it
+   done.  Its ``meta.json`` holds the task's structure, atom and pair counts -- the pair counting
    pass: pair counts are only known once the neighbour lists are built.
-3. **Assemble** (jobs of whole output chunks, :func:`assemble_rows`): the global offsets of
+4. **Assemble** (jobs of whole output chunks, :func:`assemble_rows`): the global offsets of
    every task are prefix sums of the staged counts; an array whose final shape differs from the
    plan is re-created; each assembly job owns a disjoint, chunk-aligned row range of one array
    and is the only writer of those chunks.
-4. **Finalize** (driver, :func:`finalize`): root attrs get ``complete: true`` and the counts,
-   metadata is consolidated once, and ``_staging`` is removed.
+5. **Finalize** (driver): the skipped records are written, root attrs get ``complete: true``
+   and the counts, metadata is consolidated once, and ``_staging`` is removed.
 
 No two concurrent writers ever touch the same file: staging directories and ``pairs/`` regions
 are per task, assembly jobs own whole chunks, metadata is written only by the driver.  The final
@@ -23,135 +25,20 @@ layout depends only on the source and the configuration, not on which worker did
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 import time
-import uuid
-import warnings
 from pathlib import Path
+
 import numpy as np
 
+from ..config import knob
 from ..errors import StoreError
-from .layout import (DIRECT, FORMAT_NAME, FORMAT_VERSION, STAGING_DIR, ArraySpec, codecs_for,
-                     describe_differences, fingerprint)
+from .layout import (DIRECT, FORMAT_NAME, ArraySpec, codecs_for, describe_differences,
+                     quiet_zarr, read_root_attrs)
+from .staging import (StagedTasks, clean_partial_tasks, finished_tasks, load_metas, load_plan,
+                      save_plan, staging_dir)
 
-#: uncompressed bytes one assembly job writes (a whole number of chunks, at least one)
-ASSEMBLY_JOB_BYTES = 64 << 20
-
-
-@contextlib.contextmanager
-def quiet_zarr():
-    """Silence zarr's warnings about consolidated metadata, text dtypes and ``_staging``."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-        warnings.filterwarnings("ignore", message=".*not recognized as a component.*")
-        warnings.filterwarnings("ignore", category=UserWarning, module="zarr")
-        warnings.filterwarnings("ignore", category=FutureWarning, module="zarr")
-        yield
-
-
-def lock_path(path) -> Path:
-    """The lock file of the store at ``path``: a hidden file beside it (``.NAME.lock``), so
-    that ``--overwrite`` can remove the store itself while the lock is held."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.lock")
-
-
-@contextlib.contextmanager
-def store_lock(path, log=None):
-    """Hold an exclusive lock on the store at ``path`` for one featurize run.
-
-    A second run on the same store (by mistake: two shells, a resubmitted batch job) fails at
-    once with :class:`StoreError` naming the process that holds it, instead of both writing
-    the same staging area.  The lock is an ``flock`` on :func:`lock_path`; the system drops it
-    when the holder dies, so a killed run never leaves a stale lock.  Where the file system
-    has no locks (some network file systems) the run goes on without one, with a warning.
-    """
-    import socket
-
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: no lock
-        yield
-        return
-    lp = lock_path(path)
-    try:
-        lp.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StoreError(f"cannot create the directory of {path}: {exc}") from exc
-    while True:
-        try:
-            fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise StoreError(f"cannot create the lock file {lp}: {exc}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-            except (OSError, ValueError):
-                holder = {}
-            os.close(fd)
-            who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started "
-                   f"{holder.get('started', '?')}") if holder else "another process"
-            raise StoreError(f"{path} is being written by another gmp-pipeline run ({who}); "
-                             f"wait for it to finish or stop it (lock file {lp})") from None
-        except OSError as exc:
-            os.close(fd)
-            if log:
-                log(f"warning: cannot lock {lp} ({exc}); make sure no other run writes {path}")
-            yield
-            return
-        try:
-            same = os.fstat(fd).st_ino == os.stat(lp).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)  # the previous holder removed the file as we locked it: take the new one
-    try:
-        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, info, 0)
-        yield
-    finally:
-        try:
-            os.unlink(lp)
-        except OSError:
-            pass
-        os.close(fd)
-
-
-def _atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-def read_root_attrs(path) -> dict | None:
-    """Root attributes of the Zarr v3 group at ``path``, or None if there is none."""
-    meta = Path(path) / "zarr.json"
-    if not meta.is_file():
-        return None
-    try:
-        doc = json.loads(meta.read_text())
-    except (OSError, ValueError) as exc:
-        raise StoreError(f"{meta} is unreadable: {exc}") from exc
-    return doc.get("attributes", {}) or {}
-
-
-def staging_dir(path) -> Path:
-    return Path(path) / STAGING_DIR
-
-
-def task_dir(path, task: int) -> Path:
-    return staging_dir(path) / "tasks" / f"t{task:07d}"
-
-
-# -- phase 1: create or resume -------------------------------------------------------------------
 
 def prepare_store(path, attrs: dict, *, overwrite: bool = False) -> str:
     """Create the store, or check an existing one against ``attrs["fingerprint"]``.
@@ -193,263 +80,6 @@ def prepare_store(path, attrs: dict, *, overwrite: bool = False) -> str:
     return "new"
 
 
-def save_plan(path, tasks: list[tuple[int, int]], extra: dict | None = None) -> None:
-    plan = {"tasks": [[int(a), int(b)] for a, b in tasks], **(extra or {})}
-    staging_dir(path).mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(staging_dir(path) / "plan.json", plan)
-
-
-def load_plan(path) -> dict | None:
-    p = staging_dir(path) / "plan.json"
-    return json.loads(p.read_text()) if p.is_file() else None
-
-
-def finished_tasks(path) -> set[int]:
-    """Ids of the tasks whose staging directory is complete (their completion marker)."""
-    d = staging_dir(path) / "tasks"
-    if not d.is_dir():
-        return set()
-    done = set()
-    for entry in d.iterdir():
-        name = entry.name
-        if name.startswith("t") and name[1:].isdigit() and (entry / "meta.json").is_file():
-            done.add(int(name[1:]))
-    return done
-
-
-def clean_partial_tasks(path) -> int:
-    """Remove temporary directories left by tasks that were killed mid-write."""
-    d = staging_dir(path) / "tasks"
-    n = 0
-    if d.is_dir():
-        for entry in d.iterdir():
-            if ".tmp-" in entry.name:
-                shutil.rmtree(entry, ignore_errors=True)
-                n += 1
-    return n
-
-
-# -- phase 2: stage one task ---------------------------------------------------------------------
-
-class TaskCollector:
-    """The staged arrays of one task, built structure by structure.
-
-    ``pairs`` (a :class:`PairStream`, with derivatives) takes each structure's ``dfeatures``
-    rows as they come, so a task never holds all of its derivative blocks at once.
-    """
-
-    def __init__(self, specs: dict[str, ArraySpec], schema: dict, derivatives: bool,
-                 n_atoms: int, pairs: "PairStream | None" = None):
-        self.specs = specs
-        self.derivatives = derivatives
-        self.pairs = pairs
-        self.n_features = specs["atoms/features"].trailing[0]
-        self.out: dict[str, list] = {p: [] for p in specs}
-        fspec = specs["atoms/features"]
-        self.features = np.empty((int(n_atoms),) + fspec.trailing, dtype=fspec.dtype)
-        self.n_atoms = 0
-        self.n_pairs = 0
-        self.info_map = _extra_paths(schema, "info", "structures")
-        self.atom_map = _extra_paths(schema, "atom_info", "atoms")
-
-    def add(self, s, r) -> None:
-        """Add structure ``s`` (a :class:`~gmp_pipeline.structure.Structure`) and its result."""
-        out, specs = self.out, self.specs
-        n = len(s)
-        out["structures/n_atoms"].append(np.array([n], dtype=np.int64))
-        out["structures/source_index"].append(np.array([s.source_index], dtype=np.int64))
-        out["structures/energy"].append(
-            np.array([np.nan if s.energy is None else float(s.energy)], dtype=np.float64))
-        out["structures/cell"].append(s.cell.reshape(1, 3, 3))
-        out["structures/pbc"].append(s.pbc.reshape(1, 3))
-        out["atoms/numbers"].append(s.numbers)
-        out["atoms/positions"].append(s.positions)
-        if "atoms/forces" in specs:
-            out["atoms/forces"].append(s.forces if s.forces is not None
-                                       else np.full((n, 3), np.nan))
-        feats = np.asarray(r.features)
-        if feats.shape != (n, self.n_features):
-            raise StoreError(f"featurizer returned features of shape {feats.shape} for a "
-                             f"structure of {n} atoms (source index {s.source_index})")
-        if self.n_atoms + n > self.features.shape[0]:
-            raise StoreError(f"task has more atoms than the {self.features.shape[0]} planned "
-                             f"(source index {s.source_index})")
-        self.features[self.n_atoms:self.n_atoms + n] = feats
-        self.n_atoms += n
-        for name, p in self.info_map.items():
-            value = s.info.get(name, specs[p].fill)
-            out[p].append(np.array([value], dtype=object if specs[p].is_str else specs[p].dtype))
-        for name, p in self.atom_map.items():
-            value = s.atom_info.get(name)
-            if value is None:
-                value = specs[p].empty(n)
-            out[p].append(np.asarray(value).reshape(n))
-        if self.derivatives:
-            pc = np.asarray(r.pair_center, dtype=np.int64)
-            pn = np.asarray(r.pair_neighbor)
-            df = np.asarray(r.dfeatures)
-            if pc.size > 1 and np.any(np.diff(pc) < 0):
-                order = np.lexsort((pn, pc))
-                pc, pn, df = pc[order], pn[order], df[order]
-            out["atoms/pair_count"].append(np.bincount(pc, minlength=n).astype(np.int64))
-            out["pairs/neighbor"].append(pn.astype(np.int32))
-            self.pairs.append(df)
-            self.n_pairs += pc.shape[0]
-
-    def finish(self) -> dict[str, np.ndarray]:
-        """The task's arrays to stage (everything but ``pairs/dfeatures``)."""
-        arrays = {"atoms/features": self.features[:self.n_atoms]}
-        for p, parts in self.out.items():
-            spec = self.specs[p]
-            if p in ("structures/atom_start", "atoms/pair_start", "atoms/features") or p in DIRECT:
-                continue  # derived from the counts at assembly time, or filled above
-            a = np.concatenate(parts, axis=0) if parts else spec.empty(0)
-            if spec.is_str:
-                a = np.asarray([str(x) for x in a.reshape(-1)], dtype=str)
-                if a.size == 0:
-                    a = np.zeros(0, dtype="<U1")
-            else:
-                a = np.ascontiguousarray(a, dtype=spec.dtype).reshape((-1,) + spec.trailing)
-            arrays[p] = a
-        return arrays
-
-
-def _extra_paths(schema, key, level):
-    from .layout import extra_path
-
-    return {name: extra_path(level, name) for name in sorted(schema.get(key) or {})}
-
-
-#: the staged arrays of a task, back to back in one file (``meta.json`` holds the index)
-STAGED_FILE = "arrays.bin"
-_ALIGN = 64
-
-
-def write_staged(path, task: int, arrays: dict[str, np.ndarray], meta: dict) -> bool:
-    """Save one task's arrays in its own directory; False if another run already saved it.
-
-    The arrays go back to back into one file (``arrays.bin``, each 64-byte aligned) and
-    ``meta.json`` records each one's dtype, shape and offset under ``"staged"``: one file to
-    write and read per task instead of one per array.
-    """
-    final = task_dir(path, task)
-    if (final / "meta.json").is_file():
-        return False
-    tmp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex}")
-    tmp.mkdir(parents=True)
-    try:
-        index = {}
-        offset = 0
-        with open(tmp / STAGED_FILE, "wb") as f:
-            for p, a in arrays.items():
-                a = np.ascontiguousarray(a)
-                if a.dtype.hasobject:
-                    raise StoreError(f"staged array {p} has dtype object")
-                pad = -offset % _ALIGN
-                f.write(b"\0" * pad)
-                offset += pad
-                index[p] = {"dtype": a.dtype.str, "shape": list(a.shape), "offset": offset}
-                f.write(memoryview(a.reshape(-1)).cast("B") if a.size else b"")
-                offset += a.nbytes
-        (tmp / "meta.json").write_text(json.dumps({**meta, "staged": index}, default=str))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if (final / "meta.json").is_file():  # same task finished elsewhere: same content
-                shutil.rmtree(tmp, ignore_errors=True)
-                return False
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return True
-
-
-class StagedTasks:
-    """Reads the staged arrays of a store's tasks (one ``arrays.bin`` per task).
-
-    ``cache=True`` keeps every task read (for assembly in one process, where each task's file
-    is then read once rather than once per array); small files are read whole, large ones
-    memory-mapped so a job needing a few rows does not read the rest.
-    """
-
-    MMAP_BYTES = 4 << 20
-
-    def __init__(self, path, cache: bool = False):
-        import threading
-
-        self.path = path
-        self._cache: dict[int, dict[str, np.ndarray]] | None = {} if cache else None
-        self._lock = threading.Lock()   # threads sharing a cache read each task once
-
-    def arrays(self, task: int) -> dict[str, np.ndarray]:
-        if self._cache is None:
-            return self._load(task)
-        with self._lock:
-            if task not in self._cache:
-                self._cache[task] = self._load(task)
-            return self._cache[task]
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_lock"] = None
-        return state
-
-    def __setstate__(self, state):
-        import threading
-
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
-    def _load(self, task: int) -> dict[str, np.ndarray]:
-        d = task_dir(self.path, task)
-        try:
-            index = json.loads((d / "meta.json").read_text())["staged"]
-            f = d / STAGED_FILE
-            size = f.stat().st_size
-            blob = (np.memmap(f, dtype=np.uint8, mode="r") if size > self.MMAP_BYTES
-                    else np.fromfile(f, dtype=np.uint8))
-        except (OSError, ValueError, KeyError) as exc:
-            raise StoreError(f"staged result of task {task} in {d} is unreadable: {exc}; "
-                             "remove that directory and rerun to recompute the task") from exc
-        out = {}
-        for p, e in index.items():
-            dt = np.dtype(e["dtype"])
-            shape = tuple(e["shape"])
-            n = dt.itemsize * int(np.prod(shape, dtype=np.int64))
-            if e["offset"] + n > size:
-                raise StoreError(f"staged result of task {task} in {d} is truncated ({p})")
-            out[p] = blob[e["offset"]:e["offset"] + n].view(dt).reshape(shape)
-        return out
-
-    def rows(self, task: int, spec: ArraySpec, bases: dict[str, np.ndarray]) -> np.ndarray:
-        """The staged rows of ``spec`` for ``task`` (offsets made global where needed)."""
-        a = self.arrays(task)
-        if spec.path == "structures/atom_start":
-            return bases["atoms"][task] + _exclusive_cumsum(a["structures/n_atoms"])
-        if spec.path == "atoms/pair_start":
-            return bases["pairs"][task] + _exclusive_cumsum(a["atoms/pair_count"])
-        return a[spec.path]
-
-
-def _exclusive_cumsum(counts) -> np.ndarray:
-    out = np.zeros(len(counts), dtype=np.int64)
-    np.cumsum(counts[:-1], out=out[1:])
-    return out
-
-
-def load_metas(path, n_tasks: int) -> list[dict]:
-    metas = []
-    for t in range(n_tasks):
-        f = task_dir(path, t) / "meta.json"
-        if not f.is_file():
-            raise StoreError(f"task {t} of {path} has no staged result; cannot assemble")
-        metas.append(json.loads(f.read_text()))
-    return metas
-
-
-# -- pairs/dfeatures: written directly by the tasks into regions they own ---------------------------
-
 def pair_capacities(n_atoms, tasks, chunk_rows: int) -> np.ndarray:
     """Rows of ``pairs/dfeatures`` reserved for each task: an upper bound of its pair count
     (a structure of n atoms has at most n * n distinct (centre, neighbour) pairs) rounded up to
@@ -480,66 +110,6 @@ def ensure_direct_arrays(path, specs: dict[str, ArraySpec], pair_rows: int) -> N
                 dimension_names=[spec.level] + [f"dim{i + 1}" for i in range(len(spec.trailing))])
 
 
-class PairStream:
-    """A task's ``pairs/dfeatures`` rows, written into its reserved region as they come.
-
-    Rows are cast to the store dtype into a buffer of one chunk, which is encoded and written
-    as soon as it is full (:mod:`.chunks`), so the derivative blocks stay in cache between the
-    kernel and the file.  ``close()`` writes the last, partly filled chunk (the rest of it is
-    fill value, as is every reserved chunk the task does not reach).
-    """
-
-    def __init__(self, path, spec: ArraySpec, base: int, capacity: int):
-        from .chunks import open_direct
-
-        self.label = f"{spec.path} of {path}"
-        self.array_path = Path(path) / spec.path
-        self.base, self.capacity = int(base), int(capacity)
-        self.spec = spec
-        self.direct = open_direct(self.array_path)
-        if self.direct is None:
-            raise StoreError(f"{self.label}: not a bytes + blosc array; cannot stream into it")
-        self.rows = self.direct.rows
-        if self.base % self.rows:
-            raise StoreError(f"{self.label}: region start {self.base} is not chunk-aligned")
-        self.buf = np.empty((self.rows,) + spec.trailing, dtype=spec.dtype) if capacity else None
-        self.filled = 0       # rows in buf
-        self.flushed = 0      # rows already written (whole chunks)
-        self.seconds = 0.0    # time spent encoding and writing
-
-    @property
-    def n_rows(self) -> int:
-        return self.flushed + self.filled
-
-    def append(self, block) -> None:
-        block = np.asarray(block)
-        n = block.shape[0]
-        if self.n_rows + n > self.capacity:
-            raise StoreError(f"{self.label}: more than the {self.capacity} rows reserved")
-        k = 0
-        while k < n:
-            take = min(self.rows - self.filled, n - k)
-            self.buf[self.filled:self.filled + take] = block[k:k + take]
-            self.filled += take
-            k += take
-            if self.filled == self.rows:
-                self._flush()
-
-    def _flush(self) -> None:
-        t = time.perf_counter()
-        self.buf[self.filled:] = self.spec.fill
-        self.direct.write(self.base + self.flushed, self.buf)
-        self.flushed += self.filled
-        self.filled = 0
-        self.seconds += time.perf_counter() - t
-
-    def close(self) -> int:
-        """Write what is left; returns the number of rows written."""
-        if self.filled:
-            self._flush()
-        return self.flushed
-
-
 def _write_rows(array_path: Path, r0: int, block: np.ndarray) -> None:
     """Rows ``[r0, r0 + len(block))`` of the array at ``array_path``, whose chunks from ``r0``
     to the end of the block's last chunk belong to the caller: encoded and written chunk by
@@ -556,8 +126,6 @@ def _write_rows(array_path: Path, r0: int, block: np.ndarray) -> None:
         arr = zarr.open_array(str(array_path), mode="r+")
         arr[r0:r0 + block.shape[0]] = block
 
-
-# -- phase 3: assemble -----------------------------------------------------------------------------
 
 def task_layout(metas: list[dict], pair_base=None) -> tuple[dict, dict]:
     """(bases, counts): row offset (length n_tasks + 1) and row count of every task per level.
@@ -620,8 +188,11 @@ def create_arrays(path, specs: dict[str, ArraySpec], totals: dict[str, int]) -> 
                 dimension_names=[spec.level] + [f"dim{i + 1}" for i in range(len(spec.trailing))])
 
 
-def assembly_jobs(specs: dict[str, ArraySpec], totals: dict[str, int]) -> list[tuple[str, int, int]]:
-    """Disjoint (array path, row start, row stop) ranges, each a whole number of chunks."""
+def assembly_jobs(specs: dict[str, ArraySpec], totals: dict[str, int],
+                  job_bytes: int | None = None) -> list[tuple[str, int, int]]:
+    """Disjoint (array path, row start, row stop) ranges, each a whole number of chunks of about
+    ``job_bytes`` (default: knob ``store.assembly-job-bytes``) uncompressed."""
+    job_bytes = int(knob("store.assembly-job-bytes") if job_bytes is None else job_bytes)
     jobs = []
     for spec in specs.values():
         if spec.path in DIRECT:
@@ -630,7 +201,7 @@ def assembly_jobs(specs: dict[str, ArraySpec], totals: dict[str, int]) -> list[t
         if n == 0:
             continue
         rows = spec.chunk_rows(n)
-        per_job = rows * max(1, ASSEMBLY_JOB_BYTES // max(1, rows * spec.row_bytes()))
+        per_job = rows * max(1, job_bytes // max(1, rows * spec.row_bytes()))
         for r0 in range(0, n, per_job):
             jobs.append((spec.path, r0, min(n, r0 + per_job)))
     return jobs
@@ -671,8 +242,6 @@ def assemble_rows(path, spec: ArraySpec, r0: int, r1: int, bases: dict[str, np.n
     return int(block.nbytes)
 
 
-# -- phase 4: finalize -----------------------------------------------------------------------------
-
 def write_skipped(path, skipped: list[tuple[int, str]]) -> None:
     """Every record skipped as bad, as arrays ``skipped/source_index`` (int64) and
     ``skipped/message`` (text), in source order (the root attributes list only the first
@@ -707,31 +276,106 @@ def finalize(path, attrs_update: dict) -> None:
     shutil.rmtree(staging_dir(path), ignore_errors=True)
 
 
-def base_attrs(*, feature_config: dict, feature_list, source: dict, options: dict,
-               units: dict, schema: dict, parts: dict, version: str) -> dict:
-    from .layout import extras_map
+class StoreWriter:
+    """The driver's side of writing one store: ``prepare``, ``plan``, ``assembly``, ``finalize``
+    (the tasks' side, staging, is in :mod:`.staging`).  ``specs``: every array of the store
+    (:func:`~.layout.array_specs`); ``attrs``: the root attributes of this run."""
 
-    return {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "complete": False,
-        "gmp_pipeline_version": version,
-        "fingerprint": fingerprint(parts),
-        "fingerprint_parts": parts,
-        "feature_config": feature_config,
-        "feature_list": [[int(o), float(s)] for o, s in feature_list],
-        "source": source,
-        "options": options,
-        "units": units,
-        "extras": extras_map(schema),
-        "schema": {"has_energy": bool(schema.get("has_energy")),
-                   "has_forces": bool(schema.get("has_forces"))},
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    def __init__(self, path, specs: dict[str, ArraySpec], attrs: dict):
+        self.path = str(path)
+        self.specs = specs
+        self.attrs = attrs
+        self.derivatives = "pairs/dfeatures" in specs
+
+    # -- prepare ------------------------------------------------------------------------------
+    def prepare(self, *, overwrite: bool = False) -> str:
+        """``"new"``, ``"resume"`` or ``"complete"`` (see :func:`prepare_store`)."""
+        return prepare_store(self.path, self.attrs, overwrite=overwrite)
+
+    def counts(self) -> dict:
+        """The counts a complete store recorded when it was finalized."""
+        return (read_root_attrs(self.path) or {}).get("counts", {})
+
+    # -- plan ---------------------------------------------------------------------------------
+    def load_plan(self) -> dict | None:
+        return load_plan(self.path)
+
+    def save_plan(self, n_atoms, tasks: list[tuple[int, int]]) -> dict:
+        """Save the plan of ``tasks`` over structures of ``n_atoms`` atoms; with derivatives each
+        task gets a chunk-aligned ``pairs/dfeatures`` region (``pair_base``)."""
+        n_atoms = np.asarray(n_atoms, dtype=np.int64)
+        extra = {"n_structures": int(n_atoms.size), "n_atoms": int(n_atoms.sum())}
+        if self.derivatives:
+            rows = self.specs["pairs/dfeatures"].chunk_rows(1 << 62)
+            caps = pair_capacities(n_atoms, tasks, rows)
+            extra["pair_base"] = [int(x) for x in np.concatenate([[0], np.cumsum(caps)])]
+        save_plan(self.path, tasks, extra)
+        return load_plan(self.path)
+
+    @staticmethod
+    def pair_base(plan: dict) -> list[int]:
+        return plan.get("pair_base") or [0] * (len(plan["tasks"]) + 1)
+
+    def create_planned(self, plan: dict) -> None:
+        """Every array with its planned shape (the directly written ones first); assembly
+        re-creates any whose shape changed because records were skipped."""
+        pair_base = self.pair_base(plan)
+        if self.derivatives:
+            ensure_direct_arrays(self.path, self.specs, pair_base[-1])
+        create_arrays(self.path, self.specs, {"structures": plan["n_structures"],
+                                              "atoms": plan["n_atoms"], "pairs": pair_base[-1]})
+
+    def pending_tasks(self, plan: dict) -> list[int]:
+        """Ids of the planned tasks not staged yet (removing what killed tasks left behind)."""
+        clean_partial_tasks(self.path)
+        done = finished_tasks(self.path)
+        return [t for t in range(len(plan["tasks"])) if t not in done]
+
+    # -- assemble -----------------------------------------------------------------------------
+    def assembly(self, plan: dict) -> "Assembly":
+        """The assembly of the staged tasks: arrays re-created with their final shapes, and the
+        jobs (disjoint whole-chunk row ranges) that fill them."""
+        metas = load_metas(self.path, len(plan["tasks"]))
+        bases, counts = task_layout(metas, self.pair_base(plan) if self.derivatives else None)
+        totals = {level: int(b[-1]) for level, b in bases.items()}
+        create_arrays(self.path, self.specs, totals)
+        jobs = assembly_jobs(self.specs, totals)
+        nbytes = sum((r1 - r0) * self.specs[p].row_bytes() for p, r0, r1 in jobs)
+        return Assembly(self.path, self.specs, metas, bases, counts, totals, jobs, nbytes)
+
+    # -- finalize -----------------------------------------------------------------------------
+    def finalize(self, asm: "Assembly") -> dict:
+        """Write the skipped records and mark the store complete; returns its counts."""
+        skipped = asm.skipped()
+        counts = {"n_structures": asm.totals["structures"], "n_atoms": asm.totals["atoms"],
+                  "n_pairs": asm.n_pairs, "pair_rows": asm.totals["pairs"],
+                  "n_tasks": len(asm.metas), "n_skipped_records": len(skipped)}
+        write_skipped(self.path, skipped)
+        finalize(self.path, {"counts": counts,
+                             "skipped_records": [[i, m] for i, m in skipped][:1000]})
+        return counts
 
 
-__all__ = ["store_lock", "lock_path", "prepare_store", "save_plan", "load_plan", "finished_tasks", "clean_partial_tasks",
-           "TaskCollector", "PairStream", "write_staged", "StagedTasks", "load_metas", "task_layout", "create_arrays", "pair_capacities",
-           "ensure_direct_arrays",
-           "assembly_jobs", "assemble_rows", "write_skipped", "finalize", "base_attrs", "read_root_attrs",
-           "quiet_zarr"]
+class Assembly:
+    """What :meth:`StoreWriter.assembly` planned: ``jobs`` to run with :meth:`run_job`."""
+
+    def __init__(self, path, specs, metas, bases, counts, totals, jobs, nbytes):
+        self.path, self.specs, self.metas = path, specs, metas
+        self.bases, self.counts, self.totals = bases, counts, totals
+        self.jobs, self.nbytes = jobs, int(nbytes)
+        self.n_pairs = int(counts["pairs"].sum())
+
+    def job_args(self, job, staged: StagedTasks | None = None) -> tuple:
+        """Arguments of :func:`assemble_rows` for ``job``."""
+        path, r0, r1 = job
+        return (self.path, self.specs[path], r0, r1, self.bases, self.counts, staged)
+
+    def skipped(self) -> list[tuple[int, str]]:
+        return sorted({(int(i), str(m)) for meta in self.metas
+                       for i, m in meta.get("skipped", [])})
+
+
+# re-exported for callers of the previous single-module writer
+__all__ = ["StoreWriter", "Assembly", "prepare_store", "pair_capacities", "ensure_direct_arrays",
+           "task_layout", "create_arrays", "assembly_jobs", "assemble_rows", "write_skipped",
+           "finalize", "finished_tasks", "load_plan", "read_root_attrs", "quiet_zarr"]

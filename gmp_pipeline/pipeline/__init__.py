@@ -1,0 +1,9 @@
+"""From a reader to a store: :mod:`.plan` (task ranges), :mod:`.tasks` (the frozen
+:class:`~.tasks.TaskSpec` and :func:`~.tasks.run_task`, what a worker runs), :mod:`.executors`
+(the Dask client or this process) and :mod:`.run` (:func:`featurize_to_store`, the one
+execution path)."""
+from .plan import plan_tasks
+from .run import RunSummary, featurize_to_store
+from .tasks import TaskSpec, run_task
+
+__all__ = ["plan_tasks", "RunSummary", "featurize_to_store", "TaskSpec", "run_task"]

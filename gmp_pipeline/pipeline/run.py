@@ -1,0 +1,220 @@
+"""Featurize a source into a ``gmp-features`` store: the one execution path.
+
+>>> from gmp_pipeline.readers import open_reader
+>>> from gmp_pipeline.features import GMPFeaturizer
+>>> from gmp_pipeline.pipeline import featurize_to_store
+>>> reader = open_reader("md17", "ethanol.npz")                      # doctest: +SKIP
+>>> featurize_to_store(reader, "ethanol.zarr", GMPFeaturizer(), client=client)  # doctest: +SKIP
+
+The data flows one way: the reader's :class:`~gmp_pipeline.schema.Schema` lays out the store
+(:func:`~gmp_pipeline.store.layout.array_specs`), the run is planned (:mod:`.plan`), each
+planned range becomes a frozen :class:`~.tasks.TaskSpec` run by :func:`~.tasks.run_task` on an
+executor (:mod:`.executors`: the Dask client, or this process), and the
+:class:`~gmp_pipeline.store.writer.StoreWriter` assembles the staged results and finalizes the
+store (see :mod:`gmp_pipeline.store.writer` for why this is race-free and resumable).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..config import knob
+from ..errors import InputError, StoreError
+from ..schema import Schema
+from ..store.layout import array_specs, root_attrs
+from ..store.lock import store_lock
+from ..store.staging import StagedTasks
+from ..store.writer import StoreWriter, assemble_rows
+from .executors import InProcessExecutor, executor_for
+from .plan import plan_tasks
+from .tasks import TaskSpec, run_task, warm_worker
+
+logger = logging.getLogger("gmp_pipeline.pipeline")
+
+
+@dataclass
+class RunSummary:
+    """What :func:`featurize_to_store` did."""
+
+    store: str
+    state: str                      # "new", "resume" or "complete" (nothing to do)
+    n_tasks: int = 0
+    tasks_skipped: int = 0          # already staged by an earlier (interrupted) run
+    tasks_computed: int = 0
+    n_structures: int = 0
+    n_atoms: int = 0
+    n_pairs: int = 0
+    warmup_seconds: float = 0.0     # compiling / loading the kernels on the workers
+    compute_seconds: float = 0.0    # wall time of the featurization phase (this run)
+    assemble_seconds: float = 0.0
+    seconds: float = 0.0
+    structures_computed: int = 0    # structures featurized by this run
+    atoms_computed: int = 0
+    skipped_records: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def reader_schema(reader) -> Schema:
+    """The reader's :class:`Schema`, with the reader's units."""
+    return Schema.coerce(reader.schema(), units=dict(getattr(reader, "units", {})))
+
+
+def store_attrs(reader, featurizer, *, derivatives: bool, dtype: str) -> tuple[dict, Schema]:
+    """(root attributes, schema) of the store this run writes."""
+    from .. import __version__
+
+    schema = reader_schema(reader)
+    attrs = root_attrs(feature_config=featurizer.config(), feature_list=featurizer.feature_list,
+                       source=reader.describe(),
+                       options={"derivatives": bool(derivatives), "dtype": dtype},
+                       schema=schema, version=__version__)
+    return attrs, schema
+
+
+def _progress(total, initial, desc, enabled):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="task", file=sys.stderr,
+                disable=not enabled, dynamic_ncols=True, smoothing=0.1)
+
+
+def featurize_to_store(reader, store, featurizer, *, derivatives: bool = True,
+                       dtype: str = "float32", client=None, chunk_size: int | None = None,
+                       overwrite: bool = False, progress: bool = True,
+                       log: Callable[[str], None] | None = None) -> RunSummary:
+    """Featurize every structure of ``reader`` into the Zarr store at ``store``.
+
+    ``client``: a :class:`distributed.Client`; ``None`` runs every task in this process (the
+    serial reference).  An existing store with the same fingerprint is resumed (only missing
+    tasks are computed); one with a different fingerprint raises :class:`StoreError` unless
+    ``overwrite``.  A second run on the same store while this one holds it raises
+    :class:`StoreError` (see :func:`~gmp_pipeline.store.lock.store_lock`).  ``log``: where the
+    run's messages go (default: logger ``gmp_pipeline.pipeline`` at INFO).  Returns a
+    :class:`RunSummary`.
+    """
+    log = log or logger.info
+    if dtype not in ("float32", "float64"):
+        raise InputError(f"dtype must be float32 or float64, got {dtype!r}")
+    store = os.path.abspath(os.fspath(store))
+    with store_lock(store, log):
+        return _run(reader, store, featurizer, derivatives, dtype, executor_for(client),
+                    chunk_size, overwrite, progress, log)
+
+
+def _run(reader, store, featurizer, derivatives, dtype, executor, chunk_size, overwrite,
+         progress, log) -> RunSummary:
+    t_start = time.perf_counter()
+    attrs, schema = store_attrs(reader, featurizer, derivatives=derivatives, dtype=dtype)
+    writer = StoreWriter(store, array_specs(featurizer.n_features, dtype, derivatives, schema),
+                         attrs)
+    state = writer.prepare(overwrite=overwrite)
+    summary = RunSummary(store=store, state=state)
+    if state == "complete":
+        counts = writer.counts()
+        summary.n_structures = counts.get("n_structures", 0)
+        summary.n_atoms = counts.get("n_atoms", 0)
+        summary.n_pairs = counts.get("n_pairs", 0)
+        log(f"{store} is already complete with this configuration; nothing to do")
+        return summary
+
+    # plan (or reuse the plan of the interrupted run, so task ids keep their meaning)
+    plan = writer.load_plan()
+    if plan is None:
+        n_atoms = np.asarray(reader.n_atoms(), dtype=np.int64)
+        if n_atoms.size != len(reader):
+            raise StoreError(f"reader reports {len(reader)} structures but {n_atoms.size} "
+                             "atom counts")
+        plan = writer.save_plan(n_atoms, plan_tasks(n_atoms, n_workers=executor.n_workers,
+                                                    chunk_size=chunk_size))
+    elif chunk_size is not None:
+        log("resuming with the task plan of the interrupted run (--chunk-size is ignored)")
+    writer.create_planned(plan)
+    tasks = [tuple(t) for t in plan["tasks"]]
+    todo = writer.pending_tasks(plan)
+    summary.n_tasks = len(tasks)
+    summary.tasks_skipped = len(tasks) - len(todo)
+    if state == "resume":
+        log(f"resuming {store}: {summary.tasks_skipped} of {len(tasks)} tasks already done, "
+            f"computing {len(todo)}")
+    else:
+        log(f"planned {len(tasks)} tasks over {plan['n_structures']} structures "
+            f"({plan['n_atoms']} atoms)")
+
+    # stage: one frozen spec per task, run wherever the executor runs things
+    config = featurizer.config()
+    pair_base = writer.pair_base(plan)
+    specs = [TaskSpec(store=store, task=t, start=tasks[t][0], stop=tasks[t][1], reader=reader,
+                      feature_config=config, derivatives=derivatives, dtype=dtype,
+                      schema=schema, pair_base=pair_base[t],
+                      pair_capacity=pair_base[t + 1] - pair_base[t]) for t in todo]
+    t0 = time.perf_counter()
+    metas_new = _compute(specs, executor, len(tasks), progress, summary)
+    summary.compute_seconds = time.perf_counter() - t0 - summary.warmup_seconds
+    if metas_new:
+        stages: dict[str, float] = {}
+        for m in metas_new:
+            for k, v in (m.get("stage_seconds") or {}).items():
+                stages[k] = stages.get(k, 0.0) + float(v)
+        log("worker time summed over tasks: " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()))
+    summary.tasks_computed = len(metas_new)
+    summary.structures_computed = sum(m["n_structures"] for m in metas_new)
+    summary.atoms_computed = sum(m["n_atoms"] for m in metas_new)
+
+    # assemble: small stores in this process's threads (a Dask round trip per job would cost
+    # more than the work), large ones on the executor
+    t1 = time.perf_counter()
+    asm = writer.assembly(plan)
+    if executor.in_process or asm.nbytes <= int(knob("pipeline.local-assembly-bytes")):
+        executor = InProcessExecutor(threads=int(knob("pipeline.local-assembly-threads")))
+    staged = StagedTasks(store, cache=True) if executor.in_process else None  # each file read once
+    bar = _progress(len(asm.jobs), 0, "assemble", progress and len(asm.jobs) > 1)
+    try:
+        for _ in executor.map_unordered(assemble_rows, [asm.job_args(j, staged) for j in asm.jobs],
+                                        name="assemble"):
+            bar.update(1)
+    finally:
+        bar.close()
+    summary.assemble_seconds = time.perf_counter() - t1
+
+    counts = writer.finalize(asm)
+    summary.n_structures, summary.n_atoms, summary.n_pairs = (
+        counts["n_structures"], counts["n_atoms"], counts["n_pairs"])
+    summary.skipped_records = [list(x) for x in asm.skipped()]
+    summary.seconds = time.perf_counter() - t_start
+    return summary
+
+
+def _compute(specs: list[TaskSpec], executor, n_tasks: int, progress, summary) -> list[dict]:
+    metas: list[dict] = []
+    if specs:
+        t_warm = time.perf_counter()
+        first = specs[0]
+        executor.run_everywhere(warm_worker, first.feature_config, first.reader, first.start,
+                                first.derivatives)
+        summary.warmup_seconds = time.perf_counter() - t_warm
+    bar = _progress(n_tasks, n_tasks - len(specs), "featurize", progress)
+    t0 = time.perf_counter()
+    n_struct = 0
+    try:
+        for meta in executor.map_unordered(run_task, [(s,) for s in specs], name="task",
+                                           ids=[s.task for s in specs],
+                                           priorities=[-s.task for s in specs]):
+            metas.append(meta)
+            n_struct += meta["n_structures"]
+            bar.update(1)
+            rate = n_struct / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix_str(f"{rate:.1f} structures/s", refresh=False)
+        return metas
+    finally:
+        bar.close()
+
+
+__all__ = ["RunSummary", "featurize_to_store", "store_attrs", "reader_schema"]
