@@ -41,7 +41,8 @@ def peak_mb() -> float:
 
 
 def generate(directory: str, frames: int, records: int) -> None:
-    from gmp_pipeline.readers._ocp_writers import write_pyg_lmdb
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from fixtures.ocp_writers import write_pyg_lmdb
 
     rng = np.random.default_rng(0)
     t = time.perf_counter()

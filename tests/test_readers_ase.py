@@ -15,7 +15,7 @@ XYZ = SAMPLES / "extxyz" / "toy_c3h8_relax.extxyz"
 def test_extxyz_sample_matches_ase_io():
     r = open_reader("ase", XYZ)
     assert len(r) == 101 and set(r.n_atoms()) == {38}
-    assert r.schema()["has_energy"] and r.schema()["has_forces"]
+    assert r.schema().has_energy and r.schema().has_forces
     for i in (0, 50, 100):
         ref = ase.io.read(XYZ, index=i)
         s = next(r.read(i, i + 1))

@@ -40,7 +40,7 @@ def test_md17_sample_matches_np_load():
     assert -97300 < got[0].energy < -97100
     assert r.units == {"length": "Angstrom", "energy": "kcal/mol",
                        "forces": "kcal/mol/Angstrom", "energy_kind": "total"}
-    assert r.schema()["info"] == {"molecule": "str", "frame_index": "int64"}
+    assert r.schema().as_dict()["info"] == {"molecule": "str", "frame_index": "int64"}
 
 
 def test_md17_is_memory_mapped_and_pickles_small():
@@ -103,7 +103,7 @@ def test_rmd17_old_forces_and_split_file(tmp_path):
     assert [s.info["frame_index"] for s in got] == [5, 2, 999]
     assert got[2].energy == ref["energies"][999]
     assert np.array_equal(got[1].atom_info["old_forces"], ref["old_forces"][2])
-    assert r.schema()["atom_info"] == {"old_forces": "float64"}
+    assert r.schema().as_dict()["atom_info"] == {"old_forces": ["float64", [3]]}
     bad = tmp_path / "bad.csv"
     bad.write_text("1\nx\n")
     with pytest.raises(SourceError, match="record 2.*'index'.*non-numeric"):

@@ -1,6 +1,5 @@
 """OCP readers: the real PyG2 LMDB sample, hand-made PyG1 LMDBs, both .aselmdb dialects and an
 S2EF shard pair, plus the torch-free and refuse-malicious-pickle guarantees."""
-import lzma
 import os
 import pickle
 import subprocess
@@ -13,9 +12,8 @@ import pytest
 
 from gmp_pipeline.errors import SourceError
 from gmp_pipeline.readers import open_reader
-from gmp_pipeline.readers import _torchfree
-from gmp_pipeline.readers._ocp_writers import (pyg_pickle, write_aselmdb, write_pyg_lmdb,
-                                               write_s2ef_shard)
+from gmp_pipeline.readers.ocp import _torchfree
+from fixtures.ocp_writers import pyg_pickle, write_aselmdb, write_pyg_lmdb, write_s2ef_shard
 
 SAMPLE = (__import__("pathlib").Path(__file__).parent / "data" / "samples" / "oc20_lmdb"
           / "pyg2_is2re_style" / "data.lmdb")
@@ -29,8 +27,8 @@ def test_pyg2_sample():
     d = r.describe()
     assert d["dialect"] == "PyG2 pickle" and d["energy_source_field"] == "y_relaxed"
     structs = list(r.read())
-    from gmp_pipeline.readers.ocp import _open_lmdb
-    env = _open_lmdb(SAMPLE)  # py-lmdb allows one environment per file and process
+    from gmp_pipeline.readers.ocp import open_lmdb
+    env = open_lmdb(SAMPLE)  # py-lmdb allows one environment per file and process
     for s in structs:
         assert s.info["sid"] == s.source_index == s.info["key"]  # sample: sid = key
         assert len(s) == r.n_atoms()[s.source_index]
@@ -70,7 +68,7 @@ def test_pyg1_lmdb_fixture_roundtrip(tmp_path):
     assert len(r) == 4 and list(r.n_atoms()) == [5, 9, 2, 7]
     assert r.describe()["dialect"] == "PyG1 pickle"
     assert r.describe()["records_per_file"] == [3, 1]
-    assert r.schema()["has_forces"] and "energy" in r.schema()["info"]
+    assert r.schema().has_forces and "energy" in r.schema().info
     assert "referenced if the LMDB was built with --ref-energy" in r.units["energy_kind"]
     got = list(r.read(1, 4))
     for s, rec in zip(got, recs[1:]):
@@ -99,7 +97,7 @@ def test_pyg1_is2rs_fields_and_energy_key(tmp_path):
     assert s.energy == 0.5 and s.info["energy_relaxed"] == -1.25
     assert np.array_equal(s.atom_info["pos_relaxed"], rec["pos_relaxed"].astype(np.float64))
     assert r.units["energy_kind"] == "referenced"
-    assert r.schema()["atom_info_shapes"] == {"pos_relaxed": [3]}
+    assert r.schema().atom_info["pos_relaxed"].shape == (3,)
 
 
 def test_reads_where_importing_torch_fails(tmp_path):

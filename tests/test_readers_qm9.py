@@ -107,7 +107,7 @@ def test_archive_read_in_place(archive, tmp_path):
     assert lin.info["gdb_index"] == 900001 and lin.info["linear"]
     assert lin.info["n_frequencies"] == 4 and lin.info["U0"] == -188.5
     assert lin.positions[0, 2] == 1.5e-7
-    assert "uncharacterized" not in r.schema()["info"]
+    assert "uncharacterized" not in r.schema().info
     r2 = pickle.loads(pickle.dumps(r))
     assert [s.info["gdb_index"] for s in r2.read(10, 12)] == [5000, 5001]
     assert sorted(p.name for p in tmp_path.iterdir()) == [archive.name]  # nothing extracted

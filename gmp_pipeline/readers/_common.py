@@ -1,4 +1,5 @@
-"""Small helpers shared by the reader modules: explicit unit conversion and value checks."""
+"""Small helpers shared by the reader modules: explicit unit conversion, value checks and
+(ext)xyz frame scanning."""
 from __future__ import annotations
 
 from typing import Any
@@ -115,12 +116,35 @@ def as_scalar(value, *, path, record, field, kind: str = "float"):
     return float(item)
 
 
-def parse_float(text: str, *, path, record, field) -> float:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        raise SourceError(f"non-numeric value {text!r}", path=path, record=record,
-                          field=field) from None
+def scan_xyz_frames(f, path) -> tuple[np.ndarray, np.ndarray]:
+    """(offset, atom count) of every frame of an (ext)xyz stream ``f`` opened in binary mode
+    (a plain or an ``lzma`` file): offsets are positions in the (decompressed) stream."""
+    offsets, counts = [], []
+    pos = 0
+    record = 0
+    while True:
+        line = f.readline()
+        if not line:
+            break
+        if not line.strip():
+            pos += len(line)
+            continue
+        try:
+            n = int(line.split()[0])
+        except ValueError:
+            raise SourceError(f"expected an atom count, got {line[:60]!r}", path=path,
+                              record=record, field="natoms") from None
+        offsets.append(pos)
+        counts.append(n)
+        pos += len(line)
+        for k in range(n + 1):
+            line = f.readline()
+            if not line:
+                raise SourceError(f"file ends inside the frame (after {max(k - 1, 0)} of {n} "
+                                  "atom lines)", path=path, record=record, field="atoms")
+            pos += len(line)
+        record += 1
+    return np.asarray(offsets, dtype=np.int64), np.asarray(counts, dtype=np.int64)
 
 
 MOLECULE_CELL = np.zeros((3, 3))

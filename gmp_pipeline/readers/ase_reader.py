@@ -17,10 +17,14 @@ import numpy as np
 
 from ..errors import SourceError
 from ..structure import Structure
-from ._common import conversion_record, energy_conversion, make_units
-from .base import Reader, register_reader
+from ..schema import Schema, scalar_dtype
+from ._common import conversion_record, energy_conversion, make_units, scan_xyz_frames
+from .base import Reader
 
 _DB_FORMATS = {"db", "json", "postgresql", "mysql", "aselmdb"}
+#: per-atom arrays of ``atoms.arrays`` that are not extras (the structure itself, or ``tags``)
+_NOT_EXTRAS = {"numbers", "positions", "tags"}
+_ARRAY_DTYPES = {"f": "float64", "i": "int64", "u": "int64", "b": "bool", "U": "str", "S": "str"}
 
 
 def fixed_mask(atoms) -> np.ndarray:
@@ -34,57 +38,14 @@ def fixed_mask(atoms) -> np.ndarray:
     return mask
 
 
-def _scalar_dtype(value) -> str | None:
-    if isinstance(value, (bool, np.bool_)):
-        return "bool"
-    if isinstance(value, (int, np.integer)):
-        return "int64"
-    if isinstance(value, (float, np.floating)):
-        return "float64"
-    if isinstance(value, str):
-        return "str"
-    return None
-
-
-_FILL = {"bool": False, "int64": -1, "float64": float("nan"), "str": ""}
-
-
-def scan_xyz_offsets(path) -> tuple[np.ndarray, np.ndarray]:
-    """(byte offset, atom count) of every frame of an uncompressed (ext)xyz file."""
-    offsets, counts = [], []
-    with open(path, "rb") as f:
-        pos = 0
-        record = 0
-        while True:
-            line = f.readline()
-            if not line:
-                break
-            if not line.strip():
-                pos += len(line)
-                continue
-            try:
-                n = int(line.split()[0])
-            except ValueError:
-                raise SourceError(f"expected an atom count, got {line[:60]!r}", path=path,
-                                  record=record, field="natoms") from None
-            offsets.append(pos)
-            counts.append(n)
-            pos += len(line)
-            for k in range(n + 1):
-                line = f.readline()
-                if not line:
-                    raise SourceError(f"file ends inside the frame (after {max(k - 1, 0)} of {n} "
-                                      "atom lines)", path=path, record=record, field="atoms")
-                pos += len(line)
-            record += 1
-    return np.asarray(offsets, dtype=np.int64), np.asarray(counts, dtype=np.int64)
-
-
-@register_reader("ase")
 class ASEReader(Reader):
     """Frames of any file ASE reads.  ``info``: ``file_name``, ``frame_index`` (``row_id`` for a
     database), ``free_energy`` and the scalar ``atoms.info`` / key-value pairs of the first frame;
-    ``atom_info``: ``tags`` (int64), ``fixed`` (bool, from FixAtoms)."""
+    ``atom_info``: ``tags`` (int64), ``fixed`` (bool, from FixAtoms) and every other per-atom
+    array of the first frame (``atoms.arrays``, e.g. ``initial_charges`` (N,), ``momenta`` or an
+    extxyz vector column (N, 3)) with its trailing shape."""
+
+    name = "ase"
 
     _transient = ("_db", "_counts")
 
@@ -142,7 +103,8 @@ class ASEReader(Reader):
             self._ids = np.asarray([r[0] for r in rows], dtype=np.int64)
             self._counts = np.asarray([r[1] for r in rows], dtype=np.int64)
         elif fmt in ("extxyz", "xyz") and not path.endswith((".gz", ".bz2", ".xz")):
-            self._offsets, self._counts = scan_xyz_offsets(path)
+            with open(path, "rb") as f:
+                self._offsets, self._counts = scan_xyz_frames(f, path)
         else:
             counts = [len(a) for a in self._iread(0, None)]
             self._counts = np.asarray(counts, dtype=np.int64)
@@ -219,10 +181,11 @@ class ASEReader(Reader):
         for k, atoms in enumerate(self._iread(start, stop)):
             yield start + k, atoms, {"frame_index": start + k}
 
-    def _first_schema(self) -> dict[str, Any]:
+    def _first_schema(self) -> Schema:
         if self._schema is None:
             info: dict[str, str] = {"file_name": "str"}
             info["row_id" if self._is_db() else "frame_index"] = "int64"
+            atom_info: dict[str, Any] = {"tags": "int64", "fixed": "bool"}
             has_e = has_f = False
             if len(self):
                 _, atoms, extra = next(self._atoms_range(0, 1))
@@ -231,16 +194,21 @@ class ASEReader(Reader):
                 if "free_energy" in res:
                     info["free_energy"] = "float64"
                 for k, v in {**atoms.info, **extra}.items():
-                    dt = _scalar_dtype(v)
+                    dt = scalar_dtype(v)
                     if dt is not None and k not in info:
                         info[k] = dt
-            self._schema = {"info": info, "atom_info": {"tags": "int64", "fixed": "bool"},
-                            "has_energy": has_e, "has_forces": has_f}
+                for k, arr in atoms.arrays.items():
+                    dt = _ARRAY_DTYPES.get(np.asarray(arr).dtype.kind)
+                    if k in _NOT_EXTRAS or k in atom_info or dt is None or (
+                            dt == "str" and np.ndim(arr) != 1):
+                        continue
+                    atom_info[k] = (dt, tuple(np.shape(arr)[1:]))
+            self._schema = Schema.build(info=info, atom_info=atom_info, has_energy=has_e,
+                                        has_forces=has_f, units=self.units)
         return self._schema
 
-    def schema(self) -> dict[str, Any]:
-        s = self._first_schema()
-        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in s.items()}
+    def schema(self) -> Schema:
+        return self._first_schema()
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
@@ -273,14 +241,28 @@ class ASEReader(Reader):
         if "free_energy" in res:
             merged["free_energy"] = float(res["free_energy"]) * self._factor
         info = {}
-        for k, dt in schema["info"].items():
-            v = merged.get(k, _FILL[dt])
-            if _scalar_dtype(v) != dt and not (dt == "float64" and _scalar_dtype(v) == "int64"):
-                raise SourceError(f"value {v!r:.60} is not of the declared type {dt}",
+        for k, e in schema.info.items():
+            v = merged.get(k, e.fill)
+            if scalar_dtype(v) != e.dtype and not (e.dtype == "float64"
+                                                   and scalar_dtype(v) == "int64"):
+                raise SourceError(f"value {v!r:.60} is not of the declared type {e.dtype}",
                                   path=self.path, record=i, field=k)
-            info[k] = float(v) if dt == "float64" else v
+            info[k] = float(v) if e.dtype == "float64" else v
+        n = len(atoms)
+        atom_info = {"tags": np.asarray(atoms.get_tags(), dtype=np.int64),
+                     "fixed": fixed_mask(atoms)}
+        for k, e in schema.atom_info.items():
+            if k in atom_info:
+                continue
+            if k not in atoms.arrays:
+                atom_info[k] = np.full((n,) + e.shape, e.fill,
+                                       dtype=object if e.dtype == "str" else e.dtype)
+                continue
+            arr = np.asarray(atoms.arrays[k])
+            if arr.shape != (n,) + e.shape:
+                raise SourceError(f"per-atom array of shape {arr.shape}; the first frame's is "
+                                  f"{(n,) + e.shape}", path=self.path, record=i, field=k)
+            atom_info[k] = arr.astype(str) if e.dtype == "str" else arr.astype(e.dtype)
         return Structure(numbers=atoms.numbers, positions=atoms.positions,
                          cell=np.asarray(atoms.cell[:]), pbc=atoms.pbc, energy=energy,
-                         forces=forces, source_index=i, info=info,
-                         atom_info={"tags": np.asarray(atoms.get_tags(), dtype=np.int64),
-                                    "fixed": fixed_mask(atoms)})
+                         forces=forces, source_index=i, info=info, atom_info=atom_info)

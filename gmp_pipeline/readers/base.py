@@ -1,4 +1,5 @@
-"""The reader protocol and the registry that resolves ``featurize <kind>``.
+"""The reader protocol (the registry that resolves ``featurize <kind>`` is
+:mod:`gmp_pipeline.readers`).
 
 A reader describes one source dataset.  It must
 
@@ -10,8 +11,10 @@ A reader describes one source dataset.  It must
   :class:`~gmp_pipeline.structure.Structure` objects whose ``source_index`` is the position in
   the source;
 * record units (:attr:`Reader.units`) and never convert silently;
-* declare the extras it yields (:meth:`Reader.schema`) so a store can be laid out before any
-  record is read.
+* declare what it yields (:meth:`Reader.schema`, a typed :class:`~gmp_pipeline.schema.Schema`:
+  every extra with its dtype and shape, whether there are energies and forces) so a store can be
+  laid out before any record is read; provenance (which field gave the energy, the file
+  dialect, ...) goes to :meth:`Reader.describe`.
 
 Bad records raise :class:`~gmp_pipeline.errors.SourceError` naming the file, the record and the
 field.  With ``skip_bad_records=True`` a reader logs and skips them instead and lists them in
@@ -26,51 +29,26 @@ from typing import Any, ClassVar, Iterator
 import numpy as np
 
 from ..errors import InputError, SourceError
+from ..schema import Schema
 from ..structure import Structure
 
 #: logger used by every reader (skipped records are logged here at WARNING level)
 logger = logging.getLogger("gmp_pipeline.readers")
 
-_REGISTRY: dict[str, type["Reader"]] = {}
-
-
-def register_reader(name: str):
-    """Class decorator: make a reader available as ``featurize <name>``."""
-
-    def deco(cls):
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def reader_names() -> list[str]:
-    """Names of every registered reader kind."""
-    from . import _load_all  # noqa: F401  (imports the modules, which register themselves)
-
-    return sorted(_REGISTRY)
-
-
-def get_reader_class(name: str) -> type["Reader"]:
-    names = reader_names()
-    if name not in _REGISTRY:
-        raise InputError(f"source kind {name!r} is unknown; choose one of {', '.join(names)}")
-    return _REGISTRY[name]
-
-
-def open_reader(kind: str, path, **options) -> "Reader":
-    """Construct the reader registered as ``kind`` for ``path``."""
-    return get_reader_class(kind)(path, **options)
-
-
 class Reader(abc.ABC):
     """Base class of every source reader (see the module docstring for the contract)."""
 
+    #: the kind this reader is registered as (``featurize <name>``)
     name: ClassVar[str] = "?"
     #: units of the quantities the reader yields, e.g. {"length": "Angstrom", "energy": "eV",
     #: "forces": "eV/Angstrom"}; subclasses set it per instance when it depends on the file.
     units: dict[str, str]
+
+    @classmethod
+    def open(cls, path, **options) -> "Reader":
+        """The reader for ``path``; a reader kind covering several formats (``ocp``) returns
+        the reader of the format it detects."""
+        return cls(path, **options)
 
     def __init__(self, path, *, skip_bad_records: bool = False, **options: Any):
         """``options``: the reader's own settings, recorded in :meth:`describe` (and so in a
@@ -92,13 +70,10 @@ class Reader(abc.ABC):
     def read(self, start: int = 0, stop: int | None = None) -> Iterator[Structure]:
         """Yield the structures with source index in ``[start, stop)``, in order."""
 
-    def schema(self) -> dict[str, dict[str, Any]]:
-        """Extras this reader yields, for laying out a store before reading.
-
-        Returns ``{"info": {name: dtype}, "atom_info": {name: dtype}, "has_energy": bool,
-        "has_forces": bool}``.  ``dtype`` is a numpy dtype string; ``"str"`` for text.
-        """
-        return {"info": {}, "atom_info": {}, "has_energy": False, "has_forces": False}
+    def schema(self) -> Schema:
+        """What this reader yields, for laying out a store before reading (see
+        :class:`~gmp_pipeline.schema.Schema`); its ``units`` are :attr:`units`."""
+        return Schema.build(units=self.units)
 
     def describe(self) -> dict[str, Any]:
         """Provenance: reader name, path and options (JSON-serialisable)."""

@@ -8,13 +8,13 @@ unless ``energy_unit=`` asks for an explicit conversion (recorded in ``describe(
 from __future__ import annotations
 
 from ._npz import FrameNpzReader
-from .base import register_reader
 
 
-@register_reader("md17")
 class MD17Reader(FrameNpzReader):
     """Frames of one MD17 npz.  ``info``: ``molecule`` (``name`` key or file stem),
     ``frame_index`` (row in the npz)."""
+
+    name = "md17"
 
     format_name = "sGDML npz (MD17)"
     key_R, key_z, key_E, key_F = "R", "z", "E", "F"

@@ -32,7 +32,8 @@ from ..errors import InputError, SourceError
 from ..structure import Structure
 from ._common import (MOLECULE_CELL, MOLECULE_PBC, conversion_record, energy_conversion,
                       make_units)
-from .base import Reader, logger, register_reader
+from ..schema import Schema
+from .base import Reader, logger
 
 PROPERTIES = ("A", "B", "C", "mu", "alpha", "homo", "lumo", "gap", "r2", "zpve", "U0", "U", "H",
               "G", "Cv")
@@ -166,12 +167,13 @@ def read_atomref(path) -> dict[int, dict[str, float]]:
     return out
 
 
-@register_reader("qm9")
 class QM9Reader(Reader):
     """QM9 molecules.  ``info``: ``gdb_index``, ``file_name``, the 15 properties, ``frequencies``
     (space-separated text, cm^-1), ``n_frequencies``, ``linear``, ``smiles_gdb``,
     ``smiles_relaxed``, ``inchi_gdb``, ``inchi_relaxed`` (+ ``uncharacterized`` when the list is
     known); ``atom_info``: ``charges`` (Mulliken, e)."""
+
+    name = "qm9"
 
     _transient = ("_counts", "_stream")
 
@@ -318,7 +320,7 @@ class QM9Reader(Reader):
             self._counts = counts
         return counts.copy()
 
-    def schema(self) -> dict[str, Any]:
+    def schema(self) -> Schema:
         info = {"gdb_index": "int64", "file_name": "str"}
         info.update({p: "float64" for p in PROPERTIES})
         info.update({"n_frequencies": "int64", "frequencies": "str", "linear": "bool",
@@ -327,8 +329,8 @@ class QM9Reader(Reader):
         self._load_unchar()
         if self._unchar is not None:
             info["uncharacterized"] = "bool"
-        return {"info": info, "atom_info": {"charges": "float64"}, "has_energy": True,
-                "has_forces": False}
+        return Schema.build(info=info, atom_info={"charges": "float64"}, has_energy=True,
+                            has_forces=False, units=self.units)
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()

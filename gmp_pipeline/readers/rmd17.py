@@ -19,7 +19,6 @@ import numpy as np
 
 from ..errors import SourceError
 from ._npz import FrameNpzReader, NpzArrays
-from .base import register_reader
 
 
 def read_split_file(path, n_frames: int) -> np.ndarray:
@@ -45,11 +44,11 @@ def read_split_file(path, n_frames: int) -> np.ndarray:
     return np.asarray(rows, dtype=np.int64)
 
 
-@register_reader("rmd17")
 class RMD17Reader(FrameNpzReader):
     """Frames of one rMD17 npz.  ``info``: ``molecule``, ``frame_index``, ``old_index``,
     ``old_energy``; ``old_forces`` only with ``include_old_forces=True`` (atom_info, (N, 3))."""
 
+    name = "rmd17"
     format_name = "rMD17 npz"
     stem_pattern = re.compile(r"^(?:rmd17_)?(.+?)(?:_(?:train|test)_\d+)?$")
     key_R, key_z, key_E, key_F = "coords", "nuclear_charges", "energies", "forces"
@@ -84,12 +83,8 @@ class RMD17Reader(FrameNpzReader):
     def _extra_info_schema(self) -> dict[str, str]:
         return {"old_index": "int64", "old_energy": "float64"}
 
-    def schema(self) -> dict[str, Any]:
-        s = super().schema()
-        if self._include_old_forces:
-            s["atom_info"] = {"old_forces": "float64"}
-            s["atom_info_shapes"] = {"old_forces": [3]}
-        return s
+    def _atom_info_schema(self) -> dict[str, Any]:
+        return {"old_forces": ("float64", (3,))} if self._include_old_forces else {}
 
     def _extra_arrays(self, npz: NpzArrays) -> dict[str, np.ndarray]:
         out = {"old_indices": npz.array("old_indices"), "old_energies": npz.array("old_energies")}
