@@ -12,8 +12,8 @@ config sources and ``cluster_configs/`` in the repository for documented example
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
-import sys
 
 import dask
 
@@ -22,6 +22,8 @@ from . import config as _config  # noqa: F401  (loads gmp-pipeline.yaml into das
 from .config import flatten, load_cluster_config, normalize_cluster_config
 from .slurm import slurm_available
 from .workers import NumbaCachePlugin, prepare_workers
+
+logger = logging.getLogger("gmp_pipeline.clusters")
 
 __all__ = ["ClusterError", "KINDS", "NumbaCachePlugin", "job_script", "prepare_workers",
            "scheduler_for", "slurm_available", "start_cluster"]
@@ -118,17 +120,16 @@ def start_cluster(spec: str, *, workers: int | None = None, cluster_config=None,
                 raise ClusterError(f"cannot reach the Dask scheduler at {value}: {exc}") from exc
             stack.callback(client.close)
             if not quiet:
-                print(f"gmp-pipeline: connected to Dask scheduler {value}, dashboard "
-                      f"{client.dashboard_link}", file=sys.stderr, flush=True)
+                logger.info("gmp-pipeline: connected to Dask scheduler %s, dashboard %s", value,
+                            client.dashboard_link)
         else:
             if kind == "local":
                 from .local import make_local_cluster
 
                 cluster = make_local_cluster(workers, local_directory=local_directory)
                 if not quiet:
-                    print(f"gmp-pipeline: local Dask cluster, {len(cluster.workers)} worker "
-                          f"processes, dashboard {cluster.dashboard_link}",
-                          file=sys.stderr, flush=True)
+                    logger.info("gmp-pipeline: local Dask cluster, %d worker processes, "
+                                "dashboard %s", len(cluster.workers), cluster.dashboard_link)
             else:
                 cluster = scheduler_for(kind).make_cluster(
                     min_jobs=min_jobs, max_jobs=max_jobs, quiet=quiet, workers=workers,

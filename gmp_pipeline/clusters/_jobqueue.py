@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from dask_jobqueue.core import Job
 
 from ..errors import ClusterError
 from .config import DEFAULTS, parse_memory, worker_lifetime
+
+logger = logging.getLogger("gmp_pipeline.clusters")
 
 SCHEDULER_PLACEHOLDER = "tcp://<scheduler-address>:8786"
 
@@ -219,10 +222,10 @@ class Scheduler:
                 job_kwargs["memory"] = f"{max(mem // 2**30, 1)}GiB"
                 changed.append(f"memory {memory} -> {job_kwargs['memory']}")
         if changed:
-            print(f"gmp-pipeline: the largest {self.title} node has {cpus} CPUs and "
-                  f"{mem // 2**20} MiB; a job as configured could never start, so: "
-                  f"{'; '.join(changed)} (set jobqueue.{self.kind} in --cluster-config)",
-                  file=sys.stderr)
+            logger.warning(f"gmp-pipeline: the largest {self.title} node has {cpus} CPUs and "
+                           f"{mem // 2**20} MiB; a job as configured could never start, so: "
+                           f"{'; '.join(changed)} (set jobqueue.{self.kind} in "
+                           "--cluster-config)")
 
     # ----------------------------------------------------------------- products
     def job_script(self, **resolve_kwargs) -> str:
@@ -262,10 +265,10 @@ class Scheduler:
             cluster._gmp_watchdog = NoWorkerWatchdog(self, cluster, parse_timedelta(warn_after))
         if not quiet:
             per_job = job_kwargs.get("processes", 1)
-            print(f"gmp-pipeline: {self.title} cluster, scheduler {cluster.scheduler_address}, "
-                  f"dashboard {cluster.dashboard_link}; adapting between {min_jobs} and "
-                  f"{max_jobs} {self.submit_command} jobs of {per_job} worker(s)",
-                  file=sys.stderr, flush=True)
+            logger.info(f"gmp-pipeline: {self.title} cluster, scheduler "
+                        f"{cluster.scheduler_address}, dashboard {cluster.dashboard_link}; "
+                        f"adapting between {min_jobs} and {max_jobs} {self.submit_command} "
+                        f"jobs of {per_job} worker(s)")
         return cluster
 
 
@@ -318,13 +321,13 @@ class NoWorkerWatchdog:
             idle = time.monotonic() - since
             if idle >= wait:
                 states = self._job_states()
-                print(f"gmp-pipeline: no Dask worker connected for {idle:.0f} s; {states}",
-                      file=sys.stderr, flush=True)
+                logger.warning(f"gmp-pipeline: no Dask worker connected for {idle:.0f} s; "
+                               f"{states}")
                 if states.startswith("no job was submitted") and wait > self.after:
                     # every submission failed twice over: waiting longer cannot help
-                    print(f"gmp-pipeline: giving up: no {self.scheduler.title} job could be "
-                          f"submitted (see the {self.scheduler.submit_command} errors above)",
-                          file=sys.stderr, flush=True)
+                    logger.error(f"gmp-pipeline: giving up: no {self.scheduler.title} job "
+                                 f"could be submitted (see the {self.scheduler.submit_command} "
+                                 "errors above)")
                     import _thread
 
                     _thread.interrupt_main()

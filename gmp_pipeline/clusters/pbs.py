@@ -12,7 +12,3 @@ SCHEDULER = Scheduler(
     status_cmd=lambda ids: ["qstat", *ids],
 )
 
-
-def pbs_available(timeout: float = 15) -> tuple[bool, str]:
-    """(True, server status) when qsub is on PATH and the PBS server answers ``qstat -B``."""
-    return SCHEDULER.available(timeout=timeout)
