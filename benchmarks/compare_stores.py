@@ -133,8 +133,8 @@ from ase.build import molecule
 out = []
 for k in range(4):
     a = molecule("CH3CH2OH"); a.positions += rng.normal(scale=0.05, size=a.positions.shape)
-    a.new_array("dipole", rng.normal(size=(len(a), 3)))
-    a.new_array("charge", rng.normal(size=len(a)))
+    a.new_array("displacement", rng.normal(size=(len(a), 3)))
+    a.new_array("weight", rng.normal(size=len(a)))
     a.info["step"] = k
     out.append(a)
 ase.io.write(gen / "vectors.extxyz", out, format="extxyz")
@@ -269,8 +269,13 @@ def main(argv=None) -> int:
             import zarr
 
             arrays = _arrays(zarr.open_group(str(stores["new"]), mode="r"))
+            extras = json.loads((stores["new"] / "zarr.json").read_text())["attributes"]["extras"]
+            shown = [f"{p} {tuple(arrays[p].shape)} {arrays[p].dtype}"
+                     for p in sorted({**extras["info"], **extras["atom_info"]}.values())
+                     if p in arrays and arrays[p].ndim > 1]
             print(f"NEW  {title}: the old checkout failed ({errors['old']}); the new store has "
-                  f"{len(arrays)} arrays")
+                  f"{len(arrays)} arrays" + (f", vector extras: {', '.join(shown)}" if shown
+                                             else ""))
             continue
         diffs, added, added_attrs = compare(stores["old"], stores["new"])
         status = "FAIL" if diffs else "OK  "
