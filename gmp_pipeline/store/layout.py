@@ -1,8 +1,9 @@
 """The on-disk layout of a ``gmp-features`` Zarr v3 store (see ``docs/format.md``).
 
-Everything that decides *where* a value lives is here: the array names and dtypes, the chunk
-shapes, the codecs and the fingerprint.  The writer (:mod:`.writer`) and the reader
-(:mod:`.reader`) both use it, so the two cannot drift apart.
+Everything that decides *where* a value lives is here: the array names, dtypes and trailing
+shapes (one array per extra of the reader's :class:`~gmp_pipeline.schema.Schema`), the chunk
+shapes, the codecs, the fingerprint and the root attributes.  The writer (:mod:`.writer`) and
+the reader (:mod:`.reader`) both use it, so the two cannot drift apart.
 """
 from __future__ import annotations
 
@@ -23,10 +24,6 @@ from ..schema import Schema
 
 FORMAT_NAME = "gmp-features"
 FORMAT_VERSION = 1
-
-#: smallest uncompressed size of a chunk (bytes) unless dask.config
-#: ``gmp-pipeline.store.min-chunk-bytes`` says otherwise; an array smaller is one chunk
-MIN_CHUNK_BYTES = 1 << 20
 
 #: directory (inside the store) holding the plan, per-task results and completion markers
 #: of a run that has not finished; removed when the store is finalized
@@ -72,8 +69,8 @@ class ArraySpec:
         return item * int(np.prod(self.trailing, dtype=np.int64))
 
     def chunk_rows(self, n_rows: int) -> int:
-        """Rows per chunk: the fewest rows that make at least ``MIN_CHUNK_BYTES``, capped at the
-        array length (so a small array is a single chunk)."""
+        """Rows per chunk: the fewest rows that make at least knob ``store.min-chunk-bytes``
+        (1 MiB) uncompressed, capped at the array length (so a small array is a single chunk)."""
         from ..config import knob
 
         rows = max(1, math.ceil(int(knob("store.min-chunk-bytes")) / self.row_bytes()))
