@@ -7,7 +7,8 @@
 (c) S2EF raw shards ``N.extxyz[.xz]`` with their ``N.txt[.xz]`` sidecars (one file or a directory).
 
 ``format="lmdb" | "aselmdb" | "extxyz"`` overrides the detection (:meth:`OCPReader.open`, in
-:mod:`._base`; one module per format: :mod:`.pyg_lmdb`, :mod:`.aselmdb`, :mod:`.s2ef`).  Units: Angstrom, eV, eV/Angstrom.
+:mod:`._base`; one module per format: :mod:`.pyg_lmdb`, :mod:`.aselmdb`, :mod:`.s2ef`).
+Units: Angstrom, eV, eV/Angstrom.
 Per atom: ``tags`` (int64) and ``fixed`` (bool) are always present; ``info`` keeps ``sid``, ``fid``
 (-1 when absent) and every energy the source has (NaN when a record lacks it).
 """
