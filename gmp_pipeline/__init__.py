@@ -25,7 +25,7 @@ def open_store(path, **kwargs):
 
 def __getattr__(name):
     # the store reader imports zarr: only when asked for
-    if name in ("FeatureStore", "collate_energy_forces"):
+    if name in ("FeatureStore", "ChunkShuffleSampler", "collate_energy_forces"):
         from . import store
 
         return getattr(store, name)
@@ -33,5 +33,5 @@ def __getattr__(name):
 
 
 __all__ = ["GMPFeaturizer", "GMPResult", "Structure", "open_store", "FeatureStore",
-           "collate_energy_forces", "GMPError", "InputError", "PseudopotentialError",
+           "ChunkShuffleSampler", "collate_energy_forces", "GMPError", "InputError", "PseudopotentialError",
            "SourceError", "StoreError", "ClusterError", "__version__"]

@@ -98,7 +98,7 @@ def check_store_against_source(store_path, reader, featurizer, indices=None, der
     idx = range(len(st)) if indices is None else indices
     tol = 1e-5 if st.attrs["options"]["dtype"] == "float32" else 1e-12
     for i in idx:
-        d, s = st[i], structures[i]
+        d, s = st.get_batch([i], fields="all")[0], structures[i]
         r = featurizer.featurize(s, derivatives=derivatives)
         assert int(d["source_index"]) == s.source_index
         np.testing.assert_array_equal(d["numbers"], s.numbers)

@@ -7,7 +7,8 @@ Dataset and collate function) and :mod:`.verify` (``inspect`` / ``verify``).
 """
 from .layout import FORMAT_NAME, FORMAT_VERSION
 from .reader import FeatureStore, open_store
+from .sampler import ChunkShuffleSampler
 from .torch import collate_energy_forces, make_torch_dataset
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "FeatureStore", "collate_energy_forces",
+__all__ = ["ChunkShuffleSampler", "FORMAT_NAME", "FORMAT_VERSION", "FeatureStore", "collate_energy_forces",
            "make_torch_dataset", "open_store"]

@@ -1,0 +1,174 @@
+"""The training read path: fields, the chunk cache, the chunk-aware sampler, worker pickling."""
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+from helpers import SAMPLES, SMALL_FEATURES
+
+from gmp_pipeline.errors import StoreError
+from gmp_pipeline.pipeline import featurize_to_store
+from gmp_pipeline.store import ChunkShuffleSampler, open_store
+from gmp_pipeline.store._rowcache import ChunkCache
+
+
+@pytest.fixture(scope="module")
+def qm9_store(tmp_path_factory):
+    """A features-only store with text extras (QM9's SMILES, InChI, frequencies)."""
+    from gmp_pipeline.features import GMPFeaturizer
+    from gmp_pipeline.readers import open_reader
+
+    out = tmp_path_factory.mktemp("read") / "qm9.zarr"
+    reader = open_reader("qm9", os.fspath(SAMPLES / "qm9"))
+    featurize_to_store(reader, out, GMPFeaturizer(**SMALL_FEATURES), derivatives=False,
+                       chunk_size=3, progress=False, log=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def many_chunks_store(tmp_path_factory):
+    """A store with derivatives whose atoms arrays span several chunks (small chunk bytes)."""
+    from gmp_pipeline.features import GMPFeaturizer
+    from gmp_pipeline.readers import open_reader
+    import dask
+
+    out = tmp_path_factory.mktemp("read") / "toy.zarr"
+    reader = open_reader("ase", os.fspath(SAMPLES / "extxyz" / "toy_c3h8_relax.extxyz"))
+    with dask.config.set({"gmp-pipeline.store.min-chunk-bytes": 2048}):
+        featurize_to_store(reader, out, GMPFeaturizer(**SMALL_FEATURES), chunk_size=7,
+                           progress=False, log=lambda m: None)
+    return out
+
+
+def reference_rows(path, s, name):
+    """Rows of structure ``s`` of the array ``name`` read with plain zarr."""
+    import zarr
+
+    g = zarr.open_group(str(path), mode="r")
+    a0, n = int(g["structures/atom_start"][s]), int(g["structures/n_atoms"][s])
+    return np.asarray(g[name][a0:a0 + n])
+
+
+def test_text_extras_only_when_asked(qm9_store):
+    st = open_store(qm9_store)
+    assert st.text_fields, st.fields
+    text = st.text_fields[0]
+    d = st[0]
+    assert text not in d and "features" in d and "gap" in d
+    d_all = st.get_batch([0], fields="all")[0]
+    assert text in d_all and isinstance(d_all[text], str)
+    assert st.get_batch([0], fields=[text])[0][text] == d_all[text]
+
+
+def test_fields_select_and_unknown_field_is_named(qm9_store):
+    st = open_store(qm9_store)
+    d = st.get_batch([1], fields=["features", "energy"])[0]
+    assert set(d) == {"index", "features", "energy"}
+    np.testing.assert_array_equal(d["features"], st[1]["features"])
+    with pytest.raises(StoreError, match="no field 'featurez'"):
+        st.get_batch([0], fields=["featurez"])
+
+
+def test_batches_equal_plain_zarr_across_chunks(many_chunks_store):
+    st = open_store(many_chunks_store, cache_bytes=4096)   # smaller than the arrays: evicts
+    assert st.array("atoms/features").chunks[0] < int(st.n_atoms().sum())
+    rng = np.random.default_rng(1)
+    idx = rng.integers(0, len(st), 40)
+    for d, s in zip(st.get_batch(idx), idx):
+        for name in ("features", "positions", "numbers", "tags"):
+            np.testing.assert_array_equal(d[name], reference_rows(many_chunks_store, s,
+                                                                  f"atoms/{name}"))
+    assert st._cache.nbytes <= 4096 + max(a.nbytes for per in st._cache._chunks.values()
+                                          for a in per.values())
+    # the same values with no cache and with a big one, dfeatures included
+    a = open_store(many_chunks_store, cache_bytes=0).get_batch(idx)
+    b = open_store(many_chunks_store).get_batch(idx)
+    for x, y in zip(a, b):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_returned_arrays_do_not_alias_the_cache(many_chunks_store):
+    st = open_store(many_chunks_store)
+    d = st[4]
+    d["features"][:] = -1.0
+    assert not np.any(st[4]["features"] == -1.0)
+
+
+def test_chunk_cache_decodes_each_chunk_once():
+    arr = np.arange(1000.0).reshape(250, 4)
+
+    class Fake:                      # the two things the cache uses of a zarr array
+        shape, chunks, dtype = arr.shape, (16, 4), arr.dtype
+
+        def __getitem__(self, sl):
+            return arr[sl]
+
+    cache = ChunkCache(1 << 20)
+    for a in range(0, 240, 7):
+        np.testing.assert_array_equal(cache.rows("x", Fake(), a, a + 9), arr[a:a + 9])
+    assert cache.decoded == 16       # 250 rows in chunks of 16
+    np.testing.assert_array_equal(cache.take("x", Fake(), np.array([3, 17, 200, 249])),
+                                  arr[[3, 17, 200, 249]])
+
+
+def test_chunk_shuffle_sampler_covers_each_structure_once_per_epoch(many_chunks_store):
+    st = open_store(many_chunks_store)
+    sampler = ChunkShuffleSampler(st, buffer_size=10, seed=3)
+    e1, e2 = list(sampler), list(sampler)
+    assert sorted(e1) == list(range(len(st))) == sorted(e2) and len(sampler) == len(st)
+    assert e1 != e2 and e1 != sorted(e1)               # new order every epoch
+    sampler.set_epoch(0)
+    assert list(sampler) == e1                          # reproducible by (seed, epoch)
+    # locality: a window of at least 10 structures comes from a few consecutive blocks
+    rows = st.array("atoms/features").chunks[0]
+    block_of = st.atom_start() // rows
+    first_window = {int(block_of[i]) for i in e1[:10]}
+    assert len(first_window) <= 1 + 10
+
+
+def test_sampler_over_a_subset_dataset(many_chunks_store):
+    pytest.importorskip("torch")
+    st = open_store(many_chunks_store)
+    ds = st.torch_dataset(indices=np.arange(20, 60))
+    order = list(ChunkShuffleSampler(ds, seed=0))
+    assert sorted(order) == list(range(40))
+
+
+def test_dataloader_workers_with_spawn(many_chunks_store):
+    torch = pytest.importorskip("torch")
+    from gmp_pipeline.store import collate_energy_forces
+
+    st = open_store(many_chunks_store)
+    ds = st.torch_dataset(fields=["features", "numbers", "energy", "positions", "forces"])
+    ds2 = pickle.loads(pickle.dumps(ds))
+    assert len(ds2) == len(ds)
+    loader = torch.utils.data.DataLoader(ds, batch_size=16, num_workers=2,
+                                         multiprocessing_context="spawn",
+                                         sampler=ChunkShuffleSampler(ds, seed=0),
+                                         collate_fn=collate_energy_forces)
+    seen = []
+    for b in loader:
+        seen += b["index"].tolist()
+        assert b["features"].shape[0] == int(b["n_atoms"].sum())
+    assert sorted(seen) == list(range(len(st)))
+
+
+def test_plain_zarr_example_in_format_doc_runs(many_chunks_store, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "format.md").read_text()
+    section = doc[doc.index("## Reading with plain zarr"):]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "out.zarr").symlink_to(many_chunks_store)
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(code, "docs/format.md", "exec"), ns)   # noqa: S102 - our own documentation
+    st = open_store(many_chunks_store)
+    d = st[7]
+    np.testing.assert_array_equal(ns["feats"], d["features"])
+    np.testing.assert_array_equal(ns["dfeat"], d["dfeatures"])
+    np.testing.assert_array_equal(ns["centre"], d["pair_center"])
+    np.testing.assert_array_equal(ns["neighbour"], d["pair_neighbor"])
