@@ -98,6 +98,11 @@ def main():
 @click.option("--derivatives/--no-derivatives", default=True, show_default=True,
               help="Also store the total derivative of every feature with respect to every "
                    "neighbour position (pairs/dfeatures), needed for force training.")
+@click.option("--derivative-atoms", type=click.Choice(["all", "free"]), default="all",
+              show_default=True,
+              help="With derivatives: store dF_i/dr_j for every atom j (all), or only for free "
+                   "atoms j (free: the reader's per-atom 'fixed' is 0, as OC20/OC22 mark "
+                   "them), which is all that forces on free atoms need.")
 @click.option("--cluster", default="local", show_default=True,
               help="local (a LocalCluster on this machine), slurm, pbs, or the address of a "
                    "running Dask scheduler (tcp://host:8786).")
@@ -125,7 +130,8 @@ def main():
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show progress bars (tasks done/total, structures/s, ETA).")
 @_clean_errors
-def featurize(source_kind, path, store, features_file, derivatives, cluster, workers,
+def featurize(source_kind, path, store, features_file, derivatives, derivative_atoms, cluster,
+              workers,
               chunk_size, dtype, overwrite, skip_bad_records, reader_options, cluster_config,
               min_jobs, max_jobs, dry_run, progress):
     """Featurize every structure of PATH (a SOURCE_KIND dataset) into the Zarr store -o STORE.
@@ -134,7 +140,7 @@ def featurize(source_kind, path, store, features_file, derivatives, cluster, wor
     the same command on an interrupted store computes only the missing tasks.
     """
     from .clusters import job_script, start_cluster
-    from .pipeline import featurize_to_store
+    from .pipeline import check_derivative_atoms, featurize_to_store
     from .readers import open_reader
 
     if dry_run:
@@ -145,6 +151,7 @@ def featurize(source_kind, path, store, features_file, derivatives, cluster, wor
     reader = open_reader(source_kind, os.path.abspath(path), skip_bad_records=skip_bad_records,
                          **options)
     n = len(reader)  # opens the source: a bad path fails here, before any store is written
+    check_derivative_atoms(derivative_atoms, derivatives, reader)   # before any cluster starts
     click.echo(f"source: {source_kind} {os.path.abspath(path)} ({n} structures); "
                f"{featurizer.n_features} features, derivatives "
                f"{'on' if derivatives else 'off'}, {dtype}", err=True)
@@ -155,7 +162,8 @@ def featurize(source_kind, path, store, features_file, derivatives, cluster, wor
         click.echo(f"Dask dashboard: {client.dashboard_link} ({n_workers} workers)", err=True)
         t_cluster = time.perf_counter() - t0
         summary = featurize_to_store(reader, store, featurizer, derivatives=derivatives,
-                                     dtype=dtype, client=client, chunk_size=chunk_size,
+                                     dtype=dtype, derivative_atoms=derivative_atoms,
+                                     client=client, chunk_size=chunk_size,
                                      overwrite=overwrite, progress=progress,
                                      log=lambda m: click.echo(m, err=True))
     if summary.state == "complete":
@@ -260,7 +268,11 @@ def verify(store, sample, seed):
         for p in problems:
             click.echo(f"FAIL {p}", err=True)
         raise StoreError(f"{store}: {len(problems)} problem(s) found")
-    click.echo(f"verify: OK ({sample} structures recomputed and matched; indexes consistent)")
+    for note in getattr(problems, "notes", []):
+        click.echo(f"note: {note}", err=True)
+    n = getattr(problems, "checked", sample)
+    click.echo(f"verify: OK ({n} structure{'' if n == 1 else 's'} recomputed and matched; "
+               "indexes consistent)")
 
 
 if __name__ == "__main__":  # pragma: no cover

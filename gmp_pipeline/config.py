@@ -71,20 +71,29 @@ def describe_defaults() -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _load_knob_defaults() -> None:
+def _load_knob_defaults() -> dict:
     import dask
     import yaml
 
     with open(KNOBS_FILE) as f:
-        dask.config.update_defaults(yaml.safe_load(f))
+        doc = yaml.safe_load(f)
+    dask.config.update_defaults(doc)
+    return doc
 
 
 def knob(name: str):
-    """The tuning knob ``gmp-pipeline.<name>`` from dask.config, e.g. ``knob("store.min-chunk-bytes")``."""
+    """The tuning knob ``gmp-pipeline.<name>`` from dask.config, e.g. ``knob("store.min-chunk-bytes")``.
+
+    The shipped YAML value is the fallback, so a ``dask.config.set`` block that was entered
+    before the defaults were first loaded (and that restores the config without them when it
+    exits) cannot lose a knob.
+    """
     import dask
 
-    _load_knob_defaults()
-    return dask.config.get(f"gmp-pipeline.{name}")
+    fallback = _load_knob_defaults()["gmp-pipeline"]
+    for part in name.split("."):
+        fallback = fallback[part]
+    return dask.config.get(f"gmp-pipeline.{name}", default=fallback)
 
 
 __all__ = ["FEATURE_KEYS", "DEFAULT_FEATURES", "load_feature_config", "feature_defaults",

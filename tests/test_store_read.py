@@ -172,3 +172,77 @@ def test_plain_zarr_example_in_format_doc_runs(many_chunks_store, tmp_path, monk
     np.testing.assert_array_equal(ns["dfeat"], d["dfeatures"])
     np.testing.assert_array_equal(ns["centre"], d["pair_center"])
     np.testing.assert_array_equal(ns["neighbour"], d["pair_neighbor"])
+
+
+def test_derivative_atoms_free_keeps_exactly_the_pairs_of_free_neighbours(many_chunks_store,
+                                                                         tmp_path):
+    import dask
+
+    from gmp_pipeline.features import GMPFeaturizer
+    from gmp_pipeline.readers import open_reader
+    from gmp_pipeline.store.verify import verify_store
+
+    out = tmp_path / "free.zarr"
+    reader = open_reader("ase", os.fspath(SAMPLES / "extxyz" / "toy_c3h8_relax.extxyz"))
+    with dask.config.set({"gmp-pipeline.store.min-chunk-bytes": 2048}):
+        featurize_to_store(reader, out, GMPFeaturizer(**SMALL_FEATURES), chunk_size=7,
+                           derivative_atoms="free", progress=False, log=lambda m: None)
+    full, free = open_store(many_chunks_store), open_store(out)
+    assert free.derivative_atoms == "free" and full.derivative_atoms == "all"
+    assert free.attrs["options"]["derivative_atoms"] == "free"
+    n_fixed = 0
+    for a, b in zip(full, free):
+        keep = a["fixed"][a["pair_neighbor"]] == 0
+        n_fixed += int(np.sum(a["fixed"] != 0))
+        np.testing.assert_array_equal(b["features"], a["features"])
+        np.testing.assert_array_equal(b["pair_center"], a["pair_center"][keep])
+        np.testing.assert_array_equal(b["pair_neighbor"], a["pair_neighbor"][keep])
+        np.testing.assert_array_equal(b["dfeatures"], a["dfeatures"][keep])
+    assert n_fixed > 0, "the sample must have fixed atoms for this test to mean anything"
+    assert free.attrs["counts"]["n_pairs"] < full.attrs["counts"]["n_pairs"]
+    problems = verify_store(out, sample=5)
+    assert list(problems) == [] and problems.checked == 5
+
+
+def test_forces_on_free_atoms_from_a_free_store_equal_the_full_ones(many_chunks_store, tmp_path):
+    torch = pytest.importorskip("torch")
+    from gmp_pipeline.features import GMPFeaturizer
+    from gmp_pipeline.readers import open_reader
+    from gmp_pipeline.store import collate_energy_forces
+
+    out = tmp_path / "free.zarr"
+    reader = open_reader("ase", os.fspath(SAMPLES / "extxyz" / "toy_c3h8_relax.extxyz"))
+    featurize_to_store(reader, out, GMPFeaturizer(**SMALL_FEATURES), chunk_size=7,
+                       derivative_atoms="free", progress=False, log=lambda m: None)
+    w = torch.arange(1.0, 6.0)
+
+    def forces(path):
+        ds = open_store(path).torch_dataset(indices=range(30))
+        b = collate_energy_forces(ds.__getitems__(list(range(30))))
+        g = w.expand(b["features"].shape[0], 5)
+        contrib = torch.einsum("pm,pxm->px", g[b["pair_center"]], b["dfeatures"])
+        return -torch.zeros(b["features"].shape[0], 3).index_add(0, b["pair_neighbor"],
+                                                                 contrib), b["fixed"]
+
+    f_all, fixed = forces(many_chunks_store)
+    f_free, fixed2 = forces(out)
+    free = fixed == 0
+    assert torch.equal(fixed, fixed2) and bool(free.any()) and bool((~free).any())
+    torch.testing.assert_close(f_free[free], f_all[free])
+    assert torch.count_nonzero(f_free[~free]) == 0
+
+
+def test_derivative_atoms_free_is_refused_without_fixed(tmp_path):
+    from gmp_pipeline.errors import InputError
+    from gmp_pipeline.features import GMPFeaturizer
+    from gmp_pipeline.readers import open_reader
+
+    reader = open_reader("md17", os.fspath(SAMPLES / "md17" / "ethanol.npz"))
+    with pytest.raises(InputError, match="needs a per-atom 'fixed'"):
+        featurize_to_store(reader, tmp_path / "x.zarr", GMPFeaturizer(**SMALL_FEATURES),
+                           derivative_atoms="free", progress=False, log=lambda m: None)
+    with pytest.raises(InputError, match="needs derivatives"):
+        featurize_to_store(reader, tmp_path / "x.zarr", GMPFeaturizer(**SMALL_FEATURES),
+                           derivatives=False, derivative_atoms="free", progress=False,
+                           log=lambda m: None)
+    assert not (tmp_path / "x.zarr").exists()

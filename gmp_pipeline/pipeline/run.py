@@ -67,14 +67,20 @@ def reader_schema(reader) -> Schema:
     return Schema.coerce(reader.schema(), units=dict(getattr(reader, "units", {})))
 
 
-def store_attrs(reader, featurizer, *, derivatives: bool, dtype: str) -> tuple[dict, Schema]:
+DERIVATIVE_ATOMS = ("all", "free")
+
+
+def store_attrs(reader, featurizer, *, derivatives: bool, dtype: str,
+                derivative_atoms: str = "all") -> tuple[dict, Schema]:
     """(root attributes, schema) of the store this run writes."""
     from .. import __version__
 
     schema = reader_schema(reader)
+    options = {"derivatives": bool(derivatives), "dtype": dtype}
+    if derivative_atoms != "all":       # absent means "all" (stores written before the option)
+        options["derivative_atoms"] = derivative_atoms
     attrs = root_attrs(feature_config=featurizer.config(), feature_list=featurizer.feature_list,
-                       source=reader.describe(),
-                       options={"derivatives": bool(derivatives), "dtype": dtype},
+                       source=reader.describe(), options=options,
                        schema=schema, version=__version__)
     return attrs, schema
 
@@ -87,7 +93,8 @@ def _progress(total, initial, desc, enabled):
 
 
 def featurize_to_store(reader, store, featurizer, *, derivatives: bool = True,
-                       dtype: str = "float32", client=None, chunk_size: int | None = None,
+                       dtype: str = "float32", derivative_atoms: str = "all",
+                       client=None, chunk_size: int | None = None,
                        overwrite: bool = False, progress: bool = True,
                        log: Callable[[str], None] | None = None) -> RunSummary:
     """Featurize every structure of ``reader`` into the Zarr store at ``store``.
@@ -103,16 +110,33 @@ def featurize_to_store(reader, store, featurizer, *, derivatives: bool = True,
     log = log or logger.info
     if dtype not in ("float32", "float64"):
         raise InputError(f"dtype must be float32 or float64, got {dtype!r}")
+    check_derivative_atoms(derivative_atoms, derivatives, reader)
     store = os.path.abspath(os.fspath(store))
     with store_lock(store, log):
         return _run(reader, store, featurizer, derivatives, dtype, executor_for(client),
-                    chunk_size, overwrite, progress, log)
+                    chunk_size, overwrite, progress, log, derivative_atoms)
+
+
+def check_derivative_atoms(derivative_atoms: str, derivatives: bool, reader) -> None:
+    """Refuse a ``derivative_atoms`` the run cannot honour, before anything is written."""
+    if derivative_atoms not in DERIVATIVE_ATOMS:
+        raise InputError(f"derivative_atoms must be one of {', '.join(DERIVATIVE_ATOMS)}, got "
+                         f"{derivative_atoms!r}")
+    if derivative_atoms == "free":
+        if not derivatives:
+            raise InputError("--derivative-atoms free needs derivatives (it was given with "
+                             "--no-derivatives)")
+        if "fixed" not in reader_schema(reader).atom_info:
+            raise InputError(f"--derivative-atoms free needs a per-atom 'fixed' from the reader; "
+                             f"the {getattr(reader, 'name', type(reader).__name__)} reader of "
+                             f"{getattr(reader, 'path', '?')} gives none")
 
 
 def _run(reader, store, featurizer, derivatives, dtype, executor, chunk_size, overwrite,
-         progress, log) -> RunSummary:
+         progress, log, derivative_atoms="all") -> RunSummary:
     t_start = time.perf_counter()
-    attrs, schema = store_attrs(reader, featurizer, derivatives=derivatives, dtype=dtype)
+    attrs, schema = store_attrs(reader, featurizer, derivatives=derivatives, dtype=dtype,
+                                derivative_atoms=derivative_atoms)
     writer = StoreWriter(store, array_specs(featurizer.n_features, dtype, derivatives, schema),
                          attrs)
     state = writer.prepare(overwrite=overwrite)
@@ -154,7 +178,8 @@ def _run(reader, store, featurizer, derivatives, dtype, executor, chunk_size, ov
     specs = [TaskSpec(store=store, task=t, start=tasks[t][0], stop=tasks[t][1], reader=reader,
                       feature_config=config, derivatives=derivatives, dtype=dtype,
                       schema=schema, pair_base=pair_base[t],
-                      pair_capacity=pair_base[t + 1] - pair_base[t]) for t in todo]
+                      pair_capacity=pair_base[t + 1] - pair_base[t],
+                      derivative_atoms=derivative_atoms) for t in todo]
     t0 = time.perf_counter()
     metas_new = _compute(specs, executor, len(tasks), progress, summary)
     summary.compute_seconds = time.perf_counter() - t0 - summary.warmup_seconds

@@ -24,7 +24,8 @@ class TaskSpec:
     ``store``: absolute path; ``task``: its id in the plan; ``[start, stop)``: structure range;
     ``reader``: the (pickled) source reader; ``feature_config``: ``GMPFeaturizer.config()``;
     ``pair_base`` / ``pair_capacity``: the chunk-aligned rows of ``pairs/dfeatures`` reserved
-    for it (0 without derivatives).
+    for it (0 without derivatives); ``derivative_atoms``: ``"all"`` or ``"free"`` (only the
+    pairs whose neighbour is a free atom are stored).
     """
 
     store: str
@@ -38,6 +39,7 @@ class TaskSpec:
     schema: Schema
     pair_base: int = 0
     pair_capacity: int = 0
+    derivative_atoms: str = "all"
 
 
 _FEATURIZERS: dict[str, Any] = {}
@@ -105,7 +107,7 @@ def run_task(spec: TaskSpec) -> dict:
     pairs = (PairStream(spec.store, specs["pairs/dfeatures"], spec.pair_base, spec.pair_capacity)
              if spec.derivatives else None)
     collector = TaskCollector(specs, spec.schema, spec.derivatives,
-                              sum(len(s) for s in structures), pairs)
+                              sum(len(s) for s in structures), pairs, spec.derivative_atoms)
     t_feat = 0.0
     result = None
     for s in structures:

@@ -156,6 +156,12 @@ class FeatureStore:
         return dict(self.attrs.get("units", {}))
 
     @property
+    def derivative_atoms(self) -> str:
+        """``"all"``: the pairs hold dF_i/dr_j for every neighbour j; ``"free"``: only for free
+        atoms j (per-atom ``fixed`` == 0), so forces come out right on free atoms only."""
+        return str(self.attrs.get("options", {}).get("derivative_atoms", "all"))
+
+    @property
     def complete(self) -> bool:
         return bool(self.attrs.get("complete"))
 

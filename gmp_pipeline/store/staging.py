@@ -84,6 +84,20 @@ def clean_partial_tasks(path) -> int:
 
 
 
+def free_atoms(s) -> np.ndarray:
+    """(n,) bool: the atoms of structure ``s`` whose per-atom ``fixed`` is 0 (for
+    ``--derivative-atoms free``)."""
+    fixed = s.atom_info.get("fixed")
+    if fixed is None:
+        raise StoreError(f"derivative_atoms='free' needs a per-atom 'fixed' for every structure; "
+                         f"source index {s.source_index} has none")
+    fixed = np.asarray(fixed).reshape(-1)
+    if fixed.shape[0] != len(s):
+        raise StoreError(f"per-atom 'fixed' of source index {s.source_index} has "
+                         f"{fixed.shape[0]} values for {len(s)} atoms")
+    return fixed == 0
+
+
 class TaskCollector:
     """The staged arrays of one task, built structure by structure.
 
@@ -92,10 +106,13 @@ class TaskCollector:
     """
 
     def __init__(self, specs: dict[str, ArraySpec], schema: Schema, derivatives: bool,
-                 n_atoms: int, pairs: "PairStream | None" = None):
+                 n_atoms: int, pairs: "PairStream | None" = None,
+                 derivative_atoms: str = "all"):
         schema = Schema.coerce(schema)
         self.specs = specs
         self.derivatives = derivatives
+        #: "free": keep only the pairs (i, j) whose neighbour j is free (per-atom fixed == 0)
+        self.free_only = derivative_atoms == "free"
         self.pairs = pairs
         self.n_features = specs["atoms/features"].trailing[0]
         self.out: dict[str, list] = {p: [] for p in specs}
@@ -153,6 +170,10 @@ class TaskCollector:
             if pc.size > 1 and np.any(np.diff(pc) < 0):
                 order = np.lexsort((pn, pc))
                 pc, pn, df = pc[order], pn[order], df[order]
+            if self.free_only:
+                keep = free_atoms(s)[pn]
+                if not keep.all():
+                    pc, pn, df = pc[keep], pn[keep], df[keep]
             out["atoms/pair_count"].append(np.bincount(pc, minlength=n).astype(np.int64))
             out["pairs/neighbor"].append(pn.astype(np.int32))
             self.pairs.append(df)

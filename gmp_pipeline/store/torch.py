@@ -68,7 +68,7 @@ def collate_energy_forces(samples: list[dict]) -> dict:
             return whole            # the samples are consecutive views of it: no copy
         return torch.cat([s[key] for s in samples])
 
-    for key in ("features", "numbers", "positions", "forces"):
+    for key in ("features", "numbers", "positions", "forces", "fixed", "tags"):
         if key in first:
             out[key] = cat(key)
     for key in ("energy", "index"):

@@ -56,65 +56,141 @@ def store_report(path) -> dict:
     return report
 
 
-def verify_store(path, sample: int = 5, seed: int = 0) -> list[str]:
+class VerifyResult(list):
+    """The problems :func:`verify_store` found (a list of messages, empty when the store is
+    good), with ``checked`` (structures recomputed) and ``notes`` (what was not checked, and
+    why)."""
+
+    checked: int = 0
+    notes: list
+
+
+#: verify reads the index arrays this many rows at a time, so its memory does not grow with
+#: the store
+VERIFY_BLOCK_ROWS = 1 << 22
+#: bytes of derivative pairs (stored and recomputed, float64) above which a sampled structure's
+#: dfeatures are not recomputed (its features still are)
+VERIFY_PAIR_BYTES = 256 << 20
+
+
+def _check_indexes(st, problems: list[str]) -> None:
+    """Index arrays consistent, read block by block (memory independent of the store size)."""
+    counts = st.attrs.get("counts", {})
+    n_atoms = st.n_atoms()
+    if int(n_atoms.sum()) != counts.get("n_atoms"):
+        problems.append(f"counts.n_atoms {counts.get('n_atoms')} != sum of n_atoms "
+                        f"{int(n_atoms.sum())}")
+    if not np.array_equal(st.atom_start(), np.concatenate([[0], np.cumsum(n_atoms)[:-1]])):
+        problems.append("structures/atom_start is not the running sum of n_atoms")
+    if not st.has_derivatives:
+        return
+    pc_arr, ps_arr = st.array("atoms/pair_count"), st.array("atoms/pair_start")
+    nb_arr = st.array("pairs/neighbor")
+    rows = nb_arr.shape[0]
+    n_total = pc_arr.shape[0]
+    total_pairs = 0
+    prev_end = 0          # end of the previous centre's pair range
+    used_end = 0          # neighbour rows checked so far
+    overlap = False
+    bad_neighbors = False
+    for a in range(0, n_total, VERIFY_BLOCK_ROWS):
+        b = min(n_total, a + VERIFY_BLOCK_ROWS)
+        pc = np.asarray(pc_arr[a:b], dtype=np.int64)
+        ps = np.asarray(ps_arr[a:b], dtype=np.int64)
+        total_pairs += int(pc.sum())
+        if pc.size:
+            if (ps[0] < prev_end or np.any(ps[1:] < ps[:-1] + pc[:-1]) or ps[0] < 0
+                    or ps[-1] + pc[-1] > rows):
+                overlap = True
+            prev_end = int(ps[-1] + pc[-1])
+        # neighbour rows of this block's centres, read in spans of at most a block
+        ends = ps + pc
+        k = 0
+        while k < ps.size and not bad_neighbors:
+            lo = int(ps[k])
+            m = int(np.searchsorted(ends, lo + VERIFY_BLOCK_ROWS, side="right"))
+            m = max(m, k + 1)
+            hi = int(ends[m - 1])
+            if hi > rows or lo < used_end:
+                break
+            neigh = np.asarray(nb_arr[used_end:hi])       # gap rows before lo, then pairs
+            marks = np.zeros(hi - used_end + 1, dtype=np.int64)
+            sel = pc[k:m] > 0
+            np.add.at(marks, ps[k:m][sel] - used_end, 1)
+            np.add.at(marks, ends[k:m][sel] - used_end, -1)
+            used = np.cumsum(marks)[:-1] > 0
+            if np.any(neigh[used] < 0) or np.any(neigh[~used] != -1):
+                bad_neighbors = True
+            used_end = hi
+            k = m
+    # rows after the last pair range are unused
+    for a in range(used_end, rows, VERIFY_BLOCK_ROWS):
+        if bad_neighbors:
+            break
+        if np.any(np.asarray(nb_arr[a:min(rows, a + VERIFY_BLOCK_ROWS)]) != -1):
+            bad_neighbors = True
+    if overlap:
+        problems.append("atoms/pair_start ranges overlap or leave pairs/")
+    if total_pairs != counts.get("n_pairs"):
+        problems.append(f"sum of pair_count {total_pairs} != counts.n_pairs "
+                        f"{counts.get('n_pairs')}")
+    if bad_neighbors:
+        problems.append("pairs/neighbor has unset rows inside or data outside the pair ranges")
+
+
+def verify_store(path, sample: int = 5, seed: int = 0) -> VerifyResult:
     """Check the structure of STORE and recompute ``sample`` random structures in-process.
 
-    Returns a list of problems (empty when the store is good).
+    Returns the problems found (empty when the store is good) as a :class:`VerifyResult`,
+    which also says how many structures were recomputed.  Memory stays bounded whatever the
+    store size: index arrays are read in blocks, the reader's chunk cache is small, and the
+    derivatives of a sampled structure with more than ``VERIFY_PAIR_BYTES`` of pairs are not
+    recomputed (its features are; a note says so).
     """
     from ..features import GMPFeaturizer
     from ..readers import open_reader
     from .reader import open_store
+    from .staging import free_atoms
 
-    st = open_store(path)
+    st = open_store(path, cache_bytes=64 << 20)
     a = st.attrs
-    problems: list[str] = []
-    n_atoms = st.n_atoms()
-    counts = a.get("counts", {})
-    if int(n_atoms.sum()) != counts.get("n_atoms"):
-        problems.append(f"counts.n_atoms {counts.get('n_atoms')} != sum of n_atoms "
-                        f"{int(n_atoms.sum())}")
-    start = np.asarray(st.array("structures/atom_start")[:])
-    if not np.array_equal(start, np.concatenate([[0], np.cumsum(n_atoms)[:-1]])):
-        problems.append("structures/atom_start is not the running sum of n_atoms")
-    if st.has_derivatives:
-        pc = np.asarray(st.array("atoms/pair_count")[:])
-        ps = np.asarray(st.array("atoms/pair_start")[:])
-        rows = st.array("pairs/neighbor").shape[0]
-        if pc.size and (np.any(ps[1:] < ps[:-1] + pc[:-1]) or ps[0] < 0
-                        or ps[-1] + pc[-1] > rows):
-            problems.append("atoms/pair_start ranges overlap or leave pairs/")
-        if int(pc.sum()) != counts.get("n_pairs"):
-            problems.append(f"sum of pair_count {int(pc.sum())} != counts.n_pairs "
-                            f"{counts.get('n_pairs')}")
-        if rows > 50_000_000:   # too big to scan here; the sampled structures are checked below
-            rows = 0
-        neigh = np.asarray(st.array("pairs/neighbor")[:rows])
-        ps, pc = ps[(ps + pc) <= rows], pc[(ps + pc) <= rows]
-        marks = np.zeros(rows + 1, dtype=np.int64)
-        np.add.at(marks, ps[pc > 0], 1)
-        np.add.at(marks, (ps + pc)[pc > 0], -1)
-        used = np.cumsum(marks)[:-1] > 0
-        if np.any(neigh[used] < 0) or np.any(neigh[~used] != -1):
-            problems.append("pairs/neighbor has unset rows inside or data outside the pair ranges")
+    problems = VerifyResult()
+    problems.notes = []
+    _check_indexes(st, problems)
     src = a["source"]
     options = dict(src.get("options") or {})
     reader = open_reader(src["reader"], src["path"],
                          skip_bad_records=bool(src.get("skip_bad_records")), **options)
     fz = GMPFeaturizer.from_config(a["feature_config"])
     derivatives = bool(a["options"]["derivatives"])
+    free_only = st.derivative_atoms == "free"
     dtype = np.dtype(a["options"]["dtype"])
     rtol = 1e-5 if dtype == np.float32 else 1e-10
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(st), size=min(int(sample), len(st)), replace=False) if len(st) else []
+    pair_row_bytes = 3 * st.n_features * (dtype.itemsize + 8) + 16
     for i in sorted(int(i) for i in idx):
-        d = st[i]
+        n_pairs = 0
+        if derivatives:
+            a0, n = int(st.atom_start()[i]), int(st.n_atoms()[i])
+            n_pairs = int(np.asarray(st.array("atoms/pair_count")[a0:a0 + n]).sum())
+        with_derivs = derivatives and n_pairs * pair_row_bytes <= VERIFY_PAIR_BYTES
+        if derivatives and not with_derivs:
+            problems.notes.append(
+                f"structure {i}: dfeatures not recomputed ({n_pairs} pairs, "
+                f"{n_pairs * pair_row_bytes / 2**20:.0f} MiB over the {VERIFY_PAIR_BYTES >> 20} "
+                "MiB verify budget); its features were")
+        fields = [f for f in st.fields if f not in st.text_fields
+                  and (with_derivs or f not in ("dfeatures", "pair_center", "pair_neighbor"))]
+        d = st.get_batch([i], fields=fields)[0]
         si = int(d["source_index"])
         found = [s for s in reader.read(si, si + 1)]
         if len(found) != 1:
             problems.append(f"structure {i}: source record {si} could not be read back")
             continue
         s = found[0]
-        r = fz.featurize(s, derivatives=derivatives)
+        r = fz.featurize(s, derivatives=with_derivs)
+        problems.checked += 1
 
         def close(name, got, want, tol=rtol):
             want = np.asarray(want, dtype=np.float64)
@@ -135,13 +211,18 @@ def verify_store(path, sample: int = 5, seed: int = 0) -> list[str]:
         if s.forces is not None:
             close("forces", d["forces"], s.forces, 0)
         close("features", d["features"], r.features)
-        if derivatives:
-            if not (np.array_equal(d["pair_center"], r.pair_center)
-                    and np.array_equal(d["pair_neighbor"], r.pair_neighbor)):
+        if with_derivs:
+            pc, pn, df = r.pair_center, r.pair_neighbor, r.dfeatures
+            if free_only:
+                keep = free_atoms(s)[pn]
+                pc, pn, df = pc[keep], pn[keep], df[keep]
+            if not (np.array_equal(d["pair_center"], pc)
+                    and np.array_equal(d["pair_neighbor"], pn)):
                 problems.append(f"structure {i}: pair lists differ")
             else:
-                close("dfeatures", d["dfeatures"], r.dfeatures)
+                close("dfeatures", d["dfeatures"], df)
+        del d, r
     return problems
 
 
-__all__ = ["store_report", "verify_store"]
+__all__ = ["VerifyResult", "store_report", "verify_store"]
