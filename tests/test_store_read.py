@@ -246,3 +246,43 @@ def test_derivative_atoms_free_is_refused_without_fixed(tmp_path):
                            derivatives=False, derivative_atoms="free", progress=False,
                            log=lambda m: None)
     assert not (tmp_path / "x.zarr").exists()
+
+
+@pytest.mark.parametrize("derivatives", [True, False])
+def test_incomplete_store_reads_exactly_the_finished_tasks(tmp_path, derivatives):
+    from gmp_pipeline.errors import SourceError
+    from gmp_pipeline.features import GMPFeaturizer
+    from gmp_pipeline.readers import open_reader
+
+    path = os.fspath(SAMPLES / "extxyz" / "toy_c3h8_relax.extxyz")
+    full_path, part_path = tmp_path / "full.zarr", tmp_path / "part.zarr"
+    fz = GMPFeaturizer(**SMALL_FEATURES)
+    featurize_to_store(open_reader("ase", path), full_path, fz, chunk_size=10,
+                       derivatives=derivatives, progress=False, log=lambda m: None)
+    reader = open_reader("ase", path)
+    read = reader.read
+
+    def failing(start, stop):      # the in-process run stops at the task starting at 60
+        if start >= 60:
+            raise SourceError(f"{path}: record {start}: injected failure")
+        return read(start, stop)
+
+    reader.read = failing
+    with pytest.raises(SourceError, match="injected"):
+        featurize_to_store(reader, part_path, fz, chunk_size=10, derivatives=derivatives,
+                           progress=False, log=lambda m: None)
+    with pytest.raises(StoreError, match="incomplete"):
+        open_store(part_path)
+    part, full = open_store(part_path, allow_incomplete=True), open_store(full_path)
+    assert not part.complete and part.finished_tasks >= 1
+    n = len(part)
+    assert 0 < n < len(full)
+    src = [int(d["source_index"]) for d in part]
+    assert src == list(range(n))       # the finished tasks are the first ones, in order
+    got = part.get_batch(range(n))
+    want = full.get_batch(range(n))
+    for g, w in zip(got, want):
+        assert set(g) == set(w)
+        for k in w:
+            np.testing.assert_array_equal(g[k], w[k], err_msg=k)
+    pickle.loads(pickle.dumps(part))[n - 1]

@@ -75,7 +75,10 @@ class FeatureStore:
     off) so that random and shuffled access decode each chunk about once.  Text extras (QM9
     SMILES, frequencies, ...) are only read when named in ``fields``.
 
-    An incomplete store (a run that was interrupted) is refused unless ``allow_incomplete``.
+    An incomplete store (a run that was interrupted) is refused unless ``allow_incomplete``;
+    then it holds exactly the structures of the tasks that finished (``len()`` says how many,
+    ``finished_tasks`` how many tasks), in plan order: their ``source_index`` says which
+    records they are.
     """
 
     def __init__(self, path, *, allow_incomplete: bool = False,
@@ -109,6 +112,15 @@ class FeatureStore:
                 if level in self.root:
                     for name, arr in self.root[level].arrays():
                         self._arrays[f"{level}/{name}"] = arr
+        self.finished_tasks = None
+        if not self.complete:
+            # before assembly only the finished tasks' staged results hold the structures
+            from ._staged_view import staged_arrays
+
+            view = staged_arrays(self.path, self._arrays.get("pairs/dfeatures"))
+            if view is not None:
+                staged, self.finished_tasks = view
+                self._arrays.update(staged)
         if "structures/n_atoms" not in self._arrays:
             raise StoreError(f"{self.path} has no arrays yet (its run stopped before assembly)")
         self._n_atoms = np.asarray(self._arrays["structures/n_atoms"][:], dtype=np.int64)
