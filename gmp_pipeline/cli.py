@@ -260,10 +260,13 @@ def inspect(store, as_json):
 @click.option("--sample", default=5, show_default=True, type=click.IntRange(min=0),
               help="Number of random structures to recompute in-process and compare.")
 @click.option("--seed", default=0, show_default=True, help="Random seed of the sample.")
+@click.option("--checksums/--no-checksums", default=True, show_default=True,
+              help="Decode every chunk of every array (one chunk in memory at a time), which "
+                   "checks its crc32c checksum: flipped bytes are reported with the array.")
 @_clean_errors
-def verify(store, sample, seed):
+def verify(store, sample, seed, checksums):
     """Check STORE's indexes and recompute a random sample of structures from the source."""
-    problems = verify_store(store, sample=sample, seed=seed)
+    problems = verify_store(store, sample=sample, seed=seed, checksums=checksums)
     if problems:
         for p in problems:
             click.echo(f"FAIL {p}", err=True)
@@ -271,8 +274,10 @@ def verify(store, sample, seed):
     for note in getattr(problems, "notes", []):
         click.echo(f"note: {note}", err=True)
     n = getattr(problems, "checked", sample)
+    chunks = getattr(problems, "chunks_checked", 0)
     click.echo(f"verify: OK ({n} structure{'' if n == 1 else 's'} recomputed and matched; "
-               "indexes consistent)")
+               f"indexes consistent" + (f"; {chunks} chunks decoded, checksums good)"
+                                        if chunks else ")"))
 
 
 if __name__ == "__main__":  # pragma: no cover

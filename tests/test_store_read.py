@@ -286,3 +286,26 @@ def test_incomplete_store_reads_exactly_the_finished_tasks(tmp_path, derivatives
         for k in w:
             np.testing.assert_array_equal(g[k], w[k], err_msg=k)
     pickle.loads(pickle.dumps(part))[n - 1]
+
+
+def test_verify_names_the_array_whose_chunk_bytes_were_flipped(many_chunks_store, tmp_path):
+    import json
+    import shutil
+
+    from gmp_pipeline.store.verify import verify_store
+
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(many_chunks_store, bad)
+    meta = json.loads((bad / "atoms" / "features" / "zarr.json").read_text())
+    assert [c["name"] for c in meta["codecs"]][-1] == "crc32c"
+    assert json.loads((bad / "atoms" / "zarr.json").read_text())["attributes"][
+        "encoding-type"] == "gmp-atoms"
+    assert list(verify_store(bad, sample=0)) == []
+    chunk = sorted((bad / "atoms" / "features" / "c").rglob("*"))
+    chunk = [c for c in chunk if c.is_file()][1]
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    problems = verify_store(bad, sample=0)
+    assert any(p.startswith("atoms/features: chunk") and "corrupt" in p for p in problems), \
+        problems

@@ -34,7 +34,8 @@ import numpy as np
 
 from ..config import knob
 from ..errors import StoreError
-from .layout import (DIRECT, FORMAT_NAME, ArraySpec, codecs_for, describe_differences,
+from .layout import (DIRECT, FORMAT_NAME, GROUP_ENCODING, ArraySpec, codecs_for,
+                     describe_differences,
                      quiet_zarr, read_root_attrs)
 from .staging import (StagedTasks, clean_partial_tasks, finished_tasks, load_metas, load_plan,
                       save_plan, staging_dir)
@@ -100,7 +101,7 @@ def ensure_direct_arrays(path, specs: dict[str, ArraySpec], pair_rows: int) -> N
             if spec.path not in DIRECT:
                 continue
             if spec.level not in root:
-                root.create_group(spec.level)
+                root.create_group(spec.level, attributes=GROUP_ENCODING[spec.level])
             if spec.path in root:
                 continue
             root.create_array(
@@ -175,7 +176,7 @@ def create_arrays(path, specs: dict[str, ArraySpec], totals: dict[str, int]) -> 
         root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
         for level in ("structures", "atoms", "pairs"):
             if any(s.level == level for s in specs.values()) and level not in root:
-                root.create_group(level)
+                root.create_group(level, attributes=GROUP_ENCODING.get(level, {}))
         for spec in specs.values():
             if spec.path not in wanted:
                 continue
