@@ -2,17 +2,23 @@
 
 For each K = 0..9 it writes numba functions whose loop body is fully unrolled:
 
-``featall_K(end, cls, tc, tE, tux, tuy, tuz, th, out)``
+``featall_K(end, cls, tc, tE, tux, tuy, tuz, out)``
     for every order n <= K and the k-th monomial (p, q, s) of degree n (order of
     :func:`gmp_pipeline._harmonics.monomials_of_degree`),
-    ``out[off_n + k] = sum_t E_t P_p(x_t) P_q(y_t) P_s(z_t)`` over the terms ``t < end`` whose
-    cutoff class ``tc[t] <= cls[n]`` (the others count as zero); off_n is the global index of
-    the first degree-n monomial.
+    ``out[off_n + k] = sum_t E_t u_x^p u_y^q u_z^s`` (u = lambda d) over the terms ``t < end``
+    whose cutoff class ``tc[t] <= cls[n]`` (the others count as zero); off_n is the global index
+    of the first degree-n monomial.
 
-``grad_n(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)``
-    per term t: with ``U = sum_k uc[k] E P..`` over degree-n monomials and
-    ``U_a = sum_k d_a[k] E P..`` over degree-(n-1) monomials,
+``grad_n(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)``
+    per term t: with ``U = sum_k uc[k] E u^k`` over degree-n monomials and
+    ``U_a = sum_k d_a[k] E u^k`` over degree-(n-1) monomials,
     ``G[row + a, t] = m2a * U * u_a[t] + lambda_t * U_a`` (a = x, y, z).
+
+Why plain powers of ``u = lambda d`` and not the spec's Gaussian moments ``P_k(u)`` (spec 5):
+every H_abc is harmonic (a Kelvin transform of a derivative of 1/r), and the Gaussian average
+of a harmonic polynomial is its value at the mean, so ``Q_abc(d) = H_abc(lambda d)`` exactly.
+The variance terms of the ``P_k`` cancel analytically; evaluated in floats they are where the
+digits went (narrow probes: 1/(2 gamma) >> (lambda d)^2, up to ~1e6 of cancellation at order 9).
 
 Everything stays in registers, so LLVM vectorizes the loop over terms.  Regenerate with
 ``python -m gmp_pipeline._codegen`` after changing this file; a test checks the committed module
@@ -32,20 +38,15 @@ from numba import njit
 
 
 def _moments_lines(n: int, indent: str) -> list[str]:
-    """Per-term 1-D moments: xk = E P_k(x), yk = P_k(y), zk = P_k(z), k <= n; terms whose
-    cutoff class is above ``cls`` get E = 0."""
+    """Per-term powers: xk = E (lambda x)^k, yk = (lambda y)^k, zk = (lambda z)^k, k <= n; terms
+    whose cutoff class is above ``cls`` get E = 0."""
     L = [f"{indent}e = tE[t] if tc[t] <= cls else 0.0", f"{indent}ux = tux[t]", f"{indent}uy = tuy[t]",
-         f"{indent}uz = tuz[t]", f"{indent}h = th[t]"]
+         f"{indent}uz = tuz[t]"]
     L.append(f"{indent}x0 = e")
     if n >= 1:
         L += [f"{indent}x1 = ux * e", f"{indent}y1 = uy", f"{indent}z1 = uz"]
-    if n >= 2:
-        L += [f"{indent}x2 = ux * x1 + h * x0", f"{indent}y2 = uy * y1 + h", f"{indent}z2 = uz * z1 + h"]
-    for k in range(3, n + 1):
-        f = f"{k - 1}.0 * h"
-        L += [f"{indent}x{k} = ux * x{k - 1} + {f} * x{k - 2}",
-              f"{indent}y{k} = uy * y{k - 1} + {f} * y{k - 2}",
-              f"{indent}z{k} = uz * z{k - 1} + {f} * z{k - 2}"]
+    for k in range(2, n + 1):
+        L += [f"{indent}x{k} = ux * x{k - 1}", f"{indent}y{k} = uy * y{k - 1}", f"{indent}z{k} = uz * z{k - 1}"]
     return L
 
 
@@ -62,7 +63,7 @@ def _grad(n: int) -> str:
     monos = monomials_of_degree(n)
     lows = monomials_of_degree(n - 1) if n >= 1 else []
     L = ["@njit(cache=True, fastmath=True)",
-         f"def grad_{n}(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):"]
+         f"def grad_{n}(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):"]
     L += [f"    c{k} = uc[{k}]" for k in range(len(monos))]
     for k in range(len(lows)):
         L += [f"    ax{k} = dx[{k}]", f"    ay{k} = dy[{k}]", f"    az{k} = dz[{k}]"]
@@ -94,22 +95,17 @@ def _featall(K: int) -> str:
         off = sum(len(monomials_of_degree(d)) for d in range(n))
         names += [(n, off + k, m) for k, m in enumerate(monomials_of_degree(n))]
     L = ["@njit(cache=True, fastmath=True)",
-         f"def featall_{K}(end, cls, tc, tE, tux, tuy, tuz, th, out):"]
+         f"def featall_{K}(end, cls, tc, tE, tux, tuy, tuz, out):"]
     L += [f"    c{n} = cls[{n}]" for n in range(K + 1)]
     L += [f"    m{i} = 0.0" for _, i, _ in names]
     L.append("    for t in range(end):")
     L += ["        e = tE[t]", "        k = tc[t]", "        ux = tux[t]", "        uy = tuy[t]",
-          "        uz = tuz[t]", "        h = th[t]"]
+          "        uz = tuz[t]"]
     L += [f"        w{n} = e if k <= c{n} else 0.0" for n in range(K + 1)]
     if K >= 1:
         L += ["        x1 = ux", "        y1 = uy", "        z1 = uz"]
-    if K >= 2:
-        L += ["        x2 = ux * x1 + h", "        y2 = uy * y1 + h", "        z2 = uz * z1 + h"]
-    for k in range(3, K + 1):
-        f = f"{k - 1}.0 * h"
-        L += [f"        x{k} = ux * x{k - 1} + {f} * x{k - 2}",
-              f"        y{k} = uy * y{k - 1} + {f} * y{k - 2}",
-              f"        z{k} = uz * z{k - 1} + {f} * z{k - 2}"]
+    for k in range(2, K + 1):
+        L += [f"        x{k} = ux * x{k - 1}", f"        y{k} = uy * y{k - 1}", f"        z{k} = uz * z{k - 1}"]
     for n, i, (p, q, r) in names:
         parts = [f"w{n}"] + ([f"x{p}"] if p else []) + ([f"y{q}"] if q else []) + ([f"z{r}"] if r else [])
         L.append(f"        m{i} += " + " * ".join(parts))
@@ -134,9 +130,9 @@ def generate() -> str:
     for K in range(MAX_ORDER + 1):
         parts.append(_featall(K))
         parts.append("")
-    parts.append(_dispatch("featall", "end, cls, tc, tE, tux, tuy, tuz, th, out"))
+    parts.append(_dispatch("featall", "end, cls, tc, tE, tux, tuy, tuz, out"))
     parts.append("")
-    parts.append(_dispatch("grad", "end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row"))
+    parts.append(_dispatch("grad", "end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row"))
     return "\n\n".join(p.rstrip("\n") for p in parts if p) + "\n"
 
 

@@ -3,14 +3,13 @@
 from numba import njit
 
 @njit(cache=True, fastmath=True)
-def grad_0(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_0(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     for t in range(end):
         e = tE[t] if tc[t] <= cls else 0.0
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
-        h = th[t]
         x0 = e
         U = c0 * x0
         Um = m2a * U
@@ -19,7 +18,7 @@ def grad_0(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
         G[row + 2, t] = Um * uz
 
 @njit(cache=True, fastmath=True)
-def grad_1(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_1(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -31,7 +30,6 @@ def grad_1(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
-        h = th[t]
         x0 = e
         x1 = ux * e
         y1 = uy
@@ -48,7 +46,7 @@ def grad_1(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
         G[row + 2, t] = Um * uz + lm * Uz
 
 @njit(cache=True, fastmath=True)
-def grad_2(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_2(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -69,14 +67,13 @@ def grad_2(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
-        h = th[t]
         x0 = e
         x1 = ux * e
         y1 = uy
         z1 = uz
-        x2 = ux * x1 + h * x0
-        y2 = uy * y1 + h
-        z2 = uz * z1 + h
+        x2 = ux * x1
+        y2 = uy * y1
+        z2 = uz * z1
         U = c0 * x2 + c1 * x1 * y1 + c2 * x1 * z1 + c3 * x0 * y2 + c4 * x0 * y1 * z1 + c5 * x0 * z2
         lm = tl[t]
         p0 = x1
@@ -91,7 +88,7 @@ def grad_2(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
         G[row + 2, t] = Um * uz + lm * Uz
 
 @njit(cache=True, fastmath=True)
-def grad_3(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_3(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -125,17 +122,16 @@ def grad_3(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
-        h = th[t]
         x0 = e
         x1 = ux * e
         y1 = uy
         z1 = uz
-        x2 = ux * x1 + h * x0
-        y2 = uy * y1 + h
-        z2 = uz * z1 + h
-        x3 = ux * x2 + 2.0 * h * x1
-        y3 = uy * y2 + 2.0 * h * y1
-        z3 = uz * z2 + 2.0 * h * z1
+        x2 = ux * x1
+        y2 = uy * y1
+        z2 = uz * z1
+        x3 = ux * x2
+        y3 = uy * y2
+        z3 = uz * z2
         U = c0 * x3 + c1 * x2 * y1 + c2 * x2 * z1 + c3 * x1 * y2 + c4 * x1 * y1 * z1 + c5 * x1 * z2 + c6 * x0 * y3 + c7 * x0 * y2 * z1 + c8 * x0 * y1 * z2 + c9 * x0 * z3
         lm = tl[t]
         p0 = x2
@@ -153,7 +149,7 @@ def grad_3(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
         G[row + 2, t] = Um * uz + lm * Uz
 
 @njit(cache=True, fastmath=True)
-def grad_4(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_4(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -204,20 +200,19 @@ def grad_4(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
-        h = th[t]
         x0 = e
         x1 = ux * e
         y1 = uy
         z1 = uz
-        x2 = ux * x1 + h * x0
-        y2 = uy * y1 + h
-        z2 = uz * z1 + h
-        x3 = ux * x2 + 2.0 * h * x1
-        y3 = uy * y2 + 2.0 * h * y1
-        z3 = uz * z2 + 2.0 * h * z1
-        x4 = ux * x3 + 3.0 * h * x2
-        y4 = uy * y3 + 3.0 * h * y2
-        z4 = uz * z3 + 3.0 * h * z2
+        x2 = ux * x1
+        y2 = uy * y1
+        z2 = uz * z1
+        x3 = ux * x2
+        y3 = uy * y2
+        z3 = uz * z2
+        x4 = ux * x3
+        y4 = uy * y3
+        z4 = uz * z3
         U = c0 * x4 + c1 * x3 * y1 + c2 * x3 * z1 + c3 * x2 * y2 + c4 * x2 * y1 * z1 + c5 * x2 * z2 + c6 * x1 * y3 + c7 * x1 * y2 * z1 + c8 * x1 * y1 * z2 + c9 * x1 * z3 + c10 * x0 * y4 + c11 * x0 * y3 * z1 + c12 * x0 * y2 * z2 + c13 * x0 * y1 * z3 + c14 * x0 * z4
         lm = tl[t]
         p0 = x3
@@ -239,7 +234,7 @@ def grad_4(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
         G[row + 2, t] = Um * uz + lm * Uz
 
 @njit(cache=True, fastmath=True)
-def grad_5(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_5(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -311,23 +306,22 @@ def grad_5(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
-        h = th[t]
         x0 = e
         x1 = ux * e
         y1 = uy
         z1 = uz
-        x2 = ux * x1 + h * x0
-        y2 = uy * y1 + h
-        z2 = uz * z1 + h
-        x3 = ux * x2 + 2.0 * h * x1
-        y3 = uy * y2 + 2.0 * h * y1
-        z3 = uz * z2 + 2.0 * h * z1
-        x4 = ux * x3 + 3.0 * h * x2
-        y4 = uy * y3 + 3.0 * h * y2
-        z4 = uz * z3 + 3.0 * h * z2
-        x5 = ux * x4 + 4.0 * h * x3
-        y5 = uy * y4 + 4.0 * h * y3
-        z5 = uz * z4 + 4.0 * h * z3
+        x2 = ux * x1
+        y2 = uy * y1
+        z2 = uz * z1
+        x3 = ux * x2
+        y3 = uy * y2
+        z3 = uz * z2
+        x4 = ux * x3
+        y4 = uy * y3
+        z4 = uz * z3
+        x5 = ux * x4
+        y5 = uy * y4
+        z5 = uz * z4
         U = c0 * x5 + c1 * x4 * y1 + c2 * x4 * z1 + c3 * x3 * y2 + c4 * x3 * y1 * z1 + c5 * x3 * z2 + c6 * x2 * y3 + c7 * x2 * y2 * z1 + c8 * x2 * y1 * z2 + c9 * x2 * z3 + c10 * x1 * y4 + c11 * x1 * y3 * z1 + c12 * x1 * y2 * z2 + c13 * x1 * y1 * z3 + c14 * x1 * z4 + c15 * x0 * y5 + c16 * x0 * y4 * z1 + c17 * x0 * y3 * z2 + c18 * x0 * y2 * z3 + c19 * x0 * y1 * z4 + c20 * x0 * z5
         lm = tl[t]
         p0 = x4
@@ -354,7 +348,7 @@ def grad_5(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
         G[row + 2, t] = Um * uz + lm * Uz
 
 @njit(cache=True, fastmath=True)
-def grad_6(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_6(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -451,26 +445,25 @@ def grad_6(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
-        h = th[t]
         x0 = e
         x1 = ux * e
         y1 = uy
         z1 = uz
-        x2 = ux * x1 + h * x0
-        y2 = uy * y1 + h
-        z2 = uz * z1 + h
-        x3 = ux * x2 + 2.0 * h * x1
-        y3 = uy * y2 + 2.0 * h * y1
-        z3 = uz * z2 + 2.0 * h * z1
-        x4 = ux * x3 + 3.0 * h * x2
-        y4 = uy * y3 + 3.0 * h * y2
-        z4 = uz * z3 + 3.0 * h * z2
-        x5 = ux * x4 + 4.0 * h * x3
-        y5 = uy * y4 + 4.0 * h * y3
-        z5 = uz * z4 + 4.0 * h * z3
-        x6 = ux * x5 + 5.0 * h * x4
-        y6 = uy * y5 + 5.0 * h * y4
-        z6 = uz * z5 + 5.0 * h * z4
+        x2 = ux * x1
+        y2 = uy * y1
+        z2 = uz * z1
+        x3 = ux * x2
+        y3 = uy * y2
+        z3 = uz * z2
+        x4 = ux * x3
+        y4 = uy * y3
+        z4 = uz * z3
+        x5 = ux * x4
+        y5 = uy * y4
+        z5 = uz * z4
+        x6 = ux * x5
+        y6 = uy * y5
+        z6 = uz * z5
         U = c0 * x6 + c1 * x5 * y1 + c2 * x5 * z1 + c3 * x4 * y2 + c4 * x4 * y1 * z1 + c5 * x4 * z2 + c6 * x3 * y3 + c7 * x3 * y2 * z1 + c8 * x3 * y1 * z2 + c9 * x3 * z3 + c10 * x2 * y4 + c11 * x2 * y3 * z1 + c12 * x2 * y2 * z2 + c13 * x2 * y1 * z3 + c14 * x2 * z4 + c15 * x1 * y5 + c16 * x1 * y4 * z1 + c17 * x1 * y3 * z2 + c18 * x1 * y2 * z3 + c19 * x1 * y1 * z4 + c20 * x1 * z5 + c21 * x0 * y6 + c22 * x0 * y5 * z1 + c23 * x0 * y4 * z2 + c24 * x0 * y3 * z3 + c25 * x0 * y2 * z4 + c26 * x0 * y1 * z5 + c27 * x0 * z6
         lm = tl[t]
         p0 = x5
@@ -503,7 +496,7 @@ def grad_6(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
         G[row + 2, t] = Um * uz + lm * Uz
 
 @njit(cache=True, fastmath=True)
-def grad_7(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_7(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -629,29 +622,28 @@ def grad_7(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
-        h = th[t]
         x0 = e
         x1 = ux * e
         y1 = uy
         z1 = uz
-        x2 = ux * x1 + h * x0
-        y2 = uy * y1 + h
-        z2 = uz * z1 + h
-        x3 = ux * x2 + 2.0 * h * x1
-        y3 = uy * y2 + 2.0 * h * y1
-        z3 = uz * z2 + 2.0 * h * z1
-        x4 = ux * x3 + 3.0 * h * x2
-        y4 = uy * y3 + 3.0 * h * y2
-        z4 = uz * z3 + 3.0 * h * z2
-        x5 = ux * x4 + 4.0 * h * x3
-        y5 = uy * y4 + 4.0 * h * y3
-        z5 = uz * z4 + 4.0 * h * z3
-        x6 = ux * x5 + 5.0 * h * x4
-        y6 = uy * y5 + 5.0 * h * y4
-        z6 = uz * z5 + 5.0 * h * z4
-        x7 = ux * x6 + 6.0 * h * x5
-        y7 = uy * y6 + 6.0 * h * y5
-        z7 = uz * z6 + 6.0 * h * z5
+        x2 = ux * x1
+        y2 = uy * y1
+        z2 = uz * z1
+        x3 = ux * x2
+        y3 = uy * y2
+        z3 = uz * z2
+        x4 = ux * x3
+        y4 = uy * y3
+        z4 = uz * z3
+        x5 = ux * x4
+        y5 = uy * y4
+        z5 = uz * z4
+        x6 = ux * x5
+        y6 = uy * y5
+        z6 = uz * z5
+        x7 = ux * x6
+        y7 = uy * y6
+        z7 = uz * z6
         U = c0 * x7 + c1 * x6 * y1 + c2 * x6 * z1 + c3 * x5 * y2 + c4 * x5 * y1 * z1 + c5 * x5 * z2 + c6 * x4 * y3 + c7 * x4 * y2 * z1 + c8 * x4 * y1 * z2 + c9 * x4 * z3 + c10 * x3 * y4 + c11 * x3 * y3 * z1 + c12 * x3 * y2 * z2 + c13 * x3 * y1 * z3 + c14 * x3 * z4 + c15 * x2 * y5 + c16 * x2 * y4 * z1 + c17 * x2 * y3 * z2 + c18 * x2 * y2 * z3 + c19 * x2 * y1 * z4 + c20 * x2 * z5 + c21 * x1 * y6 + c22 * x1 * y5 * z1 + c23 * x1 * y4 * z2 + c24 * x1 * y3 * z3 + c25 * x1 * y2 * z4 + c26 * x1 * y1 * z5 + c27 * x1 * z6 + c28 * x0 * y7 + c29 * x0 * y6 * z1 + c30 * x0 * y5 * z2 + c31 * x0 * y4 * z3 + c32 * x0 * y3 * z4 + c33 * x0 * y2 * z5 + c34 * x0 * y1 * z6 + c35 * x0 * z7
         lm = tl[t]
         p0 = x6
@@ -691,7 +683,7 @@ def grad_7(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
         G[row + 2, t] = Um * uz + lm * Uz
 
 @njit(cache=True, fastmath=True)
-def grad_8(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_8(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -850,32 +842,31 @@ def grad_8(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
-        h = th[t]
         x0 = e
         x1 = ux * e
         y1 = uy
         z1 = uz
-        x2 = ux * x1 + h * x0
-        y2 = uy * y1 + h
-        z2 = uz * z1 + h
-        x3 = ux * x2 + 2.0 * h * x1
-        y3 = uy * y2 + 2.0 * h * y1
-        z3 = uz * z2 + 2.0 * h * z1
-        x4 = ux * x3 + 3.0 * h * x2
-        y4 = uy * y3 + 3.0 * h * y2
-        z4 = uz * z3 + 3.0 * h * z2
-        x5 = ux * x4 + 4.0 * h * x3
-        y5 = uy * y4 + 4.0 * h * y3
-        z5 = uz * z4 + 4.0 * h * z3
-        x6 = ux * x5 + 5.0 * h * x4
-        y6 = uy * y5 + 5.0 * h * y4
-        z6 = uz * z5 + 5.0 * h * z4
-        x7 = ux * x6 + 6.0 * h * x5
-        y7 = uy * y6 + 6.0 * h * y5
-        z7 = uz * z6 + 6.0 * h * z5
-        x8 = ux * x7 + 7.0 * h * x6
-        y8 = uy * y7 + 7.0 * h * y6
-        z8 = uz * z7 + 7.0 * h * z6
+        x2 = ux * x1
+        y2 = uy * y1
+        z2 = uz * z1
+        x3 = ux * x2
+        y3 = uy * y2
+        z3 = uz * z2
+        x4 = ux * x3
+        y4 = uy * y3
+        z4 = uz * z3
+        x5 = ux * x4
+        y5 = uy * y4
+        z5 = uz * z4
+        x6 = ux * x5
+        y6 = uy * y5
+        z6 = uz * z5
+        x7 = ux * x6
+        y7 = uy * y6
+        z7 = uz * z6
+        x8 = ux * x7
+        y8 = uy * y7
+        z8 = uz * z7
         U = c0 * x8 + c1 * x7 * y1 + c2 * x7 * z1 + c3 * x6 * y2 + c4 * x6 * y1 * z1 + c5 * x6 * z2 + c6 * x5 * y3 + c7 * x5 * y2 * z1 + c8 * x5 * y1 * z2 + c9 * x5 * z3 + c10 * x4 * y4 + c11 * x4 * y3 * z1 + c12 * x4 * y2 * z2 + c13 * x4 * y1 * z3 + c14 * x4 * z4 + c15 * x3 * y5 + c16 * x3 * y4 * z1 + c17 * x3 * y3 * z2 + c18 * x3 * y2 * z3 + c19 * x3 * y1 * z4 + c20 * x3 * z5 + c21 * x2 * y6 + c22 * x2 * y5 * z1 + c23 * x2 * y4 * z2 + c24 * x2 * y3 * z3 + c25 * x2 * y2 * z4 + c26 * x2 * y1 * z5 + c27 * x2 * z6 + c28 * x1 * y7 + c29 * x1 * y6 * z1 + c30 * x1 * y5 * z2 + c31 * x1 * y4 * z3 + c32 * x1 * y3 * z4 + c33 * x1 * y2 * z5 + c34 * x1 * y1 * z6 + c35 * x1 * z7 + c36 * x0 * y8 + c37 * x0 * y7 * z1 + c38 * x0 * y6 * z2 + c39 * x0 * y5 * z3 + c40 * x0 * y4 * z4 + c41 * x0 * y3 * z5 + c42 * x0 * y2 * z6 + c43 * x0 * y1 * z7 + c44 * x0 * z8
         lm = tl[t]
         p0 = x7
@@ -923,7 +914,7 @@ def grad_8(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
         G[row + 2, t] = Um * uz + lm * Uz
 
 @njit(cache=True, fastmath=True)
-def grad_9(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_9(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -1119,35 +1110,34 @@ def grad_9(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
-        h = th[t]
         x0 = e
         x1 = ux * e
         y1 = uy
         z1 = uz
-        x2 = ux * x1 + h * x0
-        y2 = uy * y1 + h
-        z2 = uz * z1 + h
-        x3 = ux * x2 + 2.0 * h * x1
-        y3 = uy * y2 + 2.0 * h * y1
-        z3 = uz * z2 + 2.0 * h * z1
-        x4 = ux * x3 + 3.0 * h * x2
-        y4 = uy * y3 + 3.0 * h * y2
-        z4 = uz * z3 + 3.0 * h * z2
-        x5 = ux * x4 + 4.0 * h * x3
-        y5 = uy * y4 + 4.0 * h * y3
-        z5 = uz * z4 + 4.0 * h * z3
-        x6 = ux * x5 + 5.0 * h * x4
-        y6 = uy * y5 + 5.0 * h * y4
-        z6 = uz * z5 + 5.0 * h * z4
-        x7 = ux * x6 + 6.0 * h * x5
-        y7 = uy * y6 + 6.0 * h * y5
-        z7 = uz * z6 + 6.0 * h * z5
-        x8 = ux * x7 + 7.0 * h * x6
-        y8 = uy * y7 + 7.0 * h * y6
-        z8 = uz * z7 + 7.0 * h * z6
-        x9 = ux * x8 + 8.0 * h * x7
-        y9 = uy * y8 + 8.0 * h * y7
-        z9 = uz * z8 + 8.0 * h * z7
+        x2 = ux * x1
+        y2 = uy * y1
+        z2 = uz * z1
+        x3 = ux * x2
+        y3 = uy * y2
+        z3 = uz * z2
+        x4 = ux * x3
+        y4 = uy * y3
+        z4 = uz * z3
+        x5 = ux * x4
+        y5 = uy * y4
+        z5 = uz * z4
+        x6 = ux * x5
+        y6 = uy * y5
+        z6 = uz * z5
+        x7 = ux * x6
+        y7 = uy * y6
+        z7 = uz * z6
+        x8 = ux * x7
+        y8 = uy * y7
+        z8 = uz * z7
+        x9 = ux * x8
+        y9 = uy * y8
+        z9 = uz * z8
         U = c0 * x9 + c1 * x8 * y1 + c2 * x8 * z1 + c3 * x7 * y2 + c4 * x7 * y1 * z1 + c5 * x7 * z2 + c6 * x6 * y3 + c7 * x6 * y2 * z1 + c8 * x6 * y1 * z2 + c9 * x6 * z3 + c10 * x5 * y4 + c11 * x5 * y3 * z1 + c12 * x5 * y2 * z2 + c13 * x5 * y1 * z3 + c14 * x5 * z4 + c15 * x4 * y5 + c16 * x4 * y4 * z1 + c17 * x4 * y3 * z2 + c18 * x4 * y2 * z3 + c19 * x4 * y1 * z4 + c20 * x4 * z5 + c21 * x3 * y6 + c22 * x3 * y5 * z1 + c23 * x3 * y4 * z2 + c24 * x3 * y3 * z3 + c25 * x3 * y2 * z4 + c26 * x3 * y1 * z5 + c27 * x3 * z6 + c28 * x2 * y7 + c29 * x2 * y6 * z1 + c30 * x2 * y5 * z2 + c31 * x2 * y4 * z3 + c32 * x2 * y3 * z4 + c33 * x2 * y2 * z5 + c34 * x2 * y1 * z6 + c35 * x2 * z7 + c36 * x1 * y8 + c37 * x1 * y7 * z1 + c38 * x1 * y6 * z2 + c39 * x1 * y5 * z3 + c40 * x1 * y4 * z4 + c41 * x1 * y3 * z5 + c42 * x1 * y2 * z6 + c43 * x1 * y1 * z7 + c44 * x1 * z8 + c45 * x0 * y9 + c46 * x0 * y8 * z1 + c47 * x0 * y7 * z2 + c48 * x0 * y6 * z3 + c49 * x0 * y5 * z4 + c50 * x0 * y4 * z5 + c51 * x0 * y3 * z6 + c52 * x0 * y2 * z7 + c53 * x0 * y1 * z8 + c54 * x0 * z9
         lm = tl[t]
         p0 = x8
@@ -1204,7 +1194,7 @@ def grad_9(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
         G[row + 2, t] = Um * uz + lm * Uz
 
 @njit(cache=True, fastmath=True)
-def featall_0(end, cls, tc, tE, tux, tuy, tuz, th, out):
+def featall_0(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     m0 = 0.0
     for t in range(end):
@@ -1213,13 +1203,12 @@ def featall_0(end, cls, tc, tE, tux, tuy, tuz, th, out):
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
-        h = th[t]
         w0 = e if k <= c0 else 0.0
         m0 += w0
     out[0] = m0
 
 @njit(cache=True, fastmath=True)
-def featall_1(end, cls, tc, tE, tux, tuy, tuz, th, out):
+def featall_1(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     c1 = cls[1]
     m0 = 0.0
@@ -1232,7 +1221,6 @@ def featall_1(end, cls, tc, tE, tux, tuy, tuz, th, out):
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
-        h = th[t]
         w0 = e if k <= c0 else 0.0
         w1 = e if k <= c1 else 0.0
         x1 = ux
@@ -1248,7 +1236,7 @@ def featall_1(end, cls, tc, tE, tux, tuy, tuz, th, out):
     out[3] = m3
 
 @njit(cache=True, fastmath=True)
-def featall_2(end, cls, tc, tE, tux, tuy, tuz, th, out):
+def featall_2(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     c1 = cls[1]
     c2 = cls[2]
@@ -1268,16 +1256,15 @@ def featall_2(end, cls, tc, tE, tux, tuy, tuz, th, out):
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
-        h = th[t]
         w0 = e if k <= c0 else 0.0
         w1 = e if k <= c1 else 0.0
         w2 = e if k <= c2 else 0.0
         x1 = ux
         y1 = uy
         z1 = uz
-        x2 = ux * x1 + h
-        y2 = uy * y1 + h
-        z2 = uz * z1 + h
+        x2 = ux * x1
+        y2 = uy * y1
+        z2 = uz * z1
         m0 += w0
         m1 += w1 * x1
         m2 += w1 * y1
@@ -1300,7 +1287,7 @@ def featall_2(end, cls, tc, tE, tux, tuy, tuz, th, out):
     out[9] = m9
 
 @njit(cache=True, fastmath=True)
-def featall_3(end, cls, tc, tE, tux, tuy, tuz, th, out):
+def featall_3(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     c1 = cls[1]
     c2 = cls[2]
@@ -1331,7 +1318,6 @@ def featall_3(end, cls, tc, tE, tux, tuy, tuz, th, out):
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
-        h = th[t]
         w0 = e if k <= c0 else 0.0
         w1 = e if k <= c1 else 0.0
         w2 = e if k <= c2 else 0.0
@@ -1339,12 +1325,12 @@ def featall_3(end, cls, tc, tE, tux, tuy, tuz, th, out):
         x1 = ux
         y1 = uy
         z1 = uz
-        x2 = ux * x1 + h
-        y2 = uy * y1 + h
-        z2 = uz * z1 + h
-        x3 = ux * x2 + 2.0 * h * x1
-        y3 = uy * y2 + 2.0 * h * y1
-        z3 = uz * z2 + 2.0 * h * z1
+        x2 = ux * x1
+        y2 = uy * y1
+        z2 = uz * z1
+        x3 = ux * x2
+        y3 = uy * y2
+        z3 = uz * z2
         m0 += w0
         m1 += w1 * x1
         m2 += w1 * y1
@@ -1387,7 +1373,7 @@ def featall_3(end, cls, tc, tE, tux, tuy, tuz, th, out):
     out[19] = m19
 
 @njit(cache=True, fastmath=True)
-def featall_4(end, cls, tc, tE, tux, tuy, tuz, th, out):
+def featall_4(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     c1 = cls[1]
     c2 = cls[2]
@@ -1434,7 +1420,6 @@ def featall_4(end, cls, tc, tE, tux, tuy, tuz, th, out):
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
-        h = th[t]
         w0 = e if k <= c0 else 0.0
         w1 = e if k <= c1 else 0.0
         w2 = e if k <= c2 else 0.0
@@ -1443,15 +1428,15 @@ def featall_4(end, cls, tc, tE, tux, tuy, tuz, th, out):
         x1 = ux
         y1 = uy
         z1 = uz
-        x2 = ux * x1 + h
-        y2 = uy * y1 + h
-        z2 = uz * z1 + h
-        x3 = ux * x2 + 2.0 * h * x1
-        y3 = uy * y2 + 2.0 * h * y1
-        z3 = uz * z2 + 2.0 * h * z1
-        x4 = ux * x3 + 3.0 * h * x2
-        y4 = uy * y3 + 3.0 * h * y2
-        z4 = uz * z3 + 3.0 * h * z2
+        x2 = ux * x1
+        y2 = uy * y1
+        z2 = uz * z1
+        x3 = ux * x2
+        y3 = uy * y2
+        z3 = uz * z2
+        x4 = ux * x3
+        y4 = uy * y3
+        z4 = uz * z3
         m0 += w0
         m1 += w1 * x1
         m2 += w1 * y1
@@ -1524,7 +1509,7 @@ def featall_4(end, cls, tc, tE, tux, tuy, tuz, th, out):
     out[34] = m34
 
 @njit(cache=True, fastmath=True)
-def featall_5(end, cls, tc, tE, tux, tuy, tuz, th, out):
+def featall_5(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     c1 = cls[1]
     c2 = cls[2]
@@ -1593,7 +1578,6 @@ def featall_5(end, cls, tc, tE, tux, tuy, tuz, th, out):
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
-        h = th[t]
         w0 = e if k <= c0 else 0.0
         w1 = e if k <= c1 else 0.0
         w2 = e if k <= c2 else 0.0
@@ -1603,18 +1587,18 @@ def featall_5(end, cls, tc, tE, tux, tuy, tuz, th, out):
         x1 = ux
         y1 = uy
         z1 = uz
-        x2 = ux * x1 + h
-        y2 = uy * y1 + h
-        z2 = uz * z1 + h
-        x3 = ux * x2 + 2.0 * h * x1
-        y3 = uy * y2 + 2.0 * h * y1
-        z3 = uz * z2 + 2.0 * h * z1
-        x4 = ux * x3 + 3.0 * h * x2
-        y4 = uy * y3 + 3.0 * h * y2
-        z4 = uz * z3 + 3.0 * h * z2
-        x5 = ux * x4 + 4.0 * h * x3
-        y5 = uy * y4 + 4.0 * h * y3
-        z5 = uz * z4 + 4.0 * h * z3
+        x2 = ux * x1
+        y2 = uy * y1
+        z2 = uz * z1
+        x3 = ux * x2
+        y3 = uy * y2
+        z3 = uz * z2
+        x4 = ux * x3
+        y4 = uy * y3
+        z4 = uz * z3
+        x5 = ux * x4
+        y5 = uy * y4
+        z5 = uz * z4
         m0 += w0
         m1 += w1 * x1
         m2 += w1 * y1
@@ -1729,7 +1713,7 @@ def featall_5(end, cls, tc, tE, tux, tuy, tuz, th, out):
     out[55] = m55
 
 @njit(cache=True, fastmath=True)
-def featall_6(end, cls, tc, tE, tux, tuy, tuz, th, out):
+def featall_6(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     c1 = cls[1]
     c2 = cls[2]
@@ -1827,7 +1811,6 @@ def featall_6(end, cls, tc, tE, tux, tuy, tuz, th, out):
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
-        h = th[t]
         w0 = e if k <= c0 else 0.0
         w1 = e if k <= c1 else 0.0
         w2 = e if k <= c2 else 0.0
@@ -1838,21 +1821,21 @@ def featall_6(end, cls, tc, tE, tux, tuy, tuz, th, out):
         x1 = ux
         y1 = uy
         z1 = uz
-        x2 = ux * x1 + h
-        y2 = uy * y1 + h
-        z2 = uz * z1 + h
-        x3 = ux * x2 + 2.0 * h * x1
-        y3 = uy * y2 + 2.0 * h * y1
-        z3 = uz * z2 + 2.0 * h * z1
-        x4 = ux * x3 + 3.0 * h * x2
-        y4 = uy * y3 + 3.0 * h * y2
-        z4 = uz * z3 + 3.0 * h * z2
-        x5 = ux * x4 + 4.0 * h * x3
-        y5 = uy * y4 + 4.0 * h * y3
-        z5 = uz * z4 + 4.0 * h * z3
-        x6 = ux * x5 + 5.0 * h * x4
-        y6 = uy * y5 + 5.0 * h * y4
-        z6 = uz * z5 + 5.0 * h * z4
+        x2 = ux * x1
+        y2 = uy * y1
+        z2 = uz * z1
+        x3 = ux * x2
+        y3 = uy * y2
+        z3 = uz * z2
+        x4 = ux * x3
+        y4 = uy * y3
+        z4 = uz * z3
+        x5 = ux * x4
+        y5 = uy * y4
+        z5 = uz * z4
+        x6 = ux * x5
+        y6 = uy * y5
+        z6 = uz * z5
         m0 += w0
         m1 += w1 * x1
         m2 += w1 * y1
@@ -2023,7 +2006,7 @@ def featall_6(end, cls, tc, tE, tux, tuy, tuz, th, out):
     out[83] = m83
 
 @njit(cache=True, fastmath=True)
-def featall_7(end, cls, tc, tE, tux, tuy, tuz, th, out):
+def featall_7(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     c1 = cls[1]
     c2 = cls[2]
@@ -2158,7 +2141,6 @@ def featall_7(end, cls, tc, tE, tux, tuy, tuz, th, out):
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
-        h = th[t]
         w0 = e if k <= c0 else 0.0
         w1 = e if k <= c1 else 0.0
         w2 = e if k <= c2 else 0.0
@@ -2170,24 +2152,24 @@ def featall_7(end, cls, tc, tE, tux, tuy, tuz, th, out):
         x1 = ux
         y1 = uy
         z1 = uz
-        x2 = ux * x1 + h
-        y2 = uy * y1 + h
-        z2 = uz * z1 + h
-        x3 = ux * x2 + 2.0 * h * x1
-        y3 = uy * y2 + 2.0 * h * y1
-        z3 = uz * z2 + 2.0 * h * z1
-        x4 = ux * x3 + 3.0 * h * x2
-        y4 = uy * y3 + 3.0 * h * y2
-        z4 = uz * z3 + 3.0 * h * z2
-        x5 = ux * x4 + 4.0 * h * x3
-        y5 = uy * y4 + 4.0 * h * y3
-        z5 = uz * z4 + 4.0 * h * z3
-        x6 = ux * x5 + 5.0 * h * x4
-        y6 = uy * y5 + 5.0 * h * y4
-        z6 = uz * z5 + 5.0 * h * z4
-        x7 = ux * x6 + 6.0 * h * x5
-        y7 = uy * y6 + 6.0 * h * y5
-        z7 = uz * z6 + 6.0 * h * z5
+        x2 = ux * x1
+        y2 = uy * y1
+        z2 = uz * z1
+        x3 = ux * x2
+        y3 = uy * y2
+        z3 = uz * z2
+        x4 = ux * x3
+        y4 = uy * y3
+        z4 = uz * z3
+        x5 = ux * x4
+        y5 = uy * y4
+        z5 = uz * z4
+        x6 = ux * x5
+        y6 = uy * y5
+        z6 = uz * z5
+        x7 = ux * x6
+        y7 = uy * y6
+        z7 = uz * z6
         m0 += w0
         m1 += w1 * x1
         m2 += w1 * y1
@@ -2430,7 +2412,7 @@ def featall_7(end, cls, tc, tE, tux, tuy, tuz, th, out):
     out[119] = m119
 
 @njit(cache=True, fastmath=True)
-def featall_8(end, cls, tc, tE, tux, tuy, tuz, th, out):
+def featall_8(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     c1 = cls[1]
     c2 = cls[2]
@@ -2611,7 +2593,6 @@ def featall_8(end, cls, tc, tE, tux, tuy, tuz, th, out):
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
-        h = th[t]
         w0 = e if k <= c0 else 0.0
         w1 = e if k <= c1 else 0.0
         w2 = e if k <= c2 else 0.0
@@ -2624,27 +2605,27 @@ def featall_8(end, cls, tc, tE, tux, tuy, tuz, th, out):
         x1 = ux
         y1 = uy
         z1 = uz
-        x2 = ux * x1 + h
-        y2 = uy * y1 + h
-        z2 = uz * z1 + h
-        x3 = ux * x2 + 2.0 * h * x1
-        y3 = uy * y2 + 2.0 * h * y1
-        z3 = uz * z2 + 2.0 * h * z1
-        x4 = ux * x3 + 3.0 * h * x2
-        y4 = uy * y3 + 3.0 * h * y2
-        z4 = uz * z3 + 3.0 * h * z2
-        x5 = ux * x4 + 4.0 * h * x3
-        y5 = uy * y4 + 4.0 * h * y3
-        z5 = uz * z4 + 4.0 * h * z3
-        x6 = ux * x5 + 5.0 * h * x4
-        y6 = uy * y5 + 5.0 * h * y4
-        z6 = uz * z5 + 5.0 * h * z4
-        x7 = ux * x6 + 6.0 * h * x5
-        y7 = uy * y6 + 6.0 * h * y5
-        z7 = uz * z6 + 6.0 * h * z5
-        x8 = ux * x7 + 7.0 * h * x6
-        y8 = uy * y7 + 7.0 * h * y6
-        z8 = uz * z7 + 7.0 * h * z6
+        x2 = ux * x1
+        y2 = uy * y1
+        z2 = uz * z1
+        x3 = ux * x2
+        y3 = uy * y2
+        z3 = uz * z2
+        x4 = ux * x3
+        y4 = uy * y3
+        z4 = uz * z3
+        x5 = ux * x4
+        y5 = uy * y4
+        z5 = uz * z4
+        x6 = ux * x5
+        y6 = uy * y5
+        z6 = uz * z5
+        x7 = ux * x6
+        y7 = uy * y6
+        z7 = uz * z6
+        x8 = ux * x7
+        y8 = uy * y7
+        z8 = uz * z7
         m0 += w0
         m1 += w1 * x1
         m2 += w1 * y1
@@ -2977,7 +2958,7 @@ def featall_8(end, cls, tc, tE, tux, tuy, tuz, th, out):
     out[164] = m164
 
 @njit(cache=True, fastmath=True)
-def featall_9(end, cls, tc, tE, tux, tuy, tuz, th, out):
+def featall_9(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     c1 = cls[1]
     c2 = cls[2]
@@ -3214,7 +3195,6 @@ def featall_9(end, cls, tc, tE, tux, tuy, tuz, th, out):
         ux = tux[t]
         uy = tuy[t]
         uz = tuz[t]
-        h = th[t]
         w0 = e if k <= c0 else 0.0
         w1 = e if k <= c1 else 0.0
         w2 = e if k <= c2 else 0.0
@@ -3228,30 +3208,30 @@ def featall_9(end, cls, tc, tE, tux, tuy, tuz, th, out):
         x1 = ux
         y1 = uy
         z1 = uz
-        x2 = ux * x1 + h
-        y2 = uy * y1 + h
-        z2 = uz * z1 + h
-        x3 = ux * x2 + 2.0 * h * x1
-        y3 = uy * y2 + 2.0 * h * y1
-        z3 = uz * z2 + 2.0 * h * z1
-        x4 = ux * x3 + 3.0 * h * x2
-        y4 = uy * y3 + 3.0 * h * y2
-        z4 = uz * z3 + 3.0 * h * z2
-        x5 = ux * x4 + 4.0 * h * x3
-        y5 = uy * y4 + 4.0 * h * y3
-        z5 = uz * z4 + 4.0 * h * z3
-        x6 = ux * x5 + 5.0 * h * x4
-        y6 = uy * y5 + 5.0 * h * y4
-        z6 = uz * z5 + 5.0 * h * z4
-        x7 = ux * x6 + 6.0 * h * x5
-        y7 = uy * y6 + 6.0 * h * y5
-        z7 = uz * z6 + 6.0 * h * z5
-        x8 = ux * x7 + 7.0 * h * x6
-        y8 = uy * y7 + 7.0 * h * y6
-        z8 = uz * z7 + 7.0 * h * z6
-        x9 = ux * x8 + 8.0 * h * x7
-        y9 = uy * y8 + 8.0 * h * y7
-        z9 = uz * z8 + 8.0 * h * z7
+        x2 = ux * x1
+        y2 = uy * y1
+        z2 = uz * z1
+        x3 = ux * x2
+        y3 = uy * y2
+        z3 = uz * z2
+        x4 = ux * x3
+        y4 = uy * y3
+        z4 = uz * z3
+        x5 = ux * x4
+        y5 = uy * y4
+        z5 = uz * z4
+        x6 = ux * x5
+        y6 = uy * y5
+        z6 = uz * z5
+        x7 = ux * x6
+        y7 = uy * y6
+        z7 = uz * z6
+        x8 = ux * x7
+        y8 = uy * y7
+        z8 = uz * z7
+        x9 = ux * x8
+        y9 = uy * y8
+        z9 = uz * z8
         m0 += w0
         m1 += w1 * x1
         m2 += w1 * y1
@@ -3694,47 +3674,47 @@ def featall_9(end, cls, tc, tE, tux, tuy, tuz, th, out):
     out[219] = m219
 
 @njit(cache=True)
-def featall_order(n, end, cls, tc, tE, tux, tuy, tuz, th, out):
+def featall_order(n, end, cls, tc, tE, tux, tuy, tuz, out):
     if n == 0:
-        featall_0(end, cls, tc, tE, tux, tuy, tuz, th, out)
+        featall_0(end, cls, tc, tE, tux, tuy, tuz, out)
     elif n == 1:
-        featall_1(end, cls, tc, tE, tux, tuy, tuz, th, out)
+        featall_1(end, cls, tc, tE, tux, tuy, tuz, out)
     elif n == 2:
-        featall_2(end, cls, tc, tE, tux, tuy, tuz, th, out)
+        featall_2(end, cls, tc, tE, tux, tuy, tuz, out)
     elif n == 3:
-        featall_3(end, cls, tc, tE, tux, tuy, tuz, th, out)
+        featall_3(end, cls, tc, tE, tux, tuy, tuz, out)
     elif n == 4:
-        featall_4(end, cls, tc, tE, tux, tuy, tuz, th, out)
+        featall_4(end, cls, tc, tE, tux, tuy, tuz, out)
     elif n == 5:
-        featall_5(end, cls, tc, tE, tux, tuy, tuz, th, out)
+        featall_5(end, cls, tc, tE, tux, tuy, tuz, out)
     elif n == 6:
-        featall_6(end, cls, tc, tE, tux, tuy, tuz, th, out)
+        featall_6(end, cls, tc, tE, tux, tuy, tuz, out)
     elif n == 7:
-        featall_7(end, cls, tc, tE, tux, tuy, tuz, th, out)
+        featall_7(end, cls, tc, tE, tux, tuy, tuz, out)
     elif n == 8:
-        featall_8(end, cls, tc, tE, tux, tuy, tuz, th, out)
+        featall_8(end, cls, tc, tE, tux, tuy, tuz, out)
     elif n == 9:
-        featall_9(end, cls, tc, tE, tux, tuy, tuz, th, out)
+        featall_9(end, cls, tc, tE, tux, tuy, tuz, out)
 
 @njit(cache=True)
-def grad_order(n, end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_order(n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
     if n == 0:
-        grad_0(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_0(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
     elif n == 1:
-        grad_1(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_1(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
     elif n == 2:
-        grad_2(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_2(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
     elif n == 3:
-        grad_3(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_3(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
     elif n == 4:
-        grad_4(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_4(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
     elif n == 5:
-        grad_5(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_5(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
     elif n == 6:
-        grad_6(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_6(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
     elif n == 7:
-        grad_7(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_7(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
     elif n == 8:
-        grad_8(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_8(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
     elif n == 9:
-        grad_9(end, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_9(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)

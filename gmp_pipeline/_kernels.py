@@ -12,9 +12,10 @@ Work for one centre atom i (spec sections 5-8):
    term buffer, one run per (species, Gaussian), tagged with its cutoff class: the smallest
    class (orders with equal order factor share one) whose radius admits it
    (:func:`_fill_terms`).  Order n counts exactly the terms whose class is <= its own.
-3. Per term the prefactor ``E = C1 exp(C2 D)`` (vectorizable exp, :func:`_vexp`) and the 1-D
-   Gaussian moments ``P_k`` (spec 5); the overlap with a probe monomial ``x^p y^q z^s`` is
-   ``E P_p(x) P_q(y) P_s(z)``.  One generated loop (:mod:`._fused`) sums the raw moments of all
+3. Per term the prefactor ``E = C1 exp(C2 D)`` (vectorizable exp, :func:`_vexp`) and
+   ``u = lambda d``.  Spec 5 writes the overlap with ``H_abc`` through the 1-D Gaussian moments
+   ``P_k``; since ``H_abc`` is harmonic, that overlap is exactly ``E H_abc(u)`` (see
+   :mod:`._codegen`), so the moments of a probe monomial are ``E u_x^p u_y^q u_z^s``.  One generated loop (:mod:`._fused`) sums the raw moments of all
    orders in registers; contracted with the solid-harmonic tables they give ``mu_abc``, then
    ``S`` and ``F``.
 4. Derivatives (spec 8.1 per term): ``d/dd [E Q] = 2 C2 d E Q + lambda E grad_u Q``.  Contracting
@@ -191,7 +192,7 @@ def _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, 
     Terms come in one run per (species, Gaussian): the neighbours within the largest cutoff
     class of that Gaussian, nearest bins first.  tc[t] is the term's cutoff class, the smallest
     class whose radius admits it, so order n counts exactly the terms with tc <= class(n).
-    Rows of tb: 0 E (C1 times the exponential), 1 the exponent, 2-4 lambda d, 5 1/(2 gamma),
+    Rows of tb: 0 E (C1 times the exponential), 1 the exponent, 2-4 lambda d, 5 unused,
     6 tc, 7 lambda tl.  The atom index tj and tl are written only when deriv is set.  (One 2-D
     buffer rather than eight arrays: LLVM vectorizes the copy loops with fewer alias checks.)
     """
@@ -205,7 +206,6 @@ def _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, 
             C1 = c1[s, g]
             C2 = c2[s, g]
             lm = lam[s, g]
-            h = hv[s, g]
             L = bstart[b0 + ridx[ncls - 1, s, g]] - a
             p0 = p - a
             for t in range(a, a + L):
@@ -215,7 +215,6 @@ def _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, 
                 tb[2, q] = lm * s_x[t]
                 tb[3, q] = lm * s_y[t]
                 tb[4, q] = lm * s_z[t]
-                tb[5, q] = h
                 tb[6, q] = 0.0
             for c in range(ncls - 1):
                 Lc = bstart[b0 + ridx[c, s, g]]
@@ -305,7 +304,6 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
     tux = tb[2]
     tuy = tb[3]
     tuz = tb[4]
-    th = tb[5]
     tc = tb[6]
     tl = tb[7]
     Gt = np.empty((3 * max(nord, 1), 0))
@@ -337,7 +335,6 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
             tux = tb[2]
             tuy = tb[3]
             tuz = tb[4]
-            th = tb[5]
             tc = tb[6]
             tl = tb[7]
             if deriv:
@@ -420,7 +417,7 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
                                 lam[u], hv[u], ridx[u], ncls, tj, tb, ibuf, deriv)
                 m2a = -2.0 * alpha[u]
                 gmax = 0
-                featall_order(kmax, T, ocls_of_n, tc, tE, tux, tuy, tuz, th, mom)
+                featall_order(kmax, T, ocls_of_n, tc, tE, tux, tuy, tuz, mom)
                 for o in range(nord):
                     gend[o] = 0
                     m = col[o, u]
@@ -460,7 +457,7 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
                             ux[k] = (mono[mm, 0] + 1) * uc[raise_idx[0, mm] - m0]
                             uy[k] = (mono[mm, 1] + 1) * uc[raise_idx[1, mm] - m0]
                             uz[k] = (mono[mm, 2] + 1) * uc[raise_idx[2, mm] - m0]
-                    grad_order(nn, T, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, ux, uy, uz, Gt, 3 * o)
+                    grad_order(nn, T, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, ux, uy, uz, Gt, 3 * o)
                     gend[o] = T
                     gmax = T
                 # scatter every order's per-term gradient into the (i, j) blocks
