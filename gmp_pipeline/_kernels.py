@@ -27,18 +27,15 @@ Work for one centre atom i (spec sections 5-8):
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
-from numba import njit
+from numba import literally, njit, types
+from numba.extending import overload
 
-from ._numba_cache import keyed_cache
-
-# everything compiled from here on caches in a directory keyed on the kernel sources
-# (see _numba_cache); the block is closed at the end of this module
-_keyed = keyed_cache()
-_keyed.__enter__()
-
-from ._fused import featall_order, grad_order  # noqa: E402
+# first: every kernel of this package caches in the machine-wide directory of _numba_cache
+from ._numba_cache import compile_lock  # noqa: I001
+from ._fused import FEATALL, GRAD_UPTO
 
 _CACHE = True
 #: fast-math without reassociation, for code whose rounding steps must stay as written
@@ -149,6 +146,24 @@ def _bin_neighbors(cnt, nb_j, nb_x, nb_y, nb_z, nb_D, nb_bin, spc, thr, nthr, bo
     return bstart[nb]
 
 
+@njit(cache=_CACHE)
+def _sort_ints(a, k):
+    """Sort a[:k] in place (Shell sort, gaps 3h+1: a few lines that compile in no time, unlike
+    np.sort)."""
+    h = 1
+    while h < k // 3:
+        h = 3 * h + 1
+    while h >= 1:
+        for i in range(h, k):
+            v = a[i]
+            j = i
+            while j >= h and a[j - h] > v:
+                a[j] = a[j - h]
+                j -= h
+            a[j] = v
+        h //= 3
+
+
 @njit(cache=_CACHE, fastmath=_EXACT)
 def _vexp(T, arg, scale, ibuf):
     """scale[t] *= exp(arg[t]) for arg <= 0, vectorizable (numba's math.exp is a scalar call).
@@ -185,7 +200,7 @@ def _vexp(T, arg, scale, ibuf):
 
 
 @njit(cache=_CACHE, fastmath=True)
-def _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, hv, ridx, ncls,
+def _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, ridx, ncls,
                 tj, tb, ibuf, deriv):
     """Write the contributing terms of one sigma; returns their number T.
 
@@ -225,30 +240,127 @@ def _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, 
                     tj[p0 + t] = s_j[t]
                     tb[7, p0 + t] = lm
             p += L
-    _vexp(p, tb[1], tb[0], ibuf)
+    _vexp(np.int64(p), tb[1], tb[0], ibuf)
     return p
 
 
-@njit(cache=_CACHE)
-def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
-                        ng, Bs, betas, rs, thr, nthr, bo, gscale, gtab,
-                        c1, c2, lam, hv, alpha, ridx, ncls, ridxm1,
-                        ords, ocls, col, col_m1, ncol,
-                        mono, mono_off, raise_idx, comp_start, comp_weight, hcoef,
-                        square, deriv, total):
-    """Features (nc, ncol) and, if deriv, total derivatives (P, 3, ncol) with pair lists.
+class KernelTables(NamedTuple):
+    """Everything the kernel needs besides the structure: one object across the kernel boundary,
+    built in one place (``GMPFeaturizer._species_tables``) for one feature set and one set of
+    species present (species index s = position in that sorted set), padded to the largest
+    Gaussian count G.  numba passes it as a heterogeneous named tuple.
 
-    Per unique sigma u: c1/c2/lam/hv[u, s, g] term constants and alpha[u].  Cutoffs: thr[s, :nthr[s]]
-    are the sorted squared cutoff radii of species s (bins bo[s]..bo[s+1]-1, see _bin_neighbors);
-    ridx[u, c, s, g] / ridxm1[s, g] locate the cutoff of class c / of order -1 in thr[s].
-    ords[o]/ocls[o]: orders >= 0 and their cutoff class; col[o, u] / col_m1: output columns
-    (-1 if absent).  Monomials: mono[k] = (p, q, s) by global index, mono_off[n] first index of
-    degree n, raise_idx[a, k] global index of monomial k with its exponent a raised by one.
+    Per species s and Gaussian g: ``ng[s]`` Gaussians, amplitudes ``Bs`` and exponents ``betas``.
+    Per unique sigma u: ``c1/c2/lam[u, s, g]`` term constants (spec 5) and ``alpha[u]``.
+    Cutoffs: ``thr[s, :nthr[s]]`` the sorted squared cutoff radii of species s (bins
+    ``bo[s]..bo[s+1]-1``, see :func:`_bin_neighbors`), ``gscale``/``gtab`` the grid that finds a
+    bin; ``ridx[u, c, s, g]`` / ``ridxm1[s, g]`` locate the cutoff of class c / of order -1 in
+    ``thr[s]``; ``ncls`` cutoff classes; ``rsearch`` the search radius.
+    Features: ``ords[o]``/``ocls[o]`` the orders >= 0 and their cutoff class, ``col[o, u]`` /
+    ``col_m1`` output columns (-1 if absent), ``ncol`` columns, ``kmax`` the largest order.
+    Harmonics: ``mono[k]`` = (p, q, s) by global monomial index, ``mono_off[n]`` first index of
+    degree n, ``raise_idx[a, k]`` index of monomial k with exponent a raised by one,
+    ``comp_start``/``comp_weight``/``hcoef`` the solid-harmonic tables (:mod:`._harmonics`).
+    """
+
+    ng: np.ndarray
+    Bs: np.ndarray
+    betas: np.ndarray
+    c1: np.ndarray
+    c2: np.ndarray
+    lam: np.ndarray
+    alpha: np.ndarray
+    thr: np.ndarray
+    nthr: np.ndarray
+    bo: np.ndarray
+    gscale: np.ndarray
+    gtab: np.ndarray
+    ridx: np.ndarray
+    ridxm1: np.ndarray
+    ncls: int
+    rsearch: float
+    ords: np.ndarray
+    ocls: np.ndarray
+    col: np.ndarray
+    col_m1: int
+    ncol: int
+    kmax: int
+    mono: np.ndarray
+    mono_off: np.ndarray
+    raise_idx: np.ndarray
+    comp_start: np.ndarray
+    comp_weight: np.ndarray
+    hcoef: np.ndarray
+
+
+def _featall(K, end, cls, tc, tE, tux, tuy, tuz, out):
+    raise NotImplementedError  # numba only: see the overload below
+
+
+@overload(_featall)
+def _featall_ov(K, end, cls, tc, tE, tux, tuy, tuz, out):
+    """The generated moment loop of orders 0..K, chosen at compile time (K literal)."""
+    if isinstance(K, types.IntegerLiteral):
+        f = FEATALL[K.literal_value]
+
+        def impl(K, end, cls, tc, tE, tux, tuy, tuz, out):
+            f(end, cls, tc, tE, tux, tuy, tuz, out)
+        return impl
+
+
+def _grad(K, n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
+    raise NotImplementedError  # numba only: see the overload below
+
+
+@overload(_grad)
+def _grad_ov(K, n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
+    """The generated gradient loop of order n <= K (K literal: only orders 0..K are compiled)."""
+    if isinstance(K, types.IntegerLiteral):
+        f = GRAD_UPTO[K.literal_value]
+
+        def impl(K, n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
+            f(n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        return impl
+
+
+@njit(cache=_CACHE)
+def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, K):
+    """Features (nc, ncol) and, if deriv, total derivatives (P, 3, ncol) with pair lists, for
+    largest order ``K`` (a compile-time constant: see the entry points below), for
+    the centres ``centers`` of the structure (positions ``pos``, species index ``spc``; lattice
+    from ``GMPFeaturizer._lattice``) with the tables ``tabs`` (:class:`KernelTables`).
 
     Returns (features, dF, pair_j, pair_count); the pairs of centre c are the next
     pair_count[c] rows, neighbours ascending.  With total=False dF holds the reference's partial
     derivatives (probe centres held fixed, spec 8.1) instead of the total ones.
     """
+    ng = tabs.ng
+    Bs = tabs.Bs
+    betas = tabs.betas
+    c1 = tabs.c1
+    c2 = tabs.c2
+    lam = tabs.lam
+    alpha = tabs.alpha
+    thr = tabs.thr
+    nthr = tabs.nthr
+    bo = tabs.bo
+    gscale = tabs.gscale
+    gtab = tabs.gtab
+    ridx = tabs.ridx
+    ridxm1 = tabs.ridxm1
+    ncls = tabs.ncls
+    rs = tabs.rsearch
+    ords = tabs.ords
+    ocls = tabs.ocls
+    col = tabs.col
+    col_m1 = tabs.col_m1
+    ncol = tabs.ncol
+    mono = tabs.mono
+    mono_off = tabs.mono_off
+    raise_idx = tabs.raise_idx
+    comp_start = tabs.comp_start
+    comp_weight = tabs.comp_weight
+    hcoef = tabs.hcoef
     n = pos.shape[0]
     nc = centers.shape[0]
     nspecies = ng.shape[0]
@@ -271,10 +383,8 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
     bstart = np.empty(nbins + 1, dtype=np.int64)
     bcount = np.empty(nbins + 1, dtype=np.int64)
     mom = np.empty(286)  # raw moments of every degree 0..9, by global monomial index
-    kmax = 0
     ocls_of_n = np.zeros(10)  # cutoff class of each order (orders not asked for: class 0)
     for o in range(nord):
-        kmax = max(kmax, ords[o])
         ocls_of_n[ords[o]] = ocls[o]
     mu = np.empty(66)
     uc = np.empty(66)
@@ -355,19 +465,27 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
                     slot[j] = 0
                     jlist[k] = j
                     k += 1
-            jl = np.sort(jlist[:k])
+            _sort_ints(jlist, k)
+            jl = jlist
             if npairs + k > pcap:
                 # grow to what the centres so far predict for all of them (rows are zeroed
                 # when a centre takes them, so the slack is never touched)
                 est = (npairs + k) * nc // (ci + 1)
                 pcap = min(max(est + est // 8 + k, 2 * pcap, npairs + k), max(nc * n, npairs + k))
                 bigger = np.empty((pcap, 3, ncol))
-                bigger[:npairs] = dF[:npairs]
+                for r in range(npairs):  # explicit loops: slice assignment compiles slowly
+                    for kk in range(3):
+                        for m in range(ncol):
+                            bigger[r, kk, m] = dF[r, kk, m]
                 dF = bigger
                 pj = np.empty(pcap, dtype=np.int64)
-                pj[:npairs] = pair_j[:npairs]
+                for r in range(npairs):
+                    pj[r] = pair_j[r]
                 pair_j = pj
-            dF[base:base + k] = 0.0
+            for r in range(base, base + k):
+                for kk in range(3):
+                    for m in range(ncol):
+                        dF[r, kk, m] = 0.0
             for kk in range(k):
                 slot[jl[kk]] = kk
                 pair_j[base + kk] = jl[kk]
@@ -390,7 +508,7 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
                         tb[1, T1] = be * s_D[t]
                         tl[T1] = be
                         T1 += 1
-            _vexp(T1, tb[1], tE, ibuf)
+            _vexp(np.int64(T1), tb[1], tE, ibuf)
             dens = 0.0
             for t in range(T1):
                 dens += tE[t]
@@ -414,10 +532,10 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
         if nord > 0:
             for u in range(nsig):
                 T = _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1[u], c2[u],
-                                lam[u], hv[u], ridx[u], ncls, tj, tb, ibuf, deriv)
+                                lam[u], ridx[u], ncls, tj, tb, ibuf, deriv)
                 m2a = -2.0 * alpha[u]
                 gmax = 0
-                featall_order(kmax, T, ocls_of_n, tc, tE, tux, tuy, tuz, mom)
+                _featall(K, T, ocls_of_n, tc, tE, tux, tuy, tuz, mom)
                 for o in range(nord):
                     gend[o] = 0
                     m = col[o, u]
@@ -457,7 +575,7 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
                             ux[k] = (mono[mm, 0] + 1) * uc[raise_idx[0, mm] - m0]
                             uy[k] = (mono[mm, 1] + 1) * uc[raise_idx[1, mm] - m0]
                             uz[k] = (mono[mm, 2] + 1) * uc[raise_idx[2, mm] - m0]
-                    grad_order(nn, T, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, ux, uy, uz, Gt, 3 * o)
+                    _grad(K, nn, T, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, ux, uy, uz, Gt, 3 * o)
                     gend[o] = T
                     gmax = T
                 # scatter every order's per-term gradient into the (i, j) blocks
@@ -473,7 +591,9 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
         if deriv and total:
             # total derivative: the centre's own block loses the sum of all partial blocks
             own = base + slot[i]
-            own_sum[:, :] = 0.0
+            for k in range(3):
+                for m in range(ncol):
+                    own_sum[k, m] = 0.0
             for r in range(base, base + pair_count[ci]):
                 for k in range(3):
                     for m in range(ncol):
@@ -487,4 +607,78 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
     return feats, dF[:npairs], pair_j[:npairs], pair_count
 
 
-_keyed.__exit__(None, None, None)
+# One entry point per largest order K: the constant K reaches _featurize as a literal, so each
+# compiles (and caches) the loops of orders 0..K only.
+
+@njit(cache=_CACHE)
+def _entry_0(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total):
+    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, 0)
+
+
+@njit(cache=_CACHE)
+def _entry_1(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total):
+    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, 1)
+
+
+@njit(cache=_CACHE)
+def _entry_2(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total):
+    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, 2)
+
+
+@njit(cache=_CACHE)
+def _entry_3(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total):
+    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, 3)
+
+
+@njit(cache=_CACHE)
+def _entry_4(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total):
+    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, 4)
+
+
+@njit(cache=_CACHE)
+def _entry_5(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total):
+    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, 5)
+
+
+@njit(cache=_CACHE)
+def _entry_6(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total):
+    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, 6)
+
+
+@njit(cache=_CACHE)
+def _entry_7(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total):
+    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, 7)
+
+
+@njit(cache=_CACHE)
+def _entry_8(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total):
+    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, 8)
+
+
+@njit(cache=_CACHE)
+def _entry_9(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total):
+    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, 9)
+
+
+ENTRIES = (_entry_0, _entry_1, _entry_2, _entry_3, _entry_4, _entry_5, _entry_6, _entry_7, _entry_8, _entry_9)
+
+
+def featurize_structure(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total):
+    """The kernel for ``tabs.kmax``, compiled (or loaded) on first use."""
+    return ENTRIES[tabs.kmax](pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total)
+
+
+_ready: set = set()
+
+
+def run(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total):
+    """Call :func:`featurize_structure`; a process's first call for each largest order compiles
+    or loads under :func:`~gmp_pipeline._numba_cache.compile_lock`, so concurrent processes
+    compile once and the others load what it wrote."""
+    K = int(tabs.kmax)
+    if K in _ready:
+        return ENTRIES[K](pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total)
+    with compile_lock():
+        out = ENTRIES[K](pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total)
+    _ready.add(K)
+    return out

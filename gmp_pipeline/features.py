@@ -207,10 +207,8 @@ class GMPFeaturizer:
         self._col_m1 = 0 if self._has_m1 else -1
         self._ucols = ucols
         self._colmap = np.array([ucols.index(p) for p in self.feature_list], dtype=np.int64)
-        t = _harmonics.order_tables()
-        mono, mono_off, raise_idx = _harmonics.kernel_tables()
-        self._tables = (mono, mono_off, raise_idx, t["comp_start"], t["comp_weight"], t["hcoef"])
-        self._species_cache: dict[tuple[int, ...], tuple] = {}
+        self._kmax = max(uorders, default=0)
+        self._species_cache: dict[tuple[int, ...], object] = {}
         self._element_cache: dict[int, dict] = {}
 
     def _cutoff(self, n: int, sigma: float, B: float, beta: float) -> float:
@@ -235,7 +233,7 @@ class GMPFeaturizer:
 
     def search_radius(self, numbers) -> float:
         """R_search for a structure containing these atomic numbers (spec 7.1)."""
-        return self._species_tables(tuple(sorted(set(int(z) for z in numbers))))[-1]
+        return self._species_tables(tuple(sorted(set(int(z) for z in numbers)))).rsearch
 
     def _z_of(self, element) -> int:
         if isinstance(element, str):
@@ -262,7 +260,6 @@ class GMPFeaturizer:
         c1 = np.zeros((U, K))
         c2 = np.zeros((U, K))
         lam = np.zeros((U, K))
-        hv = np.zeros((U, K))
         r2 = np.zeros((U, C, K))
         r2m1 = np.zeros(K)
         rep_order = {}
@@ -278,7 +275,6 @@ class GMPFeaturizer:
                 c1[u, k] = Anorm * B * tt * tt * tt
                 c2[u, k] = -a * be / gam
                 lam[u, k] = be / gam
-                hv[u, k] = 1.0 / (2.0 * gam)
                 for c, f in enumerate(self._class_factors):
                     R = self._cutoff(rep_order[f], float(sigma), float(B), float(be))
                     r2[u, c, k] = R * R
@@ -302,14 +298,17 @@ class GMPFeaturizer:
         gscale = GRID_CELLS / thr[-1] if len(thr) and thr[-1] > 0 else 0.0
         edges = (np.arange(GRID_CELLS + 1) - 0.5) / gscale if gscale else np.zeros(GRID_CELLS + 1)
         gtab = np.searchsorted(thr, edges, side="left").astype(np.int64)
-        out = {"g": g, "c1": c1, "c2": c2, "lam": lam, "hv": hv, "thr": thr, "ridx": ridx,
+        out = {"g": g, "c1": c1, "c2": c2, "lam": lam, "thr": thr, "ridx": ridx,
                "ridxm1": ridxm1, "rmax": rmax, "gscale": gscale, "gtab": gtab}
         self._element_cache[z] = out
         return out
 
     def _species_tables(self, species: tuple[int, ...]):
-        """Kernel tables for the elements of one structure (species index s = position in
-        ``species``), padded to the largest Gaussian count G and threshold count."""
+        """The kernel's tables (:class:`~gmp_pipeline._kernels.KernelTables`) for the elements of
+        one structure (species index s = position in ``species``), padded to the largest
+        Gaussian count G and threshold count.  The one place they are built."""
+        from ._kernels import KernelTables
+
         hit = self._species_cache.get(species)
         if hit is not None:
             return hit
@@ -324,7 +323,6 @@ class GMPFeaturizer:
         c1 = np.zeros((max(U, 1), S, G))
         c2 = np.zeros((max(U, 1), S, G))
         lam = np.zeros((max(U, 1), S, G))
-        hv = np.zeros((max(U, 1), S, G))
         ridx = np.zeros((max(U, 1), max(C, 1), S, G), dtype=np.int64)
         ridxm1 = np.zeros((S, G), dtype=np.int64)
         L = max(len(e["thr"]) for e in els) + 1  # at least one +inf ends every row
@@ -340,7 +338,6 @@ class GMPFeaturizer:
             c1[:U, s, :K] = e["c1"]
             c2[:U, s, :K] = e["c2"]
             lam[:U, s, :K] = e["lam"]
-            hv[:U, s, :K] = e["hv"]
             ridx[:U, :C, s, :K] = e["ridx"]
             ridxm1[s, :K] = e["ridxm1"]
             thr[s, :len(e["thr"])] = e["thr"]
@@ -348,8 +345,15 @@ class GMPFeaturizer:
             bo[s + 1] = bo[s] + len(e["thr"])
         alpha = np.array([1.0 / (2.0 * s * s) for s in self._usig], dtype=np.float64)
         rsearch = max(e["rmax"] for e in els)
-        out = (ng, Bs, betas, c1, c2, lam, hv, alpha, thr, nthr, bo, gscale, gtab, ridx, ridxm1,
-               rsearch)
+        t = _harmonics.order_tables()
+        mono, mono_off, raise_idx = _harmonics.kernel_tables()
+        out = KernelTables(
+            ng=ng, Bs=Bs, betas=betas, c1=c1, c2=c2, lam=lam, alpha=alpha, thr=thr, nthr=nthr, bo=bo,
+            gscale=gscale, gtab=gtab, ridx=ridx, ridxm1=ridxm1, ncls=C,
+            rsearch=float(rsearch), ords=self._uorders, ocls=self._ocls, col=self._col,
+            col_m1=int(self._col_m1), ncol=len(self._ucols), kmax=int(self._kmax), mono=mono,
+            mono_off=mono_off, raise_idx=raise_idx, comp_start=t["comp_start"],
+            comp_weight=t["comp_weight"], hcoef=t["hcoef"])
         if len(self._species_cache) > 4096:
             self._species_cache.clear()
         self._species_cache[species] = out
@@ -439,18 +443,13 @@ class GMPFeaturizer:
                 raise InputError(f"centers must be atom indices in 0..{N - 1}, got {centers!r}")
             cidx = np.ascontiguousarray(cidx % N, dtype=np.int64) if cidx.size else cidx.astype(np.int64)
         tabs = self._species_tables(species)
-        ng, Bs, betas, c1, c2, lam, hv, alpha, thr, nthr, bo, gscale, gtab, ridx, ridxm1, rsearch = tabs
         spc_of = np.zeros(int(numbers.max()) + 1, dtype=np.int64)
         for s, z in enumerate(species):
             spc_of[z] = s
         spc = spc_of[numbers]
         lat, inv, hinv, per = self._lattice(cell, pbc)
-        feats, dF, pair_j, pair_count = K.featurize_structure(
-            positions, spc, lat, inv, hinv, per, cidx,
-            ng, Bs, betas, rsearch, thr, nthr, bo, gscale, gtab, c1, c2, lam, hv, alpha, ridx,
-            len(self._class_factors), ridxm1,
-            self._uorders, self._ocls, self._col, self._col_m1, len(self._ucols),
-            *self._tables, self.square, bool(derivatives), bool(total))
+        feats, dF, pair_j, pair_count = K.run(positions, spc, lat, inv, hinv, per, cidx, tabs,
+                                              self.square, bool(derivatives), bool(total))
         cm = self._colmap
         identity = len(cm) == len(self._ucols) and np.array_equal(cm, np.arange(len(cm)))
         res = GMPResult(features=feats if identity else feats[:, cm], centers=cidx, n_atoms=N)
