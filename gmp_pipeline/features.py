@@ -377,6 +377,8 @@ class GMPFeaturizer:
         if numbers.ndim != 1 or numbers.shape[0] == 0:
             raise InputError(f"atoms: need at least one atom, got numbers of shape {numbers.shape}")
         positions = np.ascontiguousarray(positions, dtype=np.float64)
+        if not positions.flags.writeable:  # (read-only input, e.g. a memory map: one kernel
+            positions = positions.copy()   # signature for all inputs, so one compile)
         if positions.shape != (numbers.shape[0], 3):
             raise InputError(f"positions: shape {positions.shape} does not match {numbers.shape[0]} atoms")
         bad = ~np.isfinite(positions).all(axis=1)
