@@ -324,7 +324,7 @@ def _grad_ov(K, n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, 
 
 
 @njit(cache=_CACHE)
-def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, K):
+def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop, K):
     """Features (nc, ncol) and, if deriv, total derivatives (P, 3, ncol) with pair lists, for
     largest order ``K`` (a compile-time constant: see the entry points below), for
     the centres ``centers`` of the structure (positions ``pos``, species index ``spc``; lattice
@@ -333,6 +333,11 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
     Returns (features, dF, pair_j, pair_count); the pairs of centre c are the next
     pair_count[c] rows, neighbours ascending.  With total=False dF holds the reference's partial
     derivatives (probe centres held fixed, spec 8.1) instead of the total ones.
+
+    ``stop`` (for benchmarks/bench_kernel.py's stage timings; 0 = everything): stop each centre
+    after 1 the neighbour search, 2 the binning, 3 the term buffers (order -1 included),
+    4 the moment loops and features, 5 the gradient loops (no scatter into the blocks).
+    The results are then incomplete.
     """
     ng = tabs.ng
     Bs = tabs.Bs
@@ -417,6 +422,7 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
     tc = tb[6]
     tl = tb[7]
     Gt = np.empty((3 * max(nord, 1), 0))
+    trow = np.empty(0, dtype=np.int64)
 
     for ci in range(nc):
         i = centers[ci]
@@ -449,9 +455,14 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
             tl = tb[7]
             if deriv:
                 Gt = np.empty((3 * max(nord, 1), tcap))
+                trow = np.empty(tcap, dtype=np.int64)
             cnt = _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_x, nb_y, nb_z, nb_D)
+        if stop == 1:
+            continue
         cnt = _bin_neighbors(cnt, nb_j, nb_x, nb_y, nb_z, nb_D, nb_bin, spc, thr, nthr, bo,
                              gscale, gtab, s_j, s_x, s_y, s_z, s_D, bstart, bcount)
+        if stop == 2:
+            continue
         base = npairs
         if deriv:
             # pair list of this centre: the centre and every atom with an image inside a cutoff
@@ -533,6 +544,8 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
             for u in range(nsig):
                 T = _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1[u], c2[u],
                                 lam[u], ridx[u], ncls, tj, tb, ibuf, deriv)
+                if stop == 3:
+                    continue
                 m2a = -2.0 * alpha[u]
                 gmax = 0
                 _featall(K, T, ocls_of_n, tc, tE, tux, tuy, tuz, mom)
@@ -558,7 +571,7 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                     if not square and F < 1e-15:
                         F = 0.0
                     feats[ci, m] = F
-                    if not deriv or F == 0.0:
+                    if not deriv or F == 0.0 or stop == 4:
                         continue
                     # U = sum_abc w mu_abc Q_abc on the degree-nn monomials, scaled for the chain
                     # rule (square: dS = 2 ...; sqrt: dF = dS / 2F); its gradient on degree nn-1
@@ -578,15 +591,19 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                     _grad(K, nn, T, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, ux, uy, uz, Gt, 3 * o)
                     gend[o] = T
                     gmax = T
-                # scatter every order's per-term gradient into the (i, j) blocks
+                # scatter every order's per-term gradient into the (i, j) blocks: the block row
+                # of each term once, then one branch-free loop per order
+                if stop == 5:
+                    gmax = 0
                 for t in range(gmax):
-                    r = base + slot[tj[t]]
-                    for o in range(nord):
-                        if t < gend[o]:
-                            m = col[o, u]
-                            dF[r, 0, m] += Gt[3 * o, t]
-                            dF[r, 1, m] += Gt[3 * o + 1, t]
-                            dF[r, 2, m] += Gt[3 * o + 2, t]
+                    trow[t] = base + slot[tj[t]]
+                for o in range(nord):
+                    m = col[o, u]
+                    for t in range(min(gend[o], gmax)):
+                        r = trow[t]
+                        dF[r, 0, m] += Gt[3 * o, t]
+                        dF[r, 1, m] += Gt[3 * o + 1, t]
+                        dF[r, 2, m] += Gt[3 * o + 2, t]
 
         if deriv and total:
             # total derivative: the centre's own block loses the sum of all partial blocks
@@ -611,74 +628,74 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
 # compiles (and caches) the loops of orders 0..K only.
 
 @njit(cache=_CACHE)
-def _entry_0(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total):
-    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, 0)
+def _entry_0(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop):
+    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop, 0)
 
 
 @njit(cache=_CACHE)
-def _entry_1(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total):
-    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, 1)
+def _entry_1(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop):
+    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop, 1)
 
 
 @njit(cache=_CACHE)
-def _entry_2(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total):
-    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, 2)
+def _entry_2(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop):
+    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop, 2)
 
 
 @njit(cache=_CACHE)
-def _entry_3(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total):
-    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, 3)
+def _entry_3(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop):
+    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop, 3)
 
 
 @njit(cache=_CACHE)
-def _entry_4(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total):
-    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, 4)
+def _entry_4(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop):
+    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop, 4)
 
 
 @njit(cache=_CACHE)
-def _entry_5(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total):
-    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, 5)
+def _entry_5(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop):
+    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop, 5)
 
 
 @njit(cache=_CACHE)
-def _entry_6(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total):
-    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, 6)
+def _entry_6(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop):
+    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop, 6)
 
 
 @njit(cache=_CACHE)
-def _entry_7(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total):
-    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, 7)
+def _entry_7(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop):
+    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop, 7)
 
 
 @njit(cache=_CACHE)
-def _entry_8(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total):
-    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, 8)
+def _entry_8(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop):
+    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop, 8)
 
 
 @njit(cache=_CACHE)
-def _entry_9(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total):
-    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, 9)
+def _entry_9(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop):
+    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop, 9)
 
 
 ENTRIES = (_entry_0, _entry_1, _entry_2, _entry_3, _entry_4, _entry_5, _entry_6, _entry_7, _entry_8, _entry_9)
 
 
-def featurize_structure(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total):
+def featurize_structure(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop=0):
     """The kernel for ``tabs.kmax``, compiled (or loaded) on first use."""
-    return ENTRIES[tabs.kmax](pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total)
+    return ENTRIES[tabs.kmax](pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop)
 
 
 _ready: set = set()
 
 
-def run(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total):
+def run(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop=0):
     """Call :func:`featurize_structure`; a process's first call for each largest order compiles
     or loads under :func:`~gmp_pipeline._numba_cache.compile_lock`, so concurrent processes
     compile once and the others load what it wrote."""
     K = int(tabs.kmax)
     if K in _ready:
-        return ENTRIES[K](pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total)
+        return ENTRIES[K](pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop)
     with compile_lock():
-        out = ENTRIES[K](pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total)
+        out = ENTRIES[K](pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop)
     _ready.add(K)
     return out

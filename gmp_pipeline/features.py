@@ -23,6 +23,41 @@ ORDER_FACTOR = {-1: 1.0, 0: 1.0, 1: 1.0, 2: 1.0, 3: 1e-1, 4: 1e-2, 5: 1e-4, 6: 1
 VALID_ORDERS = tuple(range(-1, 10))
 #: cells of the per-element distance grid that locates a neighbour's cutoff bin
 GRID_CELLS = 2048
+#: sqrt mode: a feature at most this fraction of its column's largest value (or below
+#: NEAR_ZERO_ABS) is "near zero", where dF = dS / (2F) is decided by rounding (docs/features.md)
+NEAR_ZERO_REL = 1e-8
+NEAR_ZERO_ABS = 1e-12
+
+
+class NearZeroFeatureWarning(RuntimeWarning):
+    """Derivatives were asked for in sqrt mode and some feature is ~0 (docs/features.md)."""
+
+
+_warned_near_zero = False
+
+
+def _warn_near_zero(feats, feature_list) -> None:
+    """Warn once per process when a sqrt-mode feature is ~0, so its derivative is noise."""
+    global _warned_near_zero
+    if _warned_near_zero or feats.size == 0:
+        return
+    col = np.abs(feats).max(axis=0)
+    near = (feats <= NEAR_ZERO_REL * col) | (feats <= NEAR_ZERO_ABS)
+    if not near.any():
+        return
+    import logging
+    import warnings
+
+    c, m = (int(v) for v in np.argwhere(near)[0])
+    n, sigma = feature_list[m]
+    msg = (f"feature (order {n}, sigma {sigma}) is ~0 ({feats[c, m]:.3g}) at centre {c}"
+           f"{f' and {int(near.sum()) - 1} other entries' if near.sum() > 1 else ''}: there the "
+           "derivative of sqrt(S) is undefined and what is returned is decided by rounding "
+           "(a multipole that vanishes by symmetry); use square=True for smooth derivatives. "
+           "Warned once per process; see docs/features.md.")
+    _warned_near_zero = True
+    logging.getLogger("gmp_pipeline").warning(msg)
+    warnings.warn(msg, NearZeroFeatureWarning, stacklevel=3)
 
 
 @dataclass
@@ -423,7 +458,7 @@ class GMPFeaturizer:
 
     # ------------------------------------------------------------------ featurization
     def featurize(self, atoms, derivatives: bool = False, centers=None,
-                  total: bool = True) -> GMPResult:
+                  total: bool = True, _stop: int = 0) -> GMPResult:
         """Features (and position derivatives) of one structure.
 
         ``atoms``: an ``ase.Atoms`` or :class:`~gmp_pipeline.structure.Structure`.
@@ -451,10 +486,12 @@ class GMPFeaturizer:
         spc = spc_of[numbers]
         lat, inv, hinv, per = self._lattice(cell, pbc)
         feats, dF, pair_j, pair_count = K.run(positions, spc, lat, inv, hinv, per, cidx, tabs,
-                                              self.square, bool(derivatives), bool(total))
+                                              self.square, bool(derivatives), bool(total), int(_stop))
         cm = self._colmap
         identity = len(cm) == len(self._ucols) and np.array_equal(cm, np.arange(len(cm)))
         res = GMPResult(features=feats if identity else feats[:, cm], centers=cidx, n_atoms=N)
+        if derivatives and not self.square and not _stop:
+            _warn_near_zero(res.features, self.feature_list)
         if derivatives:
             res.pair_center = np.repeat(cidx, pair_count)
             res.pair_neighbor = pair_j
