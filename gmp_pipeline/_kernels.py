@@ -30,7 +30,7 @@ import math
 from typing import NamedTuple
 
 import numpy as np
-from numba import literally, njit, types
+from numba import njit, types
 from numba.extending import overload
 
 # first: every kernel of this package caches in the machine-wide directory of _numba_cache
@@ -326,7 +326,7 @@ def _grad_ov(K, n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, 
 @njit(cache=_CACHE)
 def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop, K):
     """Features (nc, ncol) and, if deriv, total derivatives (P, 3, ncol) with pair lists, for
-    largest order ``K`` (a compile-time constant: see the entry points below), for
+    largest order ``K`` (a literal, so a compile-time constant: see featurize_structure), for
     the centres ``centers`` of the structure (positions ``pos``, species index ``spc``; lattice
     from ``GMPFeaturizer._lattice``) with the tables ``tabs`` (:class:`KernelTables`).
 
@@ -624,78 +624,38 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
     return feats, dF[:npairs], pair_j[:npairs], pair_count
 
 
-# One entry point per largest order K: the constant K reaches _featurize as a literal, so each
-# compiles (and caches) the loops of orders 0..K only.
-
-@njit(cache=_CACHE)
-def _entry_0(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop):
-    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop, 0)
+_compiled: dict = {}
 
 
-@njit(cache=_CACHE)
-def _entry_1(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop):
-    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop, 1)
-
-
-@njit(cache=_CACHE)
-def _entry_2(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop):
-    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop, 2)
-
-
-@njit(cache=_CACHE)
-def _entry_3(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop):
-    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop, 3)
-
-
-@njit(cache=_CACHE)
-def _entry_4(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop):
-    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop, 4)
-
-
-@njit(cache=_CACHE)
-def _entry_5(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop):
-    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop, 5)
-
-
-@njit(cache=_CACHE)
-def _entry_6(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop):
-    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop, 6)
-
-
-@njit(cache=_CACHE)
-def _entry_7(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop):
-    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop, 7)
-
-
-@njit(cache=_CACHE)
-def _entry_8(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop):
-    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop, 8)
-
-
-@njit(cache=_CACHE)
-def _entry_9(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop):
-    return _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop, 9)
-
-
-ENTRIES = (_entry_0, _entry_1, _entry_2, _entry_3, _entry_4, _entry_5, _entry_6, _entry_7, _entry_8, _entry_9)
+def _arg_key(args) -> tuple:
+    """What decides the compiled signature among the structure arrays (the tables always have
+    one layout): dtype, rank, contiguity and writability of each."""
+    return tuple((x.dtype.char, x.ndim, x.flags.c_contiguous, x.flags.writeable)
+                 for x in args if isinstance(x, np.ndarray))
 
 
 def featurize_structure(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop=0):
-    """The kernel for ``tabs.kmax``, compiled (or loaded) on first use."""
-    return ENTRIES[tabs.kmax](pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop)
+    """Run :func:`_featurize` for largest order ``tabs.kmax``, given to it as a literal.
 
-
-_ready: set = set()
-
-
-def run(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop=0):
-    """Call :func:`featurize_structure`; a process's first call for each largest order compiles
-    or loads under :func:`~gmp_pipeline._numba_cache.compile_lock`, so concurrent processes
-    compile once and the others load what it wrote."""
+    The specialisation is compiled (or loaded from the cache) directly with that literal type,
+    not through a jitted wrapper: a wrapper would re-optimise the whole linked kernel once more
+    (about 2 s of a cold compile).  A process's first call for each K compiles or loads under
+    :func:`~gmp_pipeline._numba_cache.compile_lock`, so concurrent processes compile once and
+    the others load what it wrote.
+    """
+    args = (pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop)
     K = int(tabs.kmax)
-    if K in _ready:
-        return ENTRIES[K](pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop)
-    with compile_lock():
-        out = ENTRIES[K](pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop)
-    _ready.add(K)
-    return out
+    key = (K, _arg_key(args[:7]))
+    ep = _compiled.get(key)
+    if ep is None:
+        from numba import typeof
+
+        sig = tuple(typeof(x) for x in args) + (types.literal(K),)
+        with compile_lock():
+            _featurize.compile(sig)
+        ep = _featurize.overloads[sig].entry_point
+        _compiled[key] = ep
+    return ep(*args, K)
+
+
+run = featurize_structure

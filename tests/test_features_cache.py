@@ -19,7 +19,7 @@ from gmp_pipeline import GMPFeaturizer, _kernels, _numba_cache
 fz = GMPFeaturizer()
 fz.featurize(ase.Atoms("H2", positions=[[0, 0, 0], [0.74, 0, 0]], cell=[6, 6, 6], pbc=True),
              derivatives=True)
-st = _kernels.ENTRIES[3].stats
+st = _kernels._featurize.stats
 print(json.dumps({"file": gmp_pipeline.__file__, "dir": _numba_cache.cache_dir(),
                   "cache_path": st.cache_path, "hits": sum(st.cache_hits.values()),
                   "misses": sum(st.cache_misses.values())}))
