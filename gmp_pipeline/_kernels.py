@@ -634,6 +634,27 @@ def _arg_key(args) -> tuple:
                  for x in args if isinstance(x, np.ndarray))
 
 
+def _load_cached(sig) -> bool:
+    """Load the specialisation from the cache if it is there, without the file lock (what
+    ``Dispatcher.compile`` does on a cache hit), so the workers of a run load in parallel; only
+    a miss goes to the lock.  False on a miss or if numba's internals differ."""
+    try:
+        from numba.core.compiler_lock import global_compiler_lock
+
+        with global_compiler_lock:
+            if tuple(sig) in _featurize.overloads:
+                return True
+            cres = _featurize._cache.load_overload(sig, _featurize.targetctx)
+            if cres is None:
+                return False
+            _featurize._cache_hits[sig] += 1
+            _featurize.targetctx.insert_user_function(cres.entry_point, cres.fndesc, [cres.library])
+            _featurize.add_overload(cres)
+            return True
+    except Exception:  # pragma: no cover - another numba version
+        return False
+
+
 def featurize_structure(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop=0):
     """Run :func:`_featurize` for largest order ``tabs.kmax``, given to it as a literal.
 
@@ -651,8 +672,9 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers, tabs, square, de
         from numba import typeof
 
         sig = tuple(typeof(x) for x in args) + (types.literal(K),)
-        with compile_lock():
-            _featurize.compile(sig)
+        if not _load_cached(sig):
+            with compile_lock():
+                _featurize.compile(sig)  # loads it if another process compiled it meanwhile
         ep = _featurize.overloads[sig].entry_point
         _compiled[key] = ep
     return ep(*args, K)
