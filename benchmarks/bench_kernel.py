@@ -5,9 +5,13 @@ overlap_threshold 1e-16.  Prints, on one core (the process is pinned to one CPU)
 
 * first-call compile time (a fresh numba cache in a child process) and the cached load time;
 * atoms/s features-only and with derivatives (best of --repeats, compile excluded);
-* peak RSS of a child process that streams the 200 structures with derivatives.
+* peak RSS of a child process that streams the 200 structures with derivatives;
+* stage timings (--stages): the kernel stopped after each stage per centre (neighbour search,
+  binning into cutoff bins, term buffers with their exp, moment loops and features, gradient
+  loops, scatter into the (i, j) blocks, plus the total own-block and result assembly), each
+  stage's share = difference of consecutive cumulative times, best of --repeats.
 
-Usage: python benchmarks/bench_kernel.py [--repeats 3] [--structures 200]
+Usage: python benchmarks/bench_kernel.py [--repeats 3] [--structures 200] [--stages] [--no-compile]
 """
 from __future__ import annotations
 
@@ -78,6 +82,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3, help="timed passes per mode (best is reported)")
     ap.add_argument("--structures", type=int, default=200, help="use the first N structures")
+    ap.add_argument("--stages", action="store_true", help="also print the stage timings")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compile-time children")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child")
     args = ap.parse_args(argv)
 
     cpu = _pin_one_core()
@@ -94,11 +101,12 @@ def main(argv=None):
     print(f"features: orders {CONFIG['orders']} x sigmas {CONFIG['sigmas']}, {CONFIG['psp']}, "
           f"threshold {CONFIG['overlap_threshold']}")
 
-    with tempfile.TemporaryDirectory() as cache:
-        cold = _child(COMPILE, {"NUMBA_CACHE_DIR": cache})
-        warm = _child(COMPILE, {"NUMBA_CACHE_DIR": cache})
-    print(f"first-call compile (empty numba cache): {cold['compile_s']:.1f} s; "
-          f"with the cache: {warm['compile_s']:.2f} s")
+    if not args.no_compile:
+        with tempfile.TemporaryDirectory() as cache:
+            cold = _child(COMPILE, {"GMP_PIPELINE_KERNEL_CACHE": cache})
+            warm = _child(COMPILE, {"GMP_PIPELINE_KERNEL_CACHE": cache})
+        print(f"first-call compile (empty kernel cache): {cold['compile_s']:.1f} s; "
+              f"with the cache: {warm['compile_s']:.2f} s (benchmarks/bench_compile.py: more)")
 
     fz = GMPFeaturizer(**CONFIG)
     print(f"M = {fz.n_features} features")
@@ -123,9 +131,43 @@ def main(argv=None):
         print(f"{label}: {n_atoms / best_wall:9.0f} atoms/s  ({best_wall:.3f} s wall, "
               f"{best_cpu:.3f} s CPU, best of {args.repeats}{extra})")
 
-    mem = _child(STREAM, {})
-    print(f"peak RSS streaming {mem['atoms']} atoms with derivatives: {mem['peak_rss_mb']:.0f} MB "
-          f"(after warm-up {mem['rss_after_warmup_mb']:.0f} MB)")
+    if args.stages:
+        stage_times(fz, frames, n_atoms, args.repeats)
+    if not args.no_memory:
+        mem = _child(STREAM, {})
+        print(f"peak RSS streaming {mem['atoms']} atoms with derivatives: {mem['peak_rss_mb']:.0f} MB "
+              f"(after warm-up {mem['rss_after_warmup_mb']:.0f} MB)")
+
+
+STAGES = {1: "neighbour search", 2: "binning", 3: "term buffers + exp (+ order -1)",
+          4: "moment loops + features", 5: "gradient loops", 0: "scatter, own block, results"}
+
+
+def stage_times(fz, frames, n_atoms, repeats):
+    """Cumulative time with the kernel stopped after each stage; printed as per-stage shares."""
+    for deriv in (False, True):
+        stops = [1, 2, 3, 4, 5, 0] if deriv else [1, 2, 3, 4, 0]
+        best = {s: float("inf") for s in stops}
+        for _ in range(repeats):  # interleaved, so load changes hit every stage alike
+            for s in stops:
+                t0 = time.process_time()  # CPU time: robust on a shared machine
+                for a in frames:
+                    fz.featurize(a, derivatives=deriv, _stop=s)
+                best[s] = min(best[s], time.process_time() - t0)
+        print(f"stage timings, {'with derivatives' if deriv else 'features only'} "
+              f"({n_atoms} atoms, CPU time, best of {repeats}):")
+        prev = 0.0
+        total = best[0]
+        for s in stops:
+            if not deriv and s == 0:
+                label = "results"
+            else:
+                label = STAGES[s]
+            d = best[s] - prev
+            prev = best[s]
+            print(f"  {label:34s} {d * 1e3:8.1f} ms  {100 * d / total:5.1f} %  "
+                  f"({d / n_atoms * 1e6:.2f} us/atom)")
+        print(f"  {'total':34s} {total * 1e3:8.1f} ms  ({n_atoms / total:.0f} atoms/s)")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ Work for one centre atom i (spec sections 5-8):
    term buffer, one run per (species, Gaussian), tagged with its cutoff class: the smallest
    class (orders with equal order factor share one) whose radius admits it
    (:func:`_fill_terms`).  Order n counts exactly the terms whose class is <= its own.
-3. Per term the prefactor ``E = C1 exp(C2 D)`` (vectorizable exp, :func:`_vexp`) and the 1-D
-   Gaussian moments ``P_k`` (spec 5); the overlap with a probe monomial ``x^p y^q z^s`` is
-   ``E P_p(x) P_q(y) P_s(z)``.  One generated loop (:mod:`._fused`) sums the raw moments of all
+3. Per term the prefactor ``E = C1 exp(C2 D)`` (vectorizable exp, :func:`_vexp`) and
+   ``u = lambda d``.  Spec 5 writes the overlap with ``H_abc`` through the 1-D Gaussian moments
+   ``P_k``; since ``H_abc`` is harmonic, that overlap is exactly ``E H_abc(u)`` (see
+   :mod:`._codegen`), so the moments of a probe monomial are ``E u_x^p u_y^q u_z^s``.  One generated loop (:mod:`._fused`) sums the raw moments of all
    orders in registers; contracted with the solid-harmonic tables they give ``mu_abc``, then
    ``S`` and ``F``.
 4. Derivatives (spec 8.1 per term): ``d/dd [E Q] = 2 C2 d E Q + lambda E grad_u Q``.  Contracting
@@ -26,18 +27,15 @@ Work for one centre atom i (spec sections 5-8):
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
-from ._numba_cache import keyed_cache
-
-# everything compiled from here on caches in a directory keyed on the kernel sources
-# (see _numba_cache); the block is closed at the end of this module
-_keyed = keyed_cache()
-_keyed.__enter__()
-
-from ._fused import featall_order, grad_order  # noqa: E402
+# first: every kernel of this package caches in the machine-wide directory of _numba_cache
+from ._numba_cache import compile_lock  # noqa: I001
+from ._fused import FEATALL, GRAD_UPTO
 
 _CACHE = True
 #: fast-math without reassociation, for code whose rounding steps must stay as written
@@ -148,6 +146,24 @@ def _bin_neighbors(cnt, nb_j, nb_x, nb_y, nb_z, nb_D, nb_bin, spc, thr, nthr, bo
     return bstart[nb]
 
 
+@njit(cache=_CACHE)
+def _sort_ints(a, k):
+    """Sort a[:k] in place (Shell sort, gaps 3h+1: a few lines that compile in no time, unlike
+    np.sort)."""
+    h = 1
+    while h < k // 3:
+        h = 3 * h + 1
+    while h >= 1:
+        for i in range(h, k):
+            v = a[i]
+            j = i
+            while j >= h and a[j - h] > v:
+                a[j] = a[j - h]
+                j -= h
+            a[j] = v
+        h //= 3
+
+
 @njit(cache=_CACHE, fastmath=_EXACT)
 def _vexp(T, arg, scale, ibuf):
     """scale[t] *= exp(arg[t]) for arg <= 0, vectorizable (numba's math.exp is a scalar call).
@@ -184,14 +200,14 @@ def _vexp(T, arg, scale, ibuf):
 
 
 @njit(cache=_CACHE, fastmath=True)
-def _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, hv, ridx, ncls,
+def _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, ridx, ncls,
                 tj, tb, ibuf, deriv):
     """Write the contributing terms of one sigma; returns their number T.
 
     Terms come in one run per (species, Gaussian): the neighbours within the largest cutoff
     class of that Gaussian, nearest bins first.  tc[t] is the term's cutoff class, the smallest
     class whose radius admits it, so order n counts exactly the terms with tc <= class(n).
-    Rows of tb: 0 E (C1 times the exponential), 1 the exponent, 2-4 lambda d, 5 1/(2 gamma),
+    Rows of tb: 0 E (C1 times the exponential), 1 the exponent, 2-4 lambda d, 5 unused,
     6 tc, 7 lambda tl.  The atom index tj and tl are written only when deriv is set.  (One 2-D
     buffer rather than eight arrays: LLVM vectorizes the copy loops with fewer alias checks.)
     """
@@ -205,7 +221,6 @@ def _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, 
             C1 = c1[s, g]
             C2 = c2[s, g]
             lm = lam[s, g]
-            h = hv[s, g]
             L = bstart[b0 + ridx[ncls - 1, s, g]] - a
             p0 = p - a
             for t in range(a, a + L):
@@ -215,7 +230,6 @@ def _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, 
                 tb[2, q] = lm * s_x[t]
                 tb[3, q] = lm * s_y[t]
                 tb[4, q] = lm * s_z[t]
-                tb[5, q] = h
                 tb[6, q] = 0.0
             for c in range(ncls - 1):
                 Lc = bstart[b0 + ridx[c, s, g]]
@@ -226,30 +240,132 @@ def _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, 
                     tj[p0 + t] = s_j[t]
                     tb[7, p0 + t] = lm
             p += L
-    _vexp(p, tb[1], tb[0], ibuf)
+    _vexp(np.int64(p), tb[1], tb[0], ibuf)
     return p
 
 
-@njit(cache=_CACHE)
-def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
-                        ng, Bs, betas, rs, thr, nthr, bo, gscale, gtab,
-                        c1, c2, lam, hv, alpha, ridx, ncls, ridxm1,
-                        ords, ocls, col, col_m1, ncol,
-                        mono, mono_off, raise_idx, comp_start, comp_weight, hcoef,
-                        square, deriv, total):
-    """Features (nc, ncol) and, if deriv, total derivatives (P, 3, ncol) with pair lists.
+class KernelTables(NamedTuple):
+    """Everything the kernel needs besides the structure: one object across the kernel boundary,
+    built in one place (``GMPFeaturizer._species_tables``) for one feature set and one set of
+    species present (species index s = position in that sorted set), padded to the largest
+    Gaussian count G.  numba passes it as a heterogeneous named tuple.
 
-    Per unique sigma u: c1/c2/lam/hv[u, s, g] term constants and alpha[u].  Cutoffs: thr[s, :nthr[s]]
-    are the sorted squared cutoff radii of species s (bins bo[s]..bo[s+1]-1, see _bin_neighbors);
-    ridx[u, c, s, g] / ridxm1[s, g] locate the cutoff of class c / of order -1 in thr[s].
-    ords[o]/ocls[o]: orders >= 0 and their cutoff class; col[o, u] / col_m1: output columns
-    (-1 if absent).  Monomials: mono[k] = (p, q, s) by global index, mono_off[n] first index of
-    degree n, raise_idx[a, k] global index of monomial k with its exponent a raised by one.
+    Per species s and Gaussian g: ``ng[s]`` Gaussians, amplitudes ``Bs`` and exponents ``betas``.
+    Per unique sigma u: ``c1/c2/lam[u, s, g]`` term constants (spec 5) and ``alpha[u]``.
+    Cutoffs: ``thr[s, :nthr[s]]`` the sorted squared cutoff radii of species s (bins
+    ``bo[s]..bo[s+1]-1``, see :func:`_bin_neighbors`), ``gscale``/``gtab`` the grid that finds a
+    bin; ``ridx[u, c, s, g]`` / ``ridxm1[s, g]`` locate the cutoff of class c / of order -1 in
+    ``thr[s]``; ``ncls`` cutoff classes; ``rsearch`` the search radius.
+    Features: ``ords[o]``/``ocls[o]`` the orders >= 0 and their cutoff class, ``col[o, u]`` /
+    ``col_m1`` output columns (-1 if absent), ``ncol`` columns, ``kmax`` the largest order.
+    Harmonics: ``mono[k]`` = (p, q, s) by global monomial index, ``mono_off[n]`` first index of
+    degree n, ``raise_idx[a, k]`` index of monomial k with exponent a raised by one,
+    ``comp_start``/``comp_weight``/``hcoef`` the solid-harmonic tables (:mod:`._harmonics`).
+    """
+
+    ng: np.ndarray
+    Bs: np.ndarray
+    betas: np.ndarray
+    c1: np.ndarray
+    c2: np.ndarray
+    lam: np.ndarray
+    alpha: np.ndarray
+    thr: np.ndarray
+    nthr: np.ndarray
+    bo: np.ndarray
+    gscale: np.ndarray
+    gtab: np.ndarray
+    ridx: np.ndarray
+    ridxm1: np.ndarray
+    ncls: int
+    rsearch: float
+    ords: np.ndarray
+    ocls: np.ndarray
+    col: np.ndarray
+    col_m1: int
+    ncol: int
+    kmax: int
+    mono: np.ndarray
+    mono_off: np.ndarray
+    raise_idx: np.ndarray
+    comp_start: np.ndarray
+    comp_weight: np.ndarray
+    hcoef: np.ndarray
+
+
+def _featall(K, end, cls, tc, tE, tux, tuy, tuz, out):
+    raise NotImplementedError  # numba only: see the overload below
+
+
+@overload(_featall)
+def _featall_ov(K, end, cls, tc, tE, tux, tuy, tuz, out):
+    """The generated moment loop of orders 0..K, chosen at compile time (K literal)."""
+    if isinstance(K, types.IntegerLiteral):
+        f = FEATALL[K.literal_value]
+
+        def impl(K, end, cls, tc, tE, tux, tuy, tuz, out):
+            f(end, cls, tc, tE, tux, tuy, tuz, out)
+        return impl
+
+
+def _grad(K, n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
+    raise NotImplementedError  # numba only: see the overload below
+
+
+@overload(_grad)
+def _grad_ov(K, n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
+    """The generated gradient loop of order n <= K (K literal: only orders 0..K are compiled)."""
+    if isinstance(K, types.IntegerLiteral):
+        f = GRAD_UPTO[K.literal_value]
+
+        def impl(K, n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
+            f(n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        return impl
+
+
+@njit(cache=_CACHE)
+def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop, K):
+    """Features (nc, ncol) and, if deriv, total derivatives (P, 3, ncol) with pair lists, for
+    largest order ``K`` (a literal, so a compile-time constant: see featurize_structure), for
+    the centres ``centers`` of the structure (positions ``pos``, species index ``spc``; lattice
+    from ``GMPFeaturizer._lattice``) with the tables ``tabs`` (:class:`KernelTables`).
 
     Returns (features, dF, pair_j, pair_count); the pairs of centre c are the next
     pair_count[c] rows, neighbours ascending.  With total=False dF holds the reference's partial
     derivatives (probe centres held fixed, spec 8.1) instead of the total ones.
+
+    ``stop`` (for benchmarks/bench_kernel.py's stage timings; 0 = everything): stop each centre
+    after 1 the neighbour search, 2 the binning, 3 the term buffers (order -1 included),
+    4 the moment loops and features, 5 the gradient loops (no scatter into the blocks).
+    The results are then incomplete.
     """
+    ng = tabs.ng
+    Bs = tabs.Bs
+    betas = tabs.betas
+    c1 = tabs.c1
+    c2 = tabs.c2
+    lam = tabs.lam
+    alpha = tabs.alpha
+    thr = tabs.thr
+    nthr = tabs.nthr
+    bo = tabs.bo
+    gscale = tabs.gscale
+    gtab = tabs.gtab
+    ridx = tabs.ridx
+    ridxm1 = tabs.ridxm1
+    ncls = tabs.ncls
+    rs = tabs.rsearch
+    ords = tabs.ords
+    ocls = tabs.ocls
+    col = tabs.col
+    col_m1 = tabs.col_m1
+    ncol = tabs.ncol
+    mono = tabs.mono
+    mono_off = tabs.mono_off
+    raise_idx = tabs.raise_idx
+    comp_start = tabs.comp_start
+    comp_weight = tabs.comp_weight
+    hcoef = tabs.hcoef
     n = pos.shape[0]
     nc = centers.shape[0]
     nspecies = ng.shape[0]
@@ -272,10 +388,8 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
     bstart = np.empty(nbins + 1, dtype=np.int64)
     bcount = np.empty(nbins + 1, dtype=np.int64)
     mom = np.empty(286)  # raw moments of every degree 0..9, by global monomial index
-    kmax = 0
     ocls_of_n = np.zeros(10)  # cutoff class of each order (orders not asked for: class 0)
     for o in range(nord):
-        kmax = max(kmax, ords[o])
         ocls_of_n[ords[o]] = ocls[o]
     mu = np.empty(66)
     uc = np.empty(66)
@@ -305,10 +419,10 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
     tux = tb[2]
     tuy = tb[3]
     tuz = tb[4]
-    th = tb[5]
     tc = tb[6]
     tl = tb[7]
     Gt = np.empty((3 * max(nord, 1), 0))
+    trow = np.empty(0, dtype=np.int64)
 
     for ci in range(nc):
         i = centers[ci]
@@ -337,14 +451,18 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
             tux = tb[2]
             tuy = tb[3]
             tuz = tb[4]
-            th = tb[5]
             tc = tb[6]
             tl = tb[7]
             if deriv:
                 Gt = np.empty((3 * max(nord, 1), tcap))
+                trow = np.empty(tcap, dtype=np.int64)
             cnt = _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_x, nb_y, nb_z, nb_D)
+        if stop == 1:
+            continue
         cnt = _bin_neighbors(cnt, nb_j, nb_x, nb_y, nb_z, nb_D, nb_bin, spc, thr, nthr, bo,
                              gscale, gtab, s_j, s_x, s_y, s_z, s_D, bstart, bcount)
+        if stop == 2:
+            continue
         base = npairs
         if deriv:
             # pair list of this centre: the centre and every atom with an image inside a cutoff
@@ -358,19 +476,27 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
                     slot[j] = 0
                     jlist[k] = j
                     k += 1
-            jl = np.sort(jlist[:k])
+            _sort_ints(jlist, k)
+            jl = jlist
             if npairs + k > pcap:
                 # grow to what the centres so far predict for all of them (rows are zeroed
                 # when a centre takes them, so the slack is never touched)
                 est = (npairs + k) * nc // (ci + 1)
                 pcap = min(max(est + est // 8 + k, 2 * pcap, npairs + k), max(nc * n, npairs + k))
                 bigger = np.empty((pcap, 3, ncol))
-                bigger[:npairs] = dF[:npairs]
+                for r in range(npairs):  # explicit loops: slice assignment compiles slowly
+                    for kk in range(3):
+                        for m in range(ncol):
+                            bigger[r, kk, m] = dF[r, kk, m]
                 dF = bigger
                 pj = np.empty(pcap, dtype=np.int64)
-                pj[:npairs] = pair_j[:npairs]
+                for r in range(npairs):
+                    pj[r] = pair_j[r]
                 pair_j = pj
-            dF[base:base + k] = 0.0
+            for r in range(base, base + k):
+                for kk in range(3):
+                    for m in range(ncol):
+                        dF[r, kk, m] = 0.0
             for kk in range(k):
                 slot[jl[kk]] = kk
                 pair_j[base + kk] = jl[kk]
@@ -393,7 +519,7 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
                         tb[1, T1] = be * s_D[t]
                         tl[T1] = be
                         T1 += 1
-            _vexp(T1, tb[1], tE, ibuf)
+            _vexp(np.int64(T1), tb[1], tE, ibuf)
             dens = 0.0
             for t in range(T1):
                 dens += tE[t]
@@ -417,10 +543,12 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
         if nord > 0:
             for u in range(nsig):
                 T = _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1[u], c2[u],
-                                lam[u], hv[u], ridx[u], ncls, tj, tb, ibuf, deriv)
+                                lam[u], ridx[u], ncls, tj, tb, ibuf, deriv)
+                if stop == 3:
+                    continue
                 m2a = -2.0 * alpha[u]
                 gmax = 0
-                featall_order(kmax, T, ocls_of_n, tc, tE, tux, tuy, tuz, th, mom)
+                _featall(K, T, ocls_of_n, tc, tE, tux, tuy, tuz, mom)
                 for o in range(nord):
                     gend[o] = 0
                     m = col[o, u]
@@ -443,7 +571,7 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
                     if not square and F < 1e-15:
                         F = 0.0
                     feats[ci, m] = F
-                    if not deriv or F == 0.0:
+                    if not deriv or F == 0.0 or stop == 4:
                         continue
                     # U = sum_abc w mu_abc Q_abc on the degree-nn monomials, scaled for the chain
                     # rule (square: dS = 2 ...; sqrt: dF = dS / 2F); its gradient on degree nn-1
@@ -460,23 +588,29 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
                             ux[k] = (mono[mm, 0] + 1) * uc[raise_idx[0, mm] - m0]
                             uy[k] = (mono[mm, 1] + 1) * uc[raise_idx[1, mm] - m0]
                             uz[k] = (mono[mm, 2] + 1) * uc[raise_idx[2, mm] - m0]
-                    grad_order(nn, T, cls, tc, tE, tux, tuy, tuz, th, tl, m2a, uc, ux, uy, uz, Gt, 3 * o)
+                    _grad(K, nn, T, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, ux, uy, uz, Gt, 3 * o)
                     gend[o] = T
                     gmax = T
-                # scatter every order's per-term gradient into the (i, j) blocks
+                # scatter every order's per-term gradient into the (i, j) blocks: the block row
+                # of each term once, then one branch-free loop per order
+                if stop == 5:
+                    gmax = 0
                 for t in range(gmax):
-                    r = base + slot[tj[t]]
-                    for o in range(nord):
-                        if t < gend[o]:
-                            m = col[o, u]
-                            dF[r, 0, m] += Gt[3 * o, t]
-                            dF[r, 1, m] += Gt[3 * o + 1, t]
-                            dF[r, 2, m] += Gt[3 * o + 2, t]
+                    trow[t] = base + slot[tj[t]]
+                for o in range(nord):
+                    m = col[o, u]
+                    for t in range(min(gend[o], gmax)):
+                        r = trow[t]
+                        dF[r, 0, m] += Gt[3 * o, t]
+                        dF[r, 1, m] += Gt[3 * o + 1, t]
+                        dF[r, 2, m] += Gt[3 * o + 2, t]
 
         if deriv and total:
             # total derivative: the centre's own block loses the sum of all partial blocks
             own = base + slot[i]
-            own_sum[:, :] = 0.0
+            for k in range(3):
+                for m in range(ncol):
+                    own_sum[k, m] = 0.0
             for r in range(base, base + pair_count[ci]):
                 for k in range(3):
                     for m in range(ncol):
@@ -490,4 +624,60 @@ def featurize_structure(pos, spc, lat, inv, hinv, per, centers,
     return feats, dF[:npairs], pair_j[:npairs], pair_count
 
 
-_keyed.__exit__(None, None, None)
+_compiled: dict = {}
+
+
+def _arg_key(args) -> tuple:
+    """What decides the compiled signature among the structure arrays (the tables always have
+    one layout): dtype, rank, contiguity and writability of each."""
+    return tuple((x.dtype.char, x.ndim, x.flags.c_contiguous, x.flags.writeable)
+                 for x in args if isinstance(x, np.ndarray))
+
+
+def _load_cached(sig) -> bool:
+    """Load the specialisation from the cache if it is there, without the file lock (what
+    ``Dispatcher.compile`` does on a cache hit), so the workers of a run load in parallel; only
+    a miss goes to the lock.  False on a miss or if numba's internals differ."""
+    try:
+        from numba.core.compiler_lock import global_compiler_lock
+
+        with global_compiler_lock:
+            if tuple(sig) in _featurize.overloads:
+                return True
+            cres = _featurize._cache.load_overload(sig, _featurize.targetctx)
+            if cres is None:
+                return False
+            _featurize._cache_hits[sig] += 1
+            _featurize.targetctx.insert_user_function(cres.entry_point, cres.fndesc, [cres.library])
+            _featurize.add_overload(cres)
+            return True
+    except Exception:  # pragma: no cover - another numba version
+        return False
+
+
+def featurize_structure(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop=0):
+    """Run :func:`_featurize` for largest order ``tabs.kmax``, given to it as a literal.
+
+    The specialisation is compiled (or loaded from the cache) directly with that literal type,
+    not through a jitted wrapper: a wrapper would re-optimise the whole linked kernel once more
+    (about 2 s of a cold compile).  A process's first call for each K compiles or loads under
+    :func:`~gmp_pipeline._numba_cache.compile_lock`, so concurrent processes compile once and
+    the others load what it wrote.
+    """
+    args = (pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop)
+    K = int(tabs.kmax)
+    key = (K, _arg_key(args[:7]))
+    ep = _compiled.get(key)
+    if ep is None:
+        from numba import typeof
+
+        sig = tuple(typeof(x) for x in args) + (types.literal(K),)
+        if not _load_cached(sig):
+            with compile_lock():
+                _featurize.compile(sig)  # loads it if another process compiled it meanwhile
+        ep = _featurize.overloads[sig].entry_point
+        _compiled[key] = ep
+    return ep(*args, K)
+
+
+run = featurize_structure

@@ -23,6 +23,41 @@ ORDER_FACTOR = {-1: 1.0, 0: 1.0, 1: 1.0, 2: 1.0, 3: 1e-1, 4: 1e-2, 5: 1e-4, 6: 1
 VALID_ORDERS = tuple(range(-1, 10))
 #: cells of the per-element distance grid that locates a neighbour's cutoff bin
 GRID_CELLS = 2048
+#: sqrt mode: a feature at most this fraction of its column's largest value (or below
+#: NEAR_ZERO_ABS) is "near zero", where dF = dS / (2F) is decided by rounding (docs/features.md)
+NEAR_ZERO_REL = 1e-8
+NEAR_ZERO_ABS = 1e-12
+
+
+class NearZeroFeatureWarning(RuntimeWarning):
+    """Derivatives were asked for in sqrt mode and some feature is ~0 (docs/features.md)."""
+
+
+_warned_near_zero = False
+
+
+def _warn_near_zero(feats, feature_list) -> None:
+    """Warn once per process when a sqrt-mode feature is ~0, so its derivative is noise."""
+    global _warned_near_zero
+    if _warned_near_zero or feats.size == 0:
+        return
+    col = np.abs(feats).max(axis=0)
+    near = (feats <= NEAR_ZERO_REL * col) | (feats <= NEAR_ZERO_ABS)
+    if not near.any():
+        return
+    import logging
+    import warnings
+
+    c, m = (int(v) for v in np.argwhere(near)[0])
+    n, sigma = feature_list[m]
+    msg = (f"feature (order {n}, sigma {sigma}) is ~0 ({feats[c, m]:.3g}) at centre {c}"
+           f"{f' and {int(near.sum()) - 1} other entries' if near.sum() > 1 else ''}: there the "
+           "derivative of sqrt(S) is undefined and what is returned is decided by rounding "
+           "(a multipole that vanishes by symmetry); use square=True for smooth derivatives. "
+           "Warned once per process; see docs/features.md.")
+    _warned_near_zero = True
+    logging.getLogger("gmp_pipeline").warning(msg)
+    warnings.warn(msg, NearZeroFeatureWarning, stacklevel=3)
 
 
 @dataclass
@@ -215,10 +250,8 @@ class GMPFeaturizer:
         self._col_m1 = 0 if self._has_m1 else -1
         self._ucols = ucols
         self._colmap = np.array([ucols.index(p) for p in self.feature_list], dtype=np.int64)
-        t = _harmonics.order_tables()
-        mono, mono_off, raise_idx = _harmonics.kernel_tables()
-        self._tables = (mono, mono_off, raise_idx, t["comp_start"], t["comp_weight"], t["hcoef"])
-        self._species_cache: dict[tuple[int, ...], tuple] = {}
+        self._kmax = max(uorders, default=0)
+        self._species_cache: dict[tuple[int, ...], object] = {}
         self._element_cache: dict[int, dict] = {}
 
     def _cutoff(self, n: int, sigma: float, B: float, beta: float) -> float:
@@ -243,7 +276,7 @@ class GMPFeaturizer:
 
     def search_radius(self, numbers) -> float:
         """R_search for a structure containing these atomic numbers (spec 7.1)."""
-        return self._species_tables(tuple(sorted(set(int(z) for z in numbers))))[-1]
+        return self._species_tables(tuple(sorted(set(int(z) for z in numbers)))).rsearch
 
     def _z_of(self, element) -> int:
         if isinstance(element, str):
@@ -270,7 +303,6 @@ class GMPFeaturizer:
         c1 = np.zeros((U, K))
         c2 = np.zeros((U, K))
         lam = np.zeros((U, K))
-        hv = np.zeros((U, K))
         r2 = np.zeros((U, C, K))
         r2m1 = np.zeros(K)
         rep_order = {}
@@ -286,7 +318,6 @@ class GMPFeaturizer:
                 c1[u, k] = Anorm * B * tt * tt * tt
                 c2[u, k] = -a * be / gam
                 lam[u, k] = be / gam
-                hv[u, k] = 1.0 / (2.0 * gam)
                 for c, f in enumerate(self._class_factors):
                     R = self._cutoff(rep_order[f], float(sigma), float(B), float(be))
                     r2[u, c, k] = R * R
@@ -310,14 +341,17 @@ class GMPFeaturizer:
         gscale = GRID_CELLS / thr[-1] if len(thr) and thr[-1] > 0 else 0.0
         edges = (np.arange(GRID_CELLS + 1) - 0.5) / gscale if gscale else np.zeros(GRID_CELLS + 1)
         gtab = np.searchsorted(thr, edges, side="left").astype(np.int64)
-        out = {"g": g, "c1": c1, "c2": c2, "lam": lam, "hv": hv, "thr": thr, "ridx": ridx,
+        out = {"g": g, "c1": c1, "c2": c2, "lam": lam, "thr": thr, "ridx": ridx,
                "ridxm1": ridxm1, "rmax": rmax, "gscale": gscale, "gtab": gtab}
         self._element_cache[z] = out
         return out
 
     def _species_tables(self, species: tuple[int, ...]):
-        """Kernel tables for the elements of one structure (species index s = position in
-        ``species``), padded to the largest Gaussian count G and threshold count."""
+        """The kernel's tables (:class:`~gmp_pipeline._kernels.KernelTables`) for the elements of
+        one structure (species index s = position in ``species``), padded to the largest
+        Gaussian count G and threshold count.  The one place they are built."""
+        from ._kernels import KernelTables
+
         hit = self._species_cache.get(species)
         if hit is not None:
             return hit
@@ -332,7 +366,6 @@ class GMPFeaturizer:
         c1 = np.zeros((max(U, 1), S, G))
         c2 = np.zeros((max(U, 1), S, G))
         lam = np.zeros((max(U, 1), S, G))
-        hv = np.zeros((max(U, 1), S, G))
         ridx = np.zeros((max(U, 1), max(C, 1), S, G), dtype=np.int64)
         ridxm1 = np.zeros((S, G), dtype=np.int64)
         L = max(len(e["thr"]) for e in els) + 1  # at least one +inf ends every row
@@ -348,7 +381,6 @@ class GMPFeaturizer:
             c1[:U, s, :K] = e["c1"]
             c2[:U, s, :K] = e["c2"]
             lam[:U, s, :K] = e["lam"]
-            hv[:U, s, :K] = e["hv"]
             ridx[:U, :C, s, :K] = e["ridx"]
             ridxm1[s, :K] = e["ridxm1"]
             thr[s, :len(e["thr"])] = e["thr"]
@@ -356,8 +388,15 @@ class GMPFeaturizer:
             bo[s + 1] = bo[s] + len(e["thr"])
         alpha = np.array([1.0 / (2.0 * s * s) for s in self._usig], dtype=np.float64)
         rsearch = max(e["rmax"] for e in els)
-        out = (ng, Bs, betas, c1, c2, lam, hv, alpha, thr, nthr, bo, gscale, gtab, ridx, ridxm1,
-               rsearch)
+        t = _harmonics.order_tables()
+        mono, mono_off, raise_idx = _harmonics.kernel_tables()
+        out = KernelTables(
+            ng=ng, Bs=Bs, betas=betas, c1=c1, c2=c2, lam=lam, alpha=alpha, thr=thr, nthr=nthr, bo=bo,
+            gscale=gscale, gtab=gtab, ridx=ridx, ridxm1=ridxm1, ncls=C,
+            rsearch=float(rsearch), ords=self._uorders, ocls=self._ocls, col=self._col,
+            col_m1=int(self._col_m1), ncol=len(self._ucols), kmax=int(self._kmax), mono=mono,
+            mono_off=mono_off, raise_idx=raise_idx, comp_start=t["comp_start"],
+            comp_weight=t["comp_weight"], hcoef=t["hcoef"])
         if len(self._species_cache) > 4096:
             self._species_cache.clear()
         self._species_cache[species] = out
@@ -381,6 +420,8 @@ class GMPFeaturizer:
         if numbers.ndim != 1 or numbers.shape[0] == 0:
             raise InputError(f"atoms: need at least one atom, got numbers of shape {numbers.shape}")
         positions = np.ascontiguousarray(positions, dtype=np.float64)
+        if not positions.flags.writeable:  # (read-only input, e.g. a memory map: one kernel
+            positions = positions.copy()   # signature for all inputs, so one compile)
         if positions.shape != (numbers.shape[0], 3):
             raise InputError(f"positions: shape {positions.shape} does not match {numbers.shape[0]} atoms")
         bad = ~np.isfinite(positions).all(axis=1)
@@ -425,7 +466,7 @@ class GMPFeaturizer:
 
     # ------------------------------------------------------------------ featurization
     def featurize(self, atoms, derivatives: bool = False, centers=None,
-                  total: bool = True) -> GMPResult:
+                  total: bool = True, _stop: int = 0) -> GMPResult:
         """Features (and position derivatives) of one structure.
 
         ``atoms``: an ``ase.Atoms`` or :class:`~gmp_pipeline.structure.Structure`.
@@ -447,21 +488,18 @@ class GMPFeaturizer:
                 raise InputError(f"centers must be atom indices in 0..{N - 1}, got {centers!r}")
             cidx = np.ascontiguousarray(cidx % N, dtype=np.int64) if cidx.size else cidx.astype(np.int64)
         tabs = self._species_tables(species)
-        ng, Bs, betas, c1, c2, lam, hv, alpha, thr, nthr, bo, gscale, gtab, ridx, ridxm1, rsearch = tabs
         spc_of = np.zeros(int(numbers.max()) + 1, dtype=np.int64)
         for s, z in enumerate(species):
             spc_of[z] = s
         spc = spc_of[numbers]
         lat, inv, hinv, per = self._lattice(cell, pbc)
-        feats, dF, pair_j, pair_count = K.featurize_structure(
-            positions, spc, lat, inv, hinv, per, cidx,
-            ng, Bs, betas, rsearch, thr, nthr, bo, gscale, gtab, c1, c2, lam, hv, alpha, ridx,
-            len(self._class_factors), ridxm1,
-            self._uorders, self._ocls, self._col, self._col_m1, len(self._ucols),
-            *self._tables, self.square, bool(derivatives), bool(total))
+        feats, dF, pair_j, pair_count = K.run(positions, spc, lat, inv, hinv, per, cidx, tabs,
+                                              self.square, bool(derivatives), bool(total), int(_stop))
         cm = self._colmap
         identity = len(cm) == len(self._ucols) and np.array_equal(cm, np.arange(len(cm)))
         res = GMPResult(features=feats if identity else feats[:, cm], centers=cidx, n_atoms=N)
+        if derivatives and not self.square and not _stop:
+            _warn_near_zero(res.features, self.feature_list)
         if derivatives:
             res.pair_center = np.repeat(cidx, pair_count)
             res.pair_neighbor = pair_j
