@@ -228,11 +228,22 @@ class Scheduler:
                   file=sys.stderr)
 
     # ----------------------------------------------------------------- products
-    def job_script(self, **resolve_kwargs) -> str:
+    def job_script(self, *, tls=None, **resolve_kwargs) -> str:
         job_kwargs, _ = self.resolve(**resolve_kwargs)
+        scheduler = SCHEDULER_PLACEHOLDER
+        if _truthy(dask.config.get("gmp-pipeline.cluster.jobqueue.tls", True)
+                   if tls is None else tls):
+            # the real script names the credential files written for the run
+            from distributed.security import Security
+
+            where = "<log-directory>/.dask-jobqueue.worker"
+            job_kwargs["security"] = Security(
+                tls_ca_file=f"{where}.ca_file.<random>", tls_worker_cert=f"{where}.cert.<random>",
+                tls_worker_key=f"{where}.key.<random>", require_encryption=True)
+            job_kwargs["protocol"] = "tls://"
+            scheduler = scheduler.replace("tcp://", "tls://")
         try:
-            job = self.job_cls(scheduler=SCHEDULER_PLACEHOLDER, name="<worker-name>",
-                               **job_kwargs)
+            job = self.job_cls(scheduler=scheduler, name="<worker-name>", **job_kwargs)
         except (TypeError, ValueError) as exc:
             raise ClusterError(f"invalid {self.title} job settings: {exc}") from exc
         return job.job_script()
