@@ -171,6 +171,10 @@ def featurize(source_kind, path, store, features_file, derivatives, cluster, wor
     click.echo(f"source: {source_kind} {os.path.abspath(path)} ({n} structures); "
                f"{featurizer.n_features} features, derivatives "
                f"{'on' if derivatives else 'off'}, {dtype}", err=True)
+    from ._preflight import check_before_cluster  # store lock / configuration, before a cluster
+
+    check_before_cluster(reader, store, featurizer, derivatives=derivatives, dtype=dtype,
+                         overwrite=overwrite)
     t0 = time.perf_counter()
     with start_cluster(cluster, workers=workers, cluster_config=cluster_config,
                        min_jobs=min_jobs, max_jobs=max_jobs, quiet=True,

@@ -261,3 +261,37 @@ def test_port_8787_taken_no_warning_dashboard_on_loopback(tmp_path):
     m = re.search(r"Dask dashboard: http://([^:/]+):(\d+)/", res.stderr)
     assert m, res.stderr
     assert m.group(1) == "127.0.0.1" and m.group(2) != "8787", m.group(0)
+
+
+# -- checks that need no cluster come first ------------------------------------------------------
+
+def _cli_in_process(*args):
+    from click.testing import CliRunner
+
+    from gmp_pipeline.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_store_lock_and_configuration_mismatch_are_refused_before_the_cluster(tmp_path):
+    feats = write_features_yaml(tmp_path / "f.yaml")
+    out = tmp_path / "q.zarr"
+    serial_store("qm9", QM9, out)
+    other = write_features_yaml(tmp_path / "g.yaml", sigmas=[0.3, 0.7])
+    res = _cli_in_process("featurize", "qm9", QM9, "-o", out, "--features", other,
+                          "--workers", 1, "--no-progress")
+    assert res.exit_code == 1 and "different configuration" in res.output, res.output
+    assert "Dask dashboard" not in res.output, res.output       # no cluster was started
+
+    locked = tmp_path / "locked.zarr"
+    with W.store_lock(str(locked)):
+        res = _cli_in_process("featurize", "qm9", QM9, "-o", locked, "--features", feats,
+                              "--workers", 1, "--no-progress")
+    assert res.exit_code == 1 and "being written by another" in res.output, res.output
+    assert "Dask dashboard" not in res.output, res.output
+
+    (tmp_path / "file.zarr").write_text("x")
+    res = _cli_in_process("featurize", "qm9", QM9, "-o", tmp_path / "file.zarr", "--features",
+                          feats, "--workers", 1, "--no-progress")
+    assert res.exit_code == 1 and "not a directory" in res.output, res.output
+    assert "Dask dashboard" not in res.output, res.output
