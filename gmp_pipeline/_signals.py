@@ -181,6 +181,18 @@ def error_line(exc: BaseException, path=None) -> str | None:
 
     if isinstance(exc, GMPError):
         return str(exc)
+    if type(exc).__name__ == "KilledWorker":     # distributed.scheduler.KilledWorker
+        task = getattr(exc, "task", None) or "a task"
+        tries = int(getattr(exc, "allowed_failures", 0) or 0) + 1
+        return (f"the Dask worker running {task} died {tries} times in a row (killed, or over "
+                f"its memory limit: see the worker messages above); the store is incomplete. "
+                f"Give workers more memory (fewer --workers, or memory per job) or smaller "
+                f"tasks (--chunk-size), then rerun the same command to resume")
+    if type(exc).__name__ == "CommClosedError":  # distributed.comm.core
+        return ("a Dask worker died or lost its connection (killed, or over its memory "
+                "limit: see the worker messages above); the store is incomplete. Give workers "
+                "more memory (fewer --workers, or memory per job), then rerun the same command "
+                "to resume")
     ose = _find_os_error(exc)
     if ose is not None:
         return os_error_message(ose, path)

@@ -90,7 +90,7 @@ def test_signal_mid_run_exits_with_its_code_and_the_rerun_resumes(sig, code, tmp
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 900   # the first run may compile the kernels
         while proc.poll() is None and time.monotonic() < deadline:
             if out.is_dir() and len(W.finished_tasks(out)) >= 3:
                 proc.send_signal(sig)       # as `kill -INT` / `kill` (a batch system) would
@@ -123,7 +123,7 @@ def test_ctrl_c_to_the_whole_process_group_is_clean(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 900   # the first run may compile the kernels
         while proc.poll() is None and time.monotonic() < deadline:
             if out.is_dir() and len(W.finished_tasks(out)) >= 3:
                 os.killpg(proc.pid, signal.SIGINT)
@@ -295,3 +295,65 @@ def test_store_lock_and_configuration_mismatch_are_refused_before_the_cluster(tm
                           feats, "--workers", 1, "--no-progress")
     assert res.exit_code == 1 and "not a directory" in res.output, res.output
     assert "Dask dashboard" not in res.output, res.output
+
+
+# -- workers killed ------------------------------------------------------------------------------
+
+def _worker_processes(pid):
+    import psutil
+
+    return [p for p in psutil.Process(pid).children(recursive=True)
+            if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in
+            " ".join(p.cmdline())]
+
+
+@pytest.mark.slow
+def test_worker_killed_by_sigkill_mid_task_is_replaced_and_the_run_completes(tmp_path,
+                                                                             bench_reference):
+    feats = write_features_yaml(tmp_path / "f.yaml")
+    out = tmp_path / "run.zarr"
+    proc = subprocess.Popen(featurize_cmd("ase", BENCH, out, feats, "--chunk-size", 1),
+                            env=kernel_cache_env(), cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    killed = None
+    try:
+        deadline = time.monotonic() + 900   # the first run may compile the kernels
+        while proc.poll() is None and time.monotonic() < deadline:
+            if out.is_dir() and len(W.finished_tasks(out)) >= 3:
+                workers = _worker_processes(proc.pid)
+                assert workers, "no worker process found"
+                killed = workers[0].pid
+                os.kill(killed, signal.SIGKILL)     # the OOM killer, a node failure
+                break
+            time.sleep(0.01)
+        _, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert killed is not None, f"the run ended before a worker was killed:\n{stderr[-4000:]}"
+    assert proc.returncode == 0, stderr[-4000:]
+    assert "Traceback" not in stderr, stderr[-4000:]
+    assert W.read_root_attrs(out)["complete"] is True
+    assert_stores_equal(out, bench_reference)
+
+
+@pytest.mark.slow
+def test_workers_over_their_memory_limit_give_one_error_and_the_rerun_completes(tmp_path):
+    feats = write_features_yaml(tmp_path / "f.yaml")
+    out = tmp_path / "mem.zarr"
+    cmd = featurize_cmd("qm9", QM9, out, feats)
+    env = {**kernel_cache_env(), "DASK_GMP_PIPELINE__CLUSTER__LOCAL__MEMORY_LIMIT": "170MB"}
+    res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600, stdin=subprocess.DEVNULL)
+    assert res.returncode == 1, res.stderr[-4000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and "died" in last and "memory" in last, res.stderr
+    assert "Traceback" not in res.stderr, res.stderr[-4000:]
+    assert "exceeded 95% memory budget" in res.stderr     # distributed says which worker
+    assert_not_complete(out)
+
+    rerun = run(cmd, tmp_path)                             # the limit removed
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert_stores_equal(out, serial_store("qm9", QM9, tmp_path / "ref.zarr"))
