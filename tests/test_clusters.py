@@ -420,6 +420,13 @@ def test_local_cluster_dashboard_listens_on_loopback_only(tmp_path):
             link = client.dashboard_link
             assert link.startswith("http://127.0.0.1:"), link
             assert client.scheduler.address.startswith("tcp://127.0.0.1:")
+            # the socket itself, not just the link: bound to loopback, not 0.0.0.0 / ::
+            import psutil
+
+            port = int(link.split(":")[2].split("/")[0])
+            listening = {c.laddr.ip for c in psutil.net_connections(kind="tcp")
+                         if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+            assert listening == {"127.0.0.1"}, listening
 
 
 def test_featurize_help_lists_every_batch_scheduler():
