@@ -16,21 +16,17 @@ import time
 import click
 
 from .config import describe_defaults, load_feature_config
-from .errors import GMPError, InputError, StoreError
+from .errors import InputError, StoreError
 from .store.verify import store_report, verify_store
 
 
 def _clean_errors(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except GMPError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("Interrupted; rerun the same command to resume.", err=True)
-            sys.exit(130)
+        from ._signals import run_command  # one Error: line, exit 1 / 130 / 143 (see there)
+
+        return run_command(func, args, kwargs, path=kwargs.get("store"),
+                           echo=lambda m: click.echo(m, err=True))
     return wrapper
 
 
@@ -76,7 +72,9 @@ def _parse_reader_options(items) -> dict:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="gmp-pipeline")
-def main():
+@click.option("--debug", is_flag=True,
+              help="Show tracebacks and Dask's own log messages (also GMP_PIPELINE_DEBUG=1).")
+def main(debug):
     """GMP features and their position derivatives, computed on Dask into a Zarr store.
 
     \b
@@ -84,7 +82,10 @@ def main():
     gmp-pipeline inspect ethanol.zarr                           what is in it
     gmp-pipeline verify ethanol.zarr --sample 10                recompute and compare
     """
+    from ._signals import set_debug
+
     _setup_logging()
+    set_debug(debug)
 
 
 @main.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -104,8 +105,9 @@ def main():
                    "atoms j (free: the reader's per-atom 'fixed' is 0, as OC20/OC22 mark "
                    "them), which is all that forces on free atoms need.")
 @click.option("--cluster", default="local", show_default=True,
-              help="local (a LocalCluster on this machine), slurm, pbs, or the address of a "
-                   "running Dask scheduler (tcp://host:8786).")
+              help="local (a LocalCluster on this machine), slurm, pbs, sge, lsf (batch jobs; "
+                   "TLS, job logs in STORE.logs/), or the address of a running Dask scheduler "
+                   "(tcp://host:8786).")
 @click.option("--workers", type=click.IntRange(min=1),
               help="Worker processes (local: default one per core; batch: per job).")
 @click.option("--chunk-size", type=click.IntRange(min=1),
@@ -122,11 +124,13 @@ def main():
               help="Option passed to the reader, e.g. --reader-option energy_unit=eV "
                    "(repeatable).")
 @click.option("--cluster-config", type=click.Path(exists=True, dir_okay=False, path_type=str),
-              help="dask-jobqueue YAML overriding the shipped cluster config (slurm/pbs).")
+              help="dask-jobqueue YAML overriding the shipped cluster config "
+                   "(slurm/pbs/sge/lsf).")
 @click.option("--min-jobs", type=click.IntRange(min=0), help="Batch clusters: fewest jobs.")
 @click.option("--max-jobs", type=click.IntRange(min=1), help="Batch clusters: most jobs.")
 @click.option("--dry-run", is_flag=True,
-              help="Print the batch job script that --cluster slurm|pbs would submit, and exit.")
+              help="Print the batch job script that --cluster slurm|pbs|sge|lsf would submit, "
+                   "and exit.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show progress bars (tasks done/total, structures/s, ETA).")
 @_clean_errors
@@ -139,13 +143,14 @@ def featurize(source_kind, path, store, features_file, derivatives, derivative_a
     SOURCE_KIND is one of the registered readers (md17, rmd17, qm9, ocp, ase, ...).  Rerunning
     the same command on an interrupted store computes only the missing tasks.
     """
-    from .clusters import job_script, start_cluster
+    from .clusters import check_spec, job_script, start_cluster
     from .pipeline import check_derivative_atoms, featurize_to_store
     from .readers import open_reader
 
     if dry_run:
         click.echo(job_script(cluster, cluster_config, workers=workers))
         return
+    check_spec(cluster)  # a bad --cluster is refused before the source is opened
     featurizer = make_featurizer(features_file)
     options = _parse_reader_options(reader_options)
     reader = open_reader(source_kind, os.path.abspath(path), skip_bad_records=skip_bad_records,
@@ -155,9 +160,14 @@ def featurize(source_kind, path, store, features_file, derivatives, derivative_a
     click.echo(f"source: {source_kind} {os.path.abspath(path)} ({n} structures); "
                f"{featurizer.n_features} features, derivatives "
                f"{'on' if derivatives else 'off'}, {dtype}", err=True)
+    from ._preflight import check_before_cluster  # store lock / configuration, before a cluster
+
+    check_before_cluster(reader, store, featurizer, derivatives=derivatives, dtype=dtype,
+                         overwrite=overwrite, derivative_atoms=derivative_atoms)
     t0 = time.perf_counter()
     with start_cluster(cluster, workers=workers, cluster_config=cluster_config,
-                       min_jobs=min_jobs, max_jobs=max_jobs, quiet=True) as client:
+                       min_jobs=min_jobs, max_jobs=max_jobs, quiet=True,
+                       log_directory=os.path.abspath(store) + ".logs") as client:
         n_workers = len(client.scheduler_info().get("workers", {}))
         click.echo(f"Dask dashboard: {client.dashboard_link} ({n_workers} workers)", err=True)
         t_cluster = time.perf_counter() - t0

@@ -196,7 +196,10 @@ def _slurm_config(tmp_path, numba_dir=None, **overrides):
                "interface": "lo", "log-directory": str(tmp_path / "slurm-logs"),
                "death-timeout": 30, "scheduler-options": {"dashboard_address": ":0"},
                # tasks below are functions of this module: let the job's workers import it
-               "job-script-prologue": [f"export PYTHONPATH={os.path.dirname(__file__)}"]}
+               # (prepended: the driver's PYTHONPATH, which sbatch passes on, names the
+               # gmp_pipeline under test)
+               "job-script-prologue": [f"export PYTHONPATH={os.path.dirname(__file__)}"
+                                       "${PYTHONPATH:+:$PYTHONPATH}"]}
     section.update(overrides)
     return {"jobqueue": {"slurm": section},
             # replace a killed worker's job after 2 s instead of dask's default 15 s
@@ -390,3 +393,163 @@ def test_cli_featurize_survives_a_killed_worker_job(slurm, tmp_path, shared_numb
                           capture_output=True, text=True, timeout=30).stdout.strip()
     assert left == "", f"worker jobs left behind: {left}"
     print(f"killed job {sorted(jobs)[0]} after {done_at_kill}/{n_tasks} tasks; run completed")
+
+
+# --------------------------------------------------------------------------- issue 12
+
+def test_dashboard_address_loopback_and_a_free_port_when_taken():
+    import socket
+
+    from gmp_pipeline.clusters.local import dashboard_address
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        taken = sock.getsockname()[1]
+        assert dashboard_address(f"127.0.0.1:{taken}") == "127.0.0.1:0"
+        assert dashboard_address(f"{taken}") == "127.0.0.1:0"       # a bare port: loopback
+    assert dashboard_address(":0") == ":0"                            # all interfaces, if asked
+    assert dashboard_address("") is None and dashboard_address(None) is None
+    with pytest.raises(ClusterError, match="HOST:PORT"):
+        dashboard_address("127.0.0.1:http")
+
+
+def test_local_cluster_dashboard_listens_on_loopback_only(tmp_path):
+    with dask.config.set({"gmp-pipeline.cluster.numba-cache-dir": str(tmp_path / "numba")}):
+        with start_cluster("local", workers=1, quiet=True) as client:
+            link = client.dashboard_link
+            assert link.startswith("http://127.0.0.1:"), link
+            assert client.scheduler.address.startswith("tcp://127.0.0.1:")
+            # the socket itself, not just the link: bound to loopback, not 0.0.0.0 / ::
+            import psutil
+
+            port = int(link.split(":")[2].split("/")[0])
+            listening = {c.laddr.ip for c in psutil.net_connections(kind="tcp")
+                         if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+            assert listening == {"127.0.0.1"}, listening
+
+
+def test_featurize_help_lists_every_batch_scheduler():
+    from click.testing import CliRunner
+
+    from gmp_pipeline.cli import main
+
+    text = " ".join(CliRunner().invoke(main, ["featurize", "--help"]).output.split())
+    for kind in ("local", "slurm", "pbs", "sge", "lsf"):
+        assert kind in text, kind
+
+
+def test_bogus_cluster_is_refused_before_anything_starts(tmp_path):
+    """`--cluster bogus` fails at once: no source opened (a missing one is not even noticed),
+    no worker started, no store written."""
+    out = subprocess.run([sys.executable, "-m", "gmp_pipeline.cli", "featurize", "qm9",
+                          str(tmp_path / "missing"), "-o", str(tmp_path / "o.zarr"),
+                          "--cluster", "bogus"], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert out.returncode == 1
+    assert out.stderr.startswith("Error: cluster 'bogus' is neither"), out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def _no_security_client_fails(address):
+    """A distributed.Client without this run's credentials, by TLS and by plain tcp."""
+    from distributed import Client
+
+    failures = []
+    for addr in (address, address.replace("tls://", "tcp://")):
+        try:
+            c = Client(addr, timeout=5)
+        except Exception as exc:  # noqa: BLE001 - any refusal will do
+            failures.append(f"{addr}: {type(exc).__name__}")
+        else:
+            c.close()
+            pytest.fail(f"a client without credentials connected to {addr}")
+    # ... and one with other temporary credentials (another user's) fails too
+    from distributed.security import Security
+
+    try:
+        c = Client(address, timeout=5, security=Security.temporary())
+    except Exception as exc:  # noqa: BLE001
+        failures.append(f"other credentials: {type(exc).__name__}")
+    else:
+        c.close()
+        pytest.fail(f"a client with other credentials connected to {address}")
+    return failures
+
+
+@pytest.mark.slurm
+def test_slurm_scheduler_refuses_clients_without_the_runs_credentials(slurm, tmp_path):
+    cfg = _slurm_config(tmp_path)
+    cfg["jobqueue"]["slurm"].pop("log-directory")
+    logs = tmp_path / "run.logs"
+    work = tmp_path / "cwd"
+    work.mkdir()
+    old = os.getcwd()
+    os.chdir(work)
+    try:
+        with start_cluster("slurm", cluster_config=cfg, min_jobs=1, max_jobs=1, quiet=True,
+                           log_directory=logs) as client:
+            address = client.scheduler.address
+            assert address.startswith("tls://"), address
+            client.wait_for_workers(1, timeout=120)
+            # the run's own client and worker jobs work over TLS
+            assert client.submit(_inc, 1).result(timeout=60) == 2
+            assert all(a.startswith("tls://") for a in client.scheduler_info()["workers"])
+            failures = _no_security_client_fails(address)
+            assert len(failures) == 3, failures
+            credentials = list(logs.glob(".dask-jobqueue.worker.*"))
+            assert credentials, list(logs.iterdir())
+            assert all((p.stat().st_mode & 0o077) == 0 for p in credentials)
+            job = next(iter(_job_ids(client).values()))
+    finally:
+        os.chdir(old)
+    # job logs beside the run, none in the working directory; credentials removed at close
+    for _ in range(50):
+        if list(logs.glob(f"*{job}*")):
+            break
+        time.sleep(0.2)
+    assert list(logs.glob(f"*{job}*")), list(logs.iterdir())
+    assert not list(work.iterdir()), list(work.iterdir())
+    assert not list(logs.glob(".dask-jobqueue.worker.*"))
+
+
+@pytest.mark.slurm
+def test_slurm_tls_can_be_turned_off(slurm, tmp_path):
+    cfg = _slurm_config(tmp_path)
+    cfg["gmp-pipeline"]["cluster"]["jobqueue"] = {"tls": False}
+    with start_cluster("slurm", cluster_config=cfg, min_jobs=1, max_jobs=1,
+                       quiet=True) as client:
+        assert client.scheduler.address.startswith("tcp://")
+        client.wait_for_workers(1, timeout=120)
+        assert client.submit(_inc, 1).result(timeout=60) == 2
+
+
+@pytest.mark.slurm
+def test_cli_on_slurm_uses_tls_and_writes_job_logs_beside_the_store(slurm, tmp_path,
+                                                                   shared_numba):
+    import yaml
+
+    cfg = _slurm_config(tmp_path, numba_dir=shared_numba, memory="2GiB")
+    cfg["jobqueue"]["slurm"].pop("job-script-prologue")
+    cfg["jobqueue"]["slurm"].pop("log-directory")
+    cfg_file = tmp_path / "slurm.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    work = tmp_path / "cwd"
+    work.mkdir()
+    out = tmp_path / "out.zarr"
+    sample = os.path.join(REPO, "tests", "data", "samples", "qm9")
+    run = subprocess.run([sys.executable, "-m", "gmp_pipeline.cli", "featurize", "qm9", sample,
+                          "-o", str(out), "--cluster", "slurm", "--cluster-config",
+                          str(cfg_file), "--max-jobs", "1", "--no-progress"],
+                         capture_output=True, text=True, timeout=300, cwd=work,
+                         stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "UserWarning" not in run.stderr and "Traceback" not in run.stderr, run.stderr
+    logs = tmp_path / "out.zarr.logs"
+    job_logs = [p for p in logs.iterdir() if not p.name.startswith(".")]
+    assert job_logs, list(logs.iterdir())
+    text = "".join(p.read_text(errors="replace") for p in job_logs)
+    assert "tls://" in text and "tcp://" not in text.split("Registered to:")[-1][:40], text[-2000:]
+    assert not list(work.iterdir()), list(work.iterdir())
+    assert not list(logs.glob(".dask-jobqueue.worker.*"))      # credentials removed

@@ -25,8 +25,8 @@ from .workers import NumbaCachePlugin, prepare_workers
 
 logger = logging.getLogger("gmp_pipeline.clusters")
 
-__all__ = ["ClusterError", "KINDS", "NumbaCachePlugin", "job_script", "prepare_workers",
-           "scheduler_for", "slurm_available", "start_cluster"]
+__all__ = ["ClusterError", "KINDS", "NumbaCachePlugin", "check_spec", "job_script",
+           "prepare_workers", "scheduler_for", "slurm_available", "start_cluster"]
 
 KINDS = ("local", "slurm", "pbs", "sge", "lsf")
 _ADDRESS = re.compile(r"^([a-z0-9+]+://)?[^\s/:]+:\d+/?$|^[a-z0-9+]+://\S+$", re.IGNORECASE)
@@ -90,7 +90,7 @@ def job_script(spec: str, cluster_config=None, *, workers=None, local_directory=
 def start_cluster(spec: str, *, workers: int | None = None, cluster_config=None,
                   min_jobs: int | None = None, max_jobs: int | None = None,
                   local_directory=None, interface: str | None = None, quiet: bool = False,
-                  prepare: bool = True):
+                  prepare: bool = True, log_directory=None, tls: bool | None = None):
     """Start (or connect to) a Dask cluster and yield a :class:`distributed.Client` for it.
 
     local
@@ -101,6 +101,9 @@ def start_cluster(spec: str, *, workers: int | None = None, cluster_config=None,
         ``gmp-pipeline.cluster.jobqueue.max-jobs``) jobs, so lost workers are replaced.
         *workers*, if given, is the number of worker processes per job.  *interface* overrides
         ``jobqueue.<kind>.interface`` (network interface of scheduler and workers).
+        *log_directory*: the jobs' output files (unless ``jobqueue.<kind>.log-directory`` is
+        set).  *tls* (default config ``gmp-pipeline.cluster.jobqueue.tls``, true): TLS with
+        credentials made for this run, so that nobody else can connect to the scheduler.
     address (``tcp://host:port``)
         Connects to a running scheduler; *workers* and the job options are ignored.
 
@@ -111,6 +114,10 @@ def start_cluster(spec: str, *, workers: int | None = None, cluster_config=None,
     from distributed import Client
 
     with contextlib.ExitStack() as stack:
+        # closing a cluster logs what the user cannot act on ("Worker process still alive
+        # after 4.0 seconds, killing", CancelledErrors of tasks in flight): muted from the end
+        # of the run (_quiet_close, entered last) until everything is closed (this, first)
+        stack.callback(_quiet_close_done)
         stack.enter_context(dask.config.set(_overlay(cluster_config)))
         if kind == "address":
             timeout = dask.config.get("distributed.comm.timeouts.connect", "30s")
@@ -133,16 +140,87 @@ def start_cluster(spec: str, *, workers: int | None = None, cluster_config=None,
             else:
                 cluster = scheduler_for(kind).make_cluster(
                     min_jobs=min_jobs, max_jobs=max_jobs, quiet=quiet, workers=workers,
-                    local_directory=local_directory, interface=interface)
+                    local_directory=local_directory, interface=interface,
+                    log_directory=log_directory, tls=tls)
+            cleanup = getattr(cluster, "_gmp_cleanup", None)
+            if cleanup is not None:
+                stack.callback(cleanup)
             stack.callback(cluster.close)
             watchdog = getattr(cluster, "_gmp_watchdog", None)
             if watchdog is not None:
                 stack.callback(watchdog.stop)
+                stack.enter_context(_watchdog_reason(watchdog))
             try:
                 client = Client(cluster)
             except Exception as exc:  # noqa: BLE001
                 raise ClusterError(f"could not connect to the {kind} cluster: {exc}") from exc
             stack.callback(client.close)
         if prepare:
-            prepare_workers(client)
+            prepare_workers(client, ignore_sigint=kind == "local")
+        stack.enter_context(_quiet_close())
         yield client
+
+
+def check_spec(spec) -> str:
+    """Raise :class:`ClusterError` now for a *spec* that :func:`start_cluster` would refuse.
+
+    Lets the CLI refuse ``--cluster bogus`` before it opens the source or starts anything.
+    Returns the kind (``local``, ``slurm``, ... or ``address``).
+    """
+    return _classify(spec)[0]
+
+
+_CLOSING = {"depth": 0}
+
+
+@contextlib.contextmanager
+def _quiet_close():
+    """Nothing while the run goes on; on the way out, distributed's shutdown chatter is muted
+    (unless ``--debug``) while the cluster closes."""
+    try:
+        yield
+    finally:
+        _CLOSING["depth"] += 1
+        _mute(True)
+
+
+def _quiet_close_done():
+    _CLOSING["depth"] -= 1
+    if _CLOSING["depth"] <= 0:
+        _CLOSING["depth"] = 0
+        _mute(False)
+
+
+_MUTED: dict = {}
+
+
+def _mute(on: bool) -> None:
+    import logging
+
+    from .._signals import debug
+
+    if debug():
+        return
+    names = ("distributed.nanny", "distributed.worker", "distributed.core",
+             "distributed.scheduler", "distributed.batched", "distributed.client",
+             "distributed.deploy", "distributed.comm", "tornado.application", "asyncio")
+    if on:
+        for name in names:
+            log = logging.getLogger(name)
+            _MUTED.setdefault(name, log.level)
+            log.setLevel(logging.CRITICAL + 1)
+    else:
+        for name, level in list(_MUTED.items()):
+            logging.getLogger(name).setLevel(level)
+        _MUTED.clear()
+
+
+@contextlib.contextmanager
+def _watchdog_reason(watchdog):
+    """Turn the watchdog's interrupt ("no job could be submitted") into a ClusterError."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if watchdog.gave_up:
+            raise ClusterError(watchdog.gave_up) from None
+        raise

@@ -1,13 +1,16 @@
 """Shared machinery for the batch-scheduler clusters (slurm.py, pbs.py, sge.py, lsf.py)."""
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
+import os
 import shutil
 import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import dask
 from dask_jobqueue.core import Job
@@ -228,16 +231,39 @@ class Scheduler:
                            "--cluster-config)")
 
     # ----------------------------------------------------------------- products
-    def job_script(self, **resolve_kwargs) -> str:
+    def job_script(self, *, tls=None, **resolve_kwargs) -> str:
         job_kwargs, _ = self.resolve(**resolve_kwargs)
+        scheduler = SCHEDULER_PLACEHOLDER
+        if _truthy(dask.config.get("gmp-pipeline.cluster.jobqueue.tls", True)
+                   if tls is None else tls):
+            # the real script names the credential files written for the run
+            from distributed.security import Security
+
+            where = "<log-directory>/.dask-jobqueue.worker"
+            job_kwargs["security"] = Security(
+                tls_ca_file=f"{where}.ca_file.<random>", tls_worker_cert=f"{where}.cert.<random>",
+                tls_worker_key=f"{where}.key.<random>", require_encryption=True)
+            job_kwargs["protocol"] = "tls://"
+            scheduler = scheduler.replace("tcp://", "tls://")
         try:
-            job = self.job_cls(scheduler=SCHEDULER_PLACEHOLDER, name="<worker-name>",
-                               **job_kwargs)
+            job = self.job_cls(scheduler=scheduler, name="<worker-name>", **job_kwargs)
         except (TypeError, ValueError) as exc:
             raise ClusterError(f"invalid {self.title} job settings: {exc}") from exc
         return job.job_script()
 
-    def make_cluster(self, *, min_jobs, max_jobs, quiet=False, **resolve_kwargs):
+    def make_cluster(self, *, min_jobs, max_jobs, quiet=False, log_directory=None, tls=None,
+                     **resolve_kwargs):
+        """The dask-jobqueue cluster, adaptive between *min_jobs* and *max_jobs* jobs.
+
+        *log_directory*: where the jobs' output files go unless ``log-directory`` is configured
+        (the CLI passes one beside the store; dask-jobqueue's default is the working directory).
+        *tls* (default: config ``gmp-pipeline.cluster.jobqueue.tls``, true): scheduler, workers
+        and client talk TLS with credentials made for this run (``Security.temporary()``), so
+        nobody else on the cluster network can connect to the scheduler and run code as you.
+        The workers read them from files (mode 0600) in ``shared-temp-directory`` if
+        configured, else in *log_directory*, else in a private directory under
+        ``~/.cache/gmp-pipeline``; they are removed when the cluster closes.
+        """
         job_kwargs, cluster_kwargs = self.resolve(**resolve_kwargs)
         if min_jobs is None:
             min_jobs = int(dask.config.get("gmp-pipeline.cluster.jobqueue.min-jobs", 1))
@@ -249,10 +275,43 @@ class Scheduler:
         self.preflight()
         self.fit_to_nodes(job_kwargs)
         interface = job_kwargs.pop("interface", None)
+        if job_kwargs.get("log_directory") is None and log_directory is not None:
+            job_kwargs["log_directory"] = _private_dir(log_directory)
+        if "dashboard_address" not in cluster_kwargs["scheduler_options"]:
+            from .local import dashboard_address
+
+            cluster_kwargs["scheduler_options"]["dashboard_address"] = dashboard_address(
+                dask.config.get("gmp-pipeline.cluster.jobqueue.dashboard-address",
+                                "127.0.0.1:8787"))
+        if tls is None:
+            tls = dask.config.get("gmp-pipeline.cluster.jobqueue.tls", True)
+        credentials_dir = None
+        if _truthy(tls):
+            from distributed.security import Security
+
+            try:
+                cluster_kwargs["security"] = Security.temporary()
+            except ImportError as exc:
+                raise ClusterError("TLS for the batch cluster needs the `cryptography` package "
+                                   "(pip install cryptography), or set "
+                                   "gmp-pipeline.cluster.jobqueue.tls: false") from exc
+            if not cluster_kwargs.get("shared_temp_directory"):
+                if log_directory is not None:
+                    cluster_kwargs["shared_temp_directory"] = _private_dir(log_directory)
+                else:
+                    import tempfile
+
+                    base = _private_dir(os.path.join(os.path.expanduser("~"), ".cache",
+                                                     "gmp-pipeline"))
+                    credentials_dir = tempfile.mkdtemp(prefix="tls-", dir=base)
+                    cluster_kwargs["shared_temp_directory"] = credentials_dir
         try:
-            cluster = self.cluster_cls(interface=interface, **cluster_kwargs, **job_kwargs)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Port .* is already in use")
+                cluster = self.cluster_cls(interface=interface, **cluster_kwargs, **job_kwargs)
         except ValueError as exc:
             raise ClusterError(f"could not create the {self.title} cluster: {exc}") from exc
+        cluster._gmp_cleanup = functools.partial(_remove_credentials, cluster, credentials_dir)
         try:
             cluster.adapt(minimum_jobs=min_jobs, maximum_jobs=max_jobs)
         except Exception:
@@ -272,6 +331,37 @@ class Scheduler:
         return cluster
 
 
+def _truthy(value) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() not in ("", "0", "false", "no", "off", "none")
+    return bool(value)
+
+
+def _private_dir(path) -> str:
+    """*path* created if missing (mode 0700 when this creates it); its absolute path."""
+    path = os.path.abspath(os.path.expanduser(os.path.expandvars(str(path))))
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise ClusterError(f"cannot create the directory {path}: {exc}") from exc
+    return path
+
+
+def _remove_credentials(cluster, credentials_dir=None) -> None:
+    """Delete the TLS credential files dask-jobqueue wrote for the job scripts."""
+    for name in list(vars(cluster)):
+        if name.startswith("_job_"):
+            handle = getattr(cluster, name, None)
+            close = getattr(handle, "close", None)
+            if close is not None:
+                try:
+                    close()     # NamedTemporaryFile: closing deletes the file
+                except OSError:
+                    pass
+    if credentials_dir:
+        shutil.rmtree(credentials_dir, ignore_errors=True)
+
+
 class NoWorkerWatchdog:
     """Tell the user (stderr) when no worker has connected for a while, and why jobs wait.
 
@@ -282,6 +372,7 @@ class NoWorkerWatchdog:
 
     def __init__(self, scheduler: Scheduler, cluster, after: float):
         self.scheduler, self.cluster, self.after = scheduler, cluster, float(after)
+        self.gave_up = None     # the reason, once it interrupted the main thread
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gmp-no-worker-watchdog",
                                         daemon=True)
@@ -328,6 +419,8 @@ class NoWorkerWatchdog:
                     logger.error(f"gmp-pipeline: giving up: no {self.scheduler.title} job "
                                  f"could be submitted (see the {self.scheduler.submit_command} "
                                  "errors above)")
+                    self.gave_up = (f"no {self.scheduler.title} job could be submitted (see "
+                                    f"the {self.scheduler.submit_command} errors above)")
                     import _thread
 
                     _thread.interrupt_main()

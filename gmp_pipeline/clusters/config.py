@@ -15,10 +15,15 @@ import os
 from pathlib import Path
 
 import dask
-import dask_jobqueue  # noqa: F401  (registers dask-jobqueue's defaults first)
 import yaml
 
+from .._signals import keep_signal_handlers
 from ..errors import ClusterError
+
+# registers dask-jobqueue's defaults first; its runner module replaces the SIGINT handler by
+# `lambda *_: sys.exit()` (Ctrl-C would exit with status 0), which this puts back
+with keep_signal_handlers():
+    import dask_jobqueue  # noqa: F401
 
 DEFAULTS_FILE = Path(__file__).with_name("gmp-pipeline.yaml")
 

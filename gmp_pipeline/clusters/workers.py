@@ -12,6 +12,7 @@ support locks, the worker falls back to a private directory inside its local dir
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -20,7 +21,56 @@ from pathlib import Path
 from distributed.diagnostics.plugin import WorkerPlugin
 
 PLUGIN_NAME = "gmp-pipeline-numba-cache"
+QUIET_PLUGIN_NAME = "gmp-pipeline-quiet-task-logs"
 MAX_SLOTS = 256
+
+#: keys of the pipeline's tasks (pipeline.py submits them under these prefixes)
+TASK_KEY_PREFIXES = ("gmp-task-", "gmp-assemble-")
+#: functions the pipeline runs on every worker with ``client.run``
+RUN_FUNCTIONS = {"warm_worker", "_where"}
+
+
+class QuietTaskFailures(logging.Filter):
+    """Drop distributed's ``Compute Failed`` / ``Run Failed`` log blocks for our own tasks
+    (and the ``CancelledError`` warnings of our tasks cancelled when a run ends).
+
+    Their exception reaches the driver, which prints it as one ``Error:`` line; the block with
+    its traceback, printed by the worker before that, only buries it.  Other tasks' failures
+    (on a shared scheduler) are still logged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg, args = record.msg, record.args
+        if not isinstance(msg, str):
+            return True
+        if msg.startswith("Async instruction for") and msg.endswith("with CancelledError"):
+            # a task of ours cancelled because the run is ending (Ctrl-C, an error elsewhere)
+            return not any(p in msg for p in TASK_KEY_PREFIXES)
+        if not args or not isinstance(args, tuple):
+            return True
+        if msg.startswith("Compute Failed"):
+            return not str(args[0]).startswith(TASK_KEY_PREFIXES)
+        if msg.startswith("Run Failed"):
+            return str(args[0]) not in RUN_FUNCTIONS
+        return True
+
+
+def quiet_task_failures() -> None:
+    """Install :class:`QuietTaskFailures` on this process's distributed worker loggers."""
+    for name in ("distributed.worker", "distributed.worker.state_machine"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, QuietTaskFailures) for f in log.filters):
+            log.addFilter(QuietTaskFailures())
+
+
+class QuietTaskFailuresPlugin(WorkerPlugin):
+    """Runs :func:`quiet_task_failures` in every worker process (current and future)."""
+
+    idempotent = True
+    name = QUIET_PLUGIN_NAME
+
+    def setup(self, worker):
+        quiet_task_failures()
 
 
 def default_cache_base() -> str:
@@ -145,12 +195,38 @@ class NumbaCachePlugin(WorkerPlugin):
             self._lock = None
 
 
-def prepare_workers(client, cache_dir: str | None = None) -> dict:
+SIGINT_PLUGIN_NAME = "gmp-pipeline-ignore-sigint"
+
+
+class IgnoreSigintPlugin(WorkerPlugin):
+    """Worker processes of a local cluster ignore SIGINT: the driver handles Ctrl-C.
+
+    A Ctrl-C in a terminal reaches every process of the foreground group; each worker process
+    then died printing a ``KeyboardInterrupt`` traceback while the driver was already closing
+    the cluster in order.
+    """
+
+    idempotent = True
+    name = SIGINT_PLUGIN_NAME
+
+    def setup(self, worker):
+        import signal
+
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:  # not the worker process's main thread (an in-process worker)
+            pass
+
+
+def prepare_workers(client, cache_dir: str | None = None, *, ignore_sigint: bool = False) -> dict:
     """Set up every worker of *client* (now and those that join later) for GMP tasks.
 
     Gives each worker process its own numba cache directory under *cache_dir* (default: config
     ``gmp-pipeline.cluster.numba-cache-dir``, else the worker's ``$NUMBA_CACHE_DIR``, else
-    ``~/.cache/gmp-pipeline/numba``).  Safe to call more than once.  Returns
+    ``~/.cache/gmp-pipeline/numba``).  Distributed's ``Compute Failed`` / ``Run Failed``
+    blocks of the pipeline's own tasks are dropped (:class:`QuietTaskFailures`; not with
+    ``--debug``).  *ignore_sigint*: worker processes ignore SIGINT (only for processes this
+    run started, see :class:`IgnoreSigintPlugin`).  Safe to call more than once.  Returns
     ``{worker address: cache directory}`` for the workers connected now.
     """
     if cache_dir is None:
@@ -158,6 +234,13 @@ def prepare_workers(client, cache_dir: str | None = None) -> dict:
 
         cache_dir = dask.config.get("gmp-pipeline.cluster.numba-cache-dir", None)
     client.register_plugin(NumbaCachePlugin(cache_dir), name=PLUGIN_NAME)
+    from .._signals import debug
+
+    if not debug():
+        quiet_task_failures()       # the driver too (threaded workers, client.run errors)
+        client.register_plugin(QuietTaskFailuresPlugin(), name=QUIET_PLUGIN_NAME)
+    if ignore_sigint:
+        client.register_plugin(IgnoreSigintPlugin(), name=SIGINT_PLUGIN_NAME)
 
     def _where():
         return os.environ.get("NUMBA_CACHE_DIR")
