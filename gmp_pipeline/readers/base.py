@@ -23,6 +23,8 @@ field.  With ``skip_bad_records=True`` a reader logs and skips them instead and 
 from __future__ import annotations
 
 import abc
+import difflib
+import inspect
 import logging
 from typing import Any, ClassVar, Iterator
 
@@ -53,10 +55,41 @@ class Reader(abc.ABC):
     def __init__(self, path, *, skip_bad_records: bool = False, **options: Any):
         """``options``: the reader's own settings, recorded in :meth:`describe` (and so in a
         store's fingerprint); those given as None (left at their default) are left out."""
+        self._check_options(options)
         self.path = path
         self.skip_bad_records = bool(skip_bad_records)
         self.options = {k: v for k, v in options.items() if v is not None}
         self.skipped: list[tuple[int, str]] = []
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """The options this reader accepts: the keyword parameters of ``__init__`` along the
+        class hierarchy (so a subclass declares an option just by naming it)."""
+        names: set[str] = set()
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None or klass is object:
+                continue
+            for p in inspect.signature(init).parameters.values():
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and \
+                        p.name not in ("self", "path"):
+                    names.add(p.name)
+        return sorted(names)
+
+    def _check_options(self, options: dict[str, Any]) -> None:
+        """Refuse options no ``__init__`` of this reader declares (a misspelt option would
+        otherwise be recorded and silently ignored)."""
+        valid = self.option_names()
+        unknown = [k for k in options if k not in valid]
+        if not unknown:
+            return
+        key = unknown[0]
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        what = getattr(self, "format_name", None)
+        reader = f"the {self.name} reader" + (f" ({what})" if what and self.name == "ocp" else "")
+        raise InputError(f"unknown reader option {key!r} for {reader}{hint}; valid options: "
+                         f"{', '.join(valid)}")
 
     @abc.abstractmethod
     def __len__(self) -> int:
