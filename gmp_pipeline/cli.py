@@ -140,7 +140,7 @@ def featurize(source_kind, path, store, features_file, derivatives, derivative_a
     the same command on an interrupted store computes only the missing tasks.
     """
     from .clusters import job_script, start_cluster
-    from .pipeline import check_derivative_atoms, featurize_to_store
+    from .pipeline import check_derivative_atoms, check_source, featurize_to_store
     from .readers import open_reader
 
     if dry_run:
@@ -150,7 +150,7 @@ def featurize(source_kind, path, store, features_file, derivatives, derivative_a
     options = _parse_reader_options(reader_options)
     reader = open_reader(source_kind, os.path.abspath(path), skip_bad_records=skip_bad_records,
                          **options)
-    n = len(reader)  # opens the source: a bad path fails here, before any store is written
+    n = check_source(reader, featurizer)  # opens the source: before any store or cluster
     check_derivative_atoms(derivative_atoms, derivatives, reader)   # before any cluster starts
     click.echo(f"source: {source_kind} {os.path.abspath(path)} ({n} structures); "
                f"{featurizer.n_features} features, derivatives "

@@ -53,3 +53,96 @@ def test_cli_unknown_reader_option_is_one_clean_error(tmp_path, option):
     assert "valid options: energy_unit, molecule, skip_bad_records" in res.output
     assert "Traceback" not in res.output and "dashboard" not in res.output
     assert not (tmp_path / "x.zarr").exists()
+
+
+# -- empty sources ------------------------------------------------------------------------------
+
+def _small_featurizer():
+    from helpers import SMALL_FEATURES
+
+    from gmp_pipeline.features import GMPFeaturizer
+
+    return GMPFeaturizer(**SMALL_FEATURES)
+
+
+def _write_md17(path, numbers=(8, 1, 1), m=3):
+    import numpy as np
+
+    n = len(numbers)
+    rng = np.random.default_rng(0)
+    pos = rng.normal(size=(m, n, 3)) + np.arange(n)[None, :, None] * 1.5
+    np.savez(path, R=pos, z=np.asarray(numbers), E=np.zeros((m, 1)), F=np.zeros((m, n, 3)))
+    return path
+
+
+def test_cli_empty_qm9_directory_is_refused_before_any_store(tmp_path):
+    empty = tmp_path / "emptydir"
+    empty.mkdir()
+    res = run_cli("featurize", "qm9", empty, "-o", tmp_path / "o.zarr", "--no-progress")
+    assert res.exit_code == 1
+    assert f"Error: file '{empty}': the qm9 source holds no structures" in res.output
+    assert "Traceback" not in res.output and "dashboard" not in res.output
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_md17_without_frames_is_refused_by_the_library(tmp_path):
+    from gmp_pipeline.errors import SourceError
+    from gmp_pipeline.pipeline import featurize_to_store
+
+    src = _write_md17(tmp_path / "empty.npz", m=0)
+    with pytest.raises(SourceError, match=r"empty\.npz.*holds no structures"):
+        featurize_to_store(open_reader("md17", src), tmp_path / "o.zarr", _small_featurizer(),
+                           progress=False)
+    assert not (tmp_path / "o.zarr").exists()
+
+
+# -- an element the pseudopotential lacks --------------------------------------------------------
+
+_FRAME = 'Properties=species:S:1:pos:R:3 energy={e} pbc="F F F"'
+
+
+def _write_extxyz_with_am(path):
+    water = ["O 0.0 0.0 0.0", "H 0.96 0.0 0.0", "H -0.24 0.93 0.0"]
+    amo2 = ["Am 0.0 0.0 0.0", "O 1.8 0.0 0.0", "O -1.8 0.0 0.0"]
+    lines = []
+    for k, atoms in enumerate([water, amo2, water]):
+        lines += [str(len(atoms)), _FRAME.format(e=-1.0 - k)] + atoms
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_element_missing_from_psp_is_a_record_error_naming_file_record_element(tmp_path):
+    from gmp_pipeline.errors import SourceError
+    from gmp_pipeline.pipeline import featurize_to_store
+
+    src = _write_extxyz_with_am(tmp_path / "mixed.extxyz")
+    with pytest.raises(SourceError) as exc:
+        featurize_to_store(open_reader("ase", src), tmp_path / "o.zarr", _small_featurizer(),
+                           progress=False)
+    msg = str(exc.value)
+    assert f"file '{src}'" in msg and "record 1" in msg and "Am (Z=95)" in msg
+    assert "QE-kjpaw" in msg
+
+
+def test_element_missing_from_psp_is_skipped_with_skip_bad_records(tmp_path):
+    from gmp_pipeline.pipeline import featurize_to_store
+    from gmp_pipeline.store.reader import open_store
+
+    src = _write_extxyz_with_am(tmp_path / "mixed.extxyz")
+    out = tmp_path / "o.zarr"
+    summary = featurize_to_store(open_reader("ase", src, skip_bad_records=True), out,
+                                 _small_featurizer(), progress=False)
+    assert summary.n_structures == 2
+    assert [i for i, _ in summary.skipped_records] == [1]
+    assert "Am (Z=95)" in summary.skipped_records[0][1]
+    st = open_store(out)
+    assert len(st) == 2
+
+
+def test_element_missing_from_psp_is_refused_before_the_cluster(tmp_path):
+    src = _write_md17(tmp_path / "amo2.npz", numbers=(95, 8, 8))
+    res = run_cli("featurize", "md17", src, "-o", tmp_path / "o.zarr", "--no-progress")
+    assert res.exit_code == 1
+    assert f"Error: file '{src}': element Am (Z=95) has no entry in psp file" in res.output
+    assert "dashboard" not in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o.zarr").exists()

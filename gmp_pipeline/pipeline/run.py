@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from ..config import knob
-from ..errors import InputError, StoreError
+from ..errors import InputError, SourceError, StoreError
 from ..schema import Schema
 from ..store.layout import array_specs, root_attrs
 from ..store.lock import store_lock
@@ -111,10 +111,36 @@ def featurize_to_store(reader, store, featurizer, *, derivatives: bool = True,
     if dtype not in ("float32", "float64"):
         raise InputError(f"dtype must be float32 or float64, got {dtype!r}")
     check_derivative_atoms(derivative_atoms, derivatives, reader)
+    check_source(reader, featurizer)
     store = os.path.abspath(os.fspath(store))
     with store_lock(store, log):
         return _run(reader, store, featurizer, derivatives, dtype, executor_for(client),
                     chunk_size, overwrite, progress, log, derivative_atoms)
+
+
+def check_source(reader, featurizer=None) -> int:
+    """The number of structures of ``reader``, after refusing what needs no cluster to see: an
+    empty source, and (when the reader knows its elements cheaply, :meth:`Reader.elements`) an
+    element the featurizer's pseudopotential lacks.  Otherwise a record with such an element is
+    a bad record of its task (skipped with ``skip_bad_records``)."""
+    n = len(reader)
+    path = getattr(reader, "path", "?")
+    if n == 0:
+        raise SourceError(f"the {getattr(reader, 'name', 'source')} source holds no structures "
+                          "(nothing to featurize)", path=path)
+    elements = reader.elements() if hasattr(reader, "elements") else None
+    if featurizer is not None and elements:
+        from ..readers.base import missing_elements_text
+
+        missing = sorted(int(z) for z in elements if not featurizer.psp.has(int(z)))
+        if missing:
+            msg = missing_elements_text(missing, f"psp file {featurizer.psp.path}")
+            if not getattr(reader, "skip_bad_records", False):
+                raise SourceError(msg + " (choose another psp in the feature file, "
+                                  "or --skip-bad-records to skip the records holding it)",
+                                  path=path)
+            logger.warning("%s: %s; the records holding it will be skipped", path, msg)
+    return n
 
 
 def check_derivative_atoms(derivative_atoms: str, derivatives: bool, reader) -> None:
@@ -242,4 +268,4 @@ def _compute(specs: list[TaskSpec], executor, n_tasks: int, progress, summary) -
         bar.close()
 
 
-__all__ = ["RunSummary", "featurize_to_store", "store_attrs", "reader_schema"]
+__all__ = ["RunSummary", "check_source", "featurize_to_store", "store_attrs", "reader_schema"]

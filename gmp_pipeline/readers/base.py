@@ -26,7 +26,8 @@ import abc
 import difflib
 import inspect
 import logging
-from typing import Any, ClassVar, Iterator
+import os
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import numpy as np
 
@@ -36,6 +37,16 @@ from ..structure import Structure
 
 #: logger used by every reader (skipped records are logged here at WARNING level)
 logger = logging.getLogger("gmp_pipeline.readers")
+
+def missing_elements_text(missing: Iterable[int], where: str) -> str:
+    """'element Am (Z=95) has no entry in <where>' (plural for several)."""
+    from ..psp import element_symbol
+
+    missing = sorted(int(z) for z in missing)
+    names = ", ".join(f"{element_symbol(z)} (Z={z})" for z in missing)
+    return (f"element {names} has no entry in {where}" if len(missing) == 1 else
+            f"elements {names} have no entry in {where}")
+
 
 class Reader(abc.ABC):
     """Base class of every source reader (see the module docstring for the contract)."""
@@ -113,6 +124,37 @@ class Reader(abc.ABC):
         return {"reader": self.name, "path": str(self.path),
                 "options": {k: v for k, v in self.options.items()},
                 "skip_bad_records": self.skip_bad_records, "units": dict(self.units)}
+
+    def elements(self) -> set[int] | None:
+        """The atomic numbers present in the source when they are known cheaply (without reading
+        every record), else None; lets a run refuse a pseudopotential that lacks one of them
+        before anything starts."""
+        return None
+
+    def record_path(self, structure: Structure) -> str:
+        """The file a structure came from: the reader's path, or the member ``file_name`` of a
+        directory or archive source."""
+        path = os.fspath(self.path)
+        name = structure.info.get("file_name") if structure.info else None
+        if isinstance(name, str) and name and os.path.basename(path) != name:
+            return os.path.join(path, name)
+        return path
+
+    def drop_missing_elements(self, structures: Iterable[Structure],
+                              known: Callable[[int], bool], where: str) -> list[Structure]:
+        """``structures`` without those holding an element ``known(z)`` refuses: each of those
+        is a bad record (raised, or with ``skip_bad_records`` logged, listed and dropped) naming
+        the file, the record and the element; ``where`` names what lacks it (the psp file)."""
+        kept = []
+        for s in structures:
+            missing = sorted({int(z) for z in np.unique(s.numbers) if not known(int(z))})
+            if missing:
+                self._bad_record(s.source_index, SourceError(
+                    missing_elements_text(missing, where), path=self.record_path(s),
+                    record=s.source_index, field="numbers"))
+                continue
+            kept.append(s)
+        return kept
 
     def __iter__(self) -> Iterator[Structure]:
         return self.read(0, len(self))
