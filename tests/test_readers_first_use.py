@@ -146,3 +146,54 @@ def test_element_missing_from_psp_is_refused_before_the_cluster(tmp_path):
     assert f"Error: file '{src}': element Am (Z=95) has no entry in psp file" in res.output
     assert "dashboard" not in res.output and "Traceback" not in res.output
     assert not (tmp_path / "o.zarr").exists()
+
+
+# -- messages -----------------------------------------------------------------------------------
+
+def test_feature_yaml_bad_value_names_the_file_and_the_key(tmp_path):
+    bad = tmp_path / "neg.yaml"
+    bad.write_text("orders: [-1, 0]\nsigmas: [-0.4]\npsp: QE-kjpaw\n")
+    res = run_cli("featurize", "md17", MD17, "-o", tmp_path / "x.zarr", "--features", bad,
+                  "--no-progress")
+    assert res.exit_code == 1
+    assert f"Error: feature file '{bad}', key 'sigmas': -0.4 is not a positive" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "x.zarr").exists()
+
+
+def test_messages_use_singular_for_one(tmp_path):
+    from gmp_pipeline.pipeline import featurize_to_store
+
+    src = _write_md17(tmp_path / "one.npz", m=1)
+    lines = []
+    summary = featurize_to_store(open_reader("md17", src), tmp_path / "o.zarr",
+                                 _small_featurizer(), progress=False, log=lines.append)
+    assert summary.n_tasks == 1
+    assert "planned 1 task over 1 structure (3 atoms)" in lines
+    from gmp_pipeline.pipeline.run import counted
+
+    assert counted(1, "structure") == "1 structure" and counted(2, "task") == "2 tasks"
+
+
+def test_s2ef_shard_without_sidecar_warns_once(tmp_path, caplog):
+    import logging
+
+    import numpy as np
+    from fixtures.ocp_writers import s2ef_frame_text
+
+    rng = np.random.default_rng(1)
+    p = tmp_path / "7.extxyz"
+    text = ""
+    for _ in range(2):
+        pos = rng.normal(size=(2, 3)) * 0.3 + [[0, 0, 0], [0, 0, 1.0]]
+        text += s2ef_frame_text(numbers=[1, 1], positions=pos, cell=np.eye(3) * 6,
+                                fixed=[0, 0], tags=[1, 1], forces=np.zeros((2, 3)), energy=-1.0)
+    p.write_text(text)
+    with caplog.at_level(logging.WARNING, logger="gmp_pipeline.readers"):
+        r = open_reader("ocp", p)
+        assert len(r) == 2 and r.n_atoms().tolist() == [2, 2]
+        recs = list(r.read())
+        open_reader("ocp", p).describe()
+    warned = [rec.getMessage() for rec in caplog.records if "sidecar" in rec.getMessage()]
+    assert len(warned) == 1, warned
+    assert "7.txt is missing" in warned[0] and "ids are lost" in warned[0]
+    assert recs[0].info["sid"] == -1

@@ -62,6 +62,11 @@ class RunSummary:
         return asdict(self)
 
 
+def counted(n: int, word: str) -> str:
+    """'1 task', '2 tasks' (for messages)."""
+    return f"{n} {word}" if int(n) == 1 else f"{n} {word}s"
+
+
 def reader_schema(reader) -> Schema:
     """The reader's :class:`Schema`, with the reader's units."""
     return Schema.coerce(reader.schema(), units=dict(getattr(reader, "units", {})))
@@ -192,11 +197,11 @@ def _run(reader, store, featurizer, derivatives, dtype, executor, chunk_size, ov
     summary.n_tasks = len(tasks)
     summary.tasks_skipped = len(tasks) - len(todo)
     if state == "resume":
-        log(f"resuming {store}: {summary.tasks_skipped} of {len(tasks)} tasks already done, "
-            f"computing {len(todo)}")
+        log(f"resuming {store}: {summary.tasks_skipped} of {counted(len(tasks), 'task')} "
+            f"already done, computing {len(todo)}")
     else:
-        log(f"planned {len(tasks)} tasks over {plan['n_structures']} structures "
-            f"({plan['n_atoms']} atoms)")
+        log(f"planned {counted(len(tasks), 'task')} over "
+            f"{counted(plan['n_structures'], 'structure')} ({counted(plan['n_atoms'], 'atom')})")
 
     # stage: one frozen spec per task, run wherever the executor runs things
     config = featurizer.config()
