@@ -2,6 +2,8 @@
 element of the source, messages.  Every check here runs before any cluster starts."""
 from __future__ import annotations
 
+import os
+
 import pytest
 from click.testing import CliRunner
 from helpers import SAMPLES
@@ -197,3 +199,60 @@ def test_s2ef_shard_without_sidecar_warns_once(tmp_path, caplog):
     assert len(warned) == 1, warned
     assert "7.txt is missing" in warned[0] and "ids are lost" in warned[0]
     assert recs[0].info["sid"] == -1
+
+
+# -- the source's identity in the fingerprint ----------------------------------------------------
+
+def test_rewritten_source_is_refused_like_a_changed_configuration(tmp_path):
+    import numpy as np
+
+    from gmp_pipeline.errors import StoreError
+    from gmp_pipeline.pipeline import featurize_to_store
+
+    src = _write_md17(tmp_path / "mol.npz", m=4)
+    out = tmp_path / "o.zarr"
+    fz = _small_featurizer()
+    assert featurize_to_store(open_reader("md17", src), out, fz, progress=False).state == "new"
+    # nothing changed: still "already complete", nothing recomputed
+    again = featurize_to_store(open_reader("md17", src), out, fz, progress=False)
+    assert again.state == "complete" and again.tasks_computed == 0
+    # same file name, frame count and size; other positions
+    size = os.path.getsize(src)
+    with np.load(src) as d:
+        arrays = {k: d[k] for k in d.files}
+    arrays["R"] = arrays["R"] + 0.05
+    np.savez(src, **arrays)
+    assert os.path.getsize(src) == size
+    with pytest.raises(StoreError) as exc:
+        featurize_to_store(open_reader("md17", src), out, fz, progress=False)
+    msg = str(exc.value)
+    assert "source that has changed" in msg and "mol.npz" in msg and "sample_sha256" in msg
+    assert "--overwrite" in msg
+
+
+def test_directory_source_identity_sees_a_rewritten_member(tmp_path):
+    from gmp_pipeline.store.layout import source_identity
+
+    d = tmp_path / "qm9"
+    d.mkdir()
+    for k in range(6):
+        (d / f"m{k}.xyz").write_text(f"molecule {k}\n")
+    first = source_identity([d])
+    assert source_identity([d]) == first
+    assert first[str(d)]["files"] == 6
+    (d / "m2.xyz").write_text("molecule X\n")      # same size, not a sampled member
+    os.utime(d / "m2.xyz", ns=(1, 1))
+    assert source_identity([d])[str(d)]["listing_sha256"] != first[str(d)]["listing_sha256"]
+
+
+def test_store_written_before_source_identity_still_resumes(tmp_path):
+    from gmp_pipeline.store.layout import fingerprint, fingerprints_match
+
+    parts = {"feature_config": {}, "source": {}, "options": {}}
+    old = {"fingerprint": fingerprint(parts), "fingerprint_parts": parts}
+    new_parts = {**parts, "source_identity": {"/x": {"size": 1}}}
+    new = {"fingerprint": fingerprint(new_parts), "fingerprint_parts": new_parts}
+    assert fingerprints_match(old, new)
+    changed = {**new_parts, "source_identity": {"/x": {"size": 2}}}
+    assert not fingerprints_match(new, {"fingerprint": fingerprint(changed),
+                                        "fingerprint_parts": changed})

@@ -86,7 +86,9 @@ def store_attrs(reader, featurizer, *, derivatives: bool, dtype: str,
         options["derivative_atoms"] = derivative_atoms
     attrs = root_attrs(feature_config=featurizer.config(), feature_list=featurizer.feature_list,
                        source=reader.describe(), options=options,
-                       schema=schema, version=__version__)
+                       schema=schema, version=__version__,
+                       source_paths=(reader.source_paths() if hasattr(reader, "source_paths")
+                                     else [reader.path] if hasattr(reader, "path") else None))
     return attrs, schema
 
 

@@ -131,6 +131,15 @@ class Reader(abc.ABC):
         before anything starts."""
         return None
 
+    def source_paths(self) -> list[str]:
+        """The files and directories the source is read from (its path and any option naming
+        an existing path, e.g. a split or an exclusion list), for the store's fingerprint."""
+        paths = [os.fspath(self.path)]
+        for value in self.options.values():
+            if isinstance(value, (str, os.PathLike)) and os.path.exists(value):
+                paths.append(os.fspath(value))
+        return paths
+
     def record_path(self, structure: Structure) -> str:
         """The file a structure came from: the reader's path, or the member ``file_name`` of a
         directory or archive source."""

@@ -35,7 +35,7 @@ import numpy as np
 from ..config import knob
 from ..errors import StoreError
 from .layout import (DIRECT, FORMAT_NAME, GROUP_ENCODING, ArraySpec, codecs_for,
-                     describe_differences,
+                     describe_differences, fingerprints_match,
                      quiet_zarr, read_root_attrs)
 from .staging import (StagedTasks, clean_partial_tasks, finished_tasks, load_metas, load_plan,
                       save_plan, staging_dir)
@@ -62,10 +62,14 @@ def prepare_store(path, attrs: dict, *, overwrite: bool = False) -> str:
         elif old.get("format") != FORMAT_NAME:
             raise StoreError(f"{path} is a Zarr store but not a {FORMAT_NAME} store; use "
                              "--overwrite to replace it")
-        elif old.get("fingerprint") != attrs["fingerprint"]:
+        elif not fingerprints_match(old, attrs):
             diffs = describe_differences(old.get("fingerprint_parts", {}),
                                          attrs.get("fingerprint_parts", {}))
             detail = "; ".join(diffs) if diffs else "fingerprint differs"
+            if diffs and all(d.startswith("source_identity.") for d in diffs):
+                raise StoreError(f"{path} was written from a source that has changed since "
+                                 f"(same path and options, other contents: {detail}). Use "
+                                 "--overwrite to recompute it, or choose another output path.")
             raise StoreError(f"{path} was written with a different configuration ({detail}). "
                              "Use --overwrite to replace it, or choose another output path.")
         elif old.get("complete"):
