@@ -256,3 +256,16 @@ def test_store_written_before_source_identity_still_resumes(tmp_path):
     changed = {**new_parts, "source_identity": {"/x": {"size": 2}}}
     assert not fingerprints_match(new, {"fingerprint": fingerprint(changed),
                                         "fingerprint_parts": changed})
+
+
+def test_source_whose_every_record_is_skipped_is_not_a_complete_store(tmp_path):
+    from gmp_pipeline.errors import SourceError
+    from gmp_pipeline.pipeline import featurize_to_store
+    from gmp_pipeline.store.layout import read_root_attrs
+
+    src = _write_md17(tmp_path / "amo2.npz", numbers=(95, 8, 8))
+    out = tmp_path / "o.zarr"
+    with pytest.raises(SourceError, match=r"amo2\.npz.*every one of the 3 records was skipped"):
+        featurize_to_store(open_reader("md17", src, skip_bad_records=True), out,
+                           _small_featurizer(), progress=False)
+    assert not (read_root_attrs(out) or {}).get("complete")

@@ -230,6 +230,11 @@ def _run(reader, store, featurizer, derivatives, dtype, executor, chunk_size, ov
     # more than the work), large ones on the executor
     t1 = time.perf_counter()
     asm = writer.assembly(plan)
+    n_kept = sum(int(m["n_structures"]) for m in asm.metas)
+    if n_kept == 0:      # never finalize a 0-structure store as complete
+        raise SourceError(f"every one of the {counted(plan['n_structures'], 'record')} was "
+                          f"skipped as bad (first: {(asm.skipped() or [(0, '?')])[0][1]}); "
+                          "no store was finalized", path=getattr(reader, "path", "?"))
     if executor.in_process or asm.nbytes <= int(knob("pipeline.local-assembly-bytes")):
         executor = InProcessExecutor(threads=int(knob("pipeline.local-assembly-threads")))
     staged = StagedTasks(store, cache=True) if executor.in_process else None  # each file read once
