@@ -23,8 +23,9 @@ def check_before_cluster(reader, store, featurizer, *, derivatives: bool, dtype:
     * without *overwrite*: a Zarr store of another format, or a gmp-features store written
       with a different configuration (the message names what differs).
     """
-    from .store.layout import FORMAT_NAME, describe_differences, read_root_attrs
+    from .store.layout import FORMAT_NAME, fingerprints_match, read_root_attrs
     from .store.lock import lock_path, store_lock
+    from .store.writer import refuse_mismatch
 
     path = Path(os.path.abspath(os.fspath(store)))
     lock = lock_path(path)
@@ -46,13 +47,9 @@ def check_before_cluster(reader, store, featurizer, *, derivatives: bool, dtype:
     if old.get("format") != FORMAT_NAME:
         raise StoreError(f"{path} is a Zarr store but not a {FORMAT_NAME} store; use "
                          "--overwrite to replace it")
-    from .pipeline import store_attrs
+    from .pipeline.run import store_attrs
 
     attrs, _ = store_attrs(reader, featurizer, derivatives=derivatives, dtype=dtype,
                            derivative_atoms=derivative_atoms)
-    if old.get("fingerprint") != attrs["fingerprint"]:
-        diffs = describe_differences(old.get("fingerprint_parts", {}),
-                                       attrs.get("fingerprint_parts", {}))
-        detail = "; ".join(diffs) if diffs else "fingerprint differs"
-        raise StoreError(f"{path} was written with a different configuration ({detail}). "
-                         "Use --overwrite to replace it, or choose another output path.")
+    if not fingerprints_match(old, attrs):
+        refuse_mismatch(path, old, attrs)    # the writer's own message, naming what differs

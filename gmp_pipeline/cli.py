@@ -50,9 +50,17 @@ def _setup_logging() -> None:
 
 def make_featurizer(features_file=None):
     """The featurizer of a feature YAML (None: the shipped default set)."""
+    from .config import FEATURE_KEYS
     from .features import GMPFeaturizer
 
-    return GMPFeaturizer(**load_feature_config(features_file))
+    try:
+        return GMPFeaturizer(**load_feature_config(features_file))
+    except InputError as exc:  # name the file (and the key) the bad value came from
+        if features_file is None or str(exc).startswith("feature file"):
+            raise
+        msg, key = str(exc), next((k for k in FEATURE_KEYS if str(exc).startswith(k)), None)
+        where = f"feature file {str(features_file)!r}" + (f", key {key!r}" if key else "")
+        raise InputError(f"{where}: {msg[len(key):].lstrip(': ') if key else msg}") from None
 
 
 def _parse_reader_options(items) -> dict:
@@ -144,7 +152,8 @@ def featurize(source_kind, path, store, features_file, derivatives, derivative_a
     the same command on an interrupted store computes only the missing tasks.
     """
     from .clusters import check_spec, job_script, start_cluster
-    from .pipeline import check_derivative_atoms, featurize_to_store
+    from .pipeline import check_derivative_atoms, check_source, featurize_to_store
+    from .pipeline.run import counted
     from .readers import open_reader
 
     if dry_run:
@@ -155,9 +164,9 @@ def featurize(source_kind, path, store, features_file, derivatives, derivative_a
     options = _parse_reader_options(reader_options)
     reader = open_reader(source_kind, os.path.abspath(path), skip_bad_records=skip_bad_records,
                          **options)
-    n = len(reader)  # opens the source: a bad path fails here, before any store is written
+    n = check_source(reader, featurizer)  # opens the source: before any store or cluster
     check_derivative_atoms(derivative_atoms, derivatives, reader)   # before any cluster starts
-    click.echo(f"source: {source_kind} {os.path.abspath(path)} ({n} structures); "
+    click.echo(f"source: {source_kind} {os.path.abspath(path)} ({counted(n, 'structure')}); "
                f"{featurizer.n_features} features, derivatives "
                f"{'on' if derivatives else 'off'}, {dtype}", err=True)
     from ._preflight import check_before_cluster  # store lock / configuration, before a cluster
@@ -183,13 +192,13 @@ def featurize(source_kind, path, store, features_file, derivatives, derivative_a
     arate = summary.atoms_computed / run if run > 0 else float("nan")
     click.echo(f"tasks: {summary.n_tasks} planned, {summary.tasks_computed} computed, "
                f"{summary.tasks_skipped} already done")
-    click.echo(f"wrote {summary.store}: {summary.n_structures} structures, {summary.n_atoms} "
+    click.echo(f"wrote {summary.store}: {counted(summary.n_structures, 'structure')}, {summary.n_atoms} "
                f"atoms, {summary.n_pairs} pairs")
     click.echo(f"time: cluster {t_cluster:.2f} s, warmup {summary.warmup_seconds:.2f} s, featurize {summary.compute_seconds:.2f} s, "
                f"assemble {summary.assemble_seconds:.2f} s, total "
                f"{time.perf_counter() - t0:.2f} s; {rate:.1f} structures/s, {arate:.0f} atoms/s")
     if summary.skipped_records:
-        click.echo(f"skipped {len(summary.skipped_records)} bad records:", err=True)
+        click.echo(f"skipped {counted(len(summary.skipped_records), 'bad record')}:", err=True)
         for i, msg in summary.skipped_records[:20]:
             click.echo(f"  record {i}: {msg}", err=True)
 

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from ..config import knob
-from ..errors import InputError, StoreError
+from ..errors import InputError, SourceError, StoreError
 from ..schema import Schema
 from ..store.layout import array_specs, root_attrs
 from ..store.lock import store_lock
@@ -62,6 +62,11 @@ class RunSummary:
         return asdict(self)
 
 
+def counted(n: int, word: str) -> str:
+    """'1 task', '2 tasks' (for messages)."""
+    return f"{n} {word}" if int(n) == 1 else f"{n} {word}s"
+
+
 def reader_schema(reader) -> Schema:
     """The reader's :class:`Schema`, with the reader's units."""
     return Schema.coerce(reader.schema(), units=dict(getattr(reader, "units", {})))
@@ -81,7 +86,9 @@ def store_attrs(reader, featurizer, *, derivatives: bool, dtype: str,
         options["derivative_atoms"] = derivative_atoms
     attrs = root_attrs(feature_config=featurizer.config(), feature_list=featurizer.feature_list,
                        source=reader.describe(), options=options,
-                       schema=schema, version=__version__)
+                       schema=schema, version=__version__,
+                       source_paths=(reader.source_paths() if hasattr(reader, "source_paths")
+                                     else [reader.path] if hasattr(reader, "path") else None))
     return attrs, schema
 
 
@@ -111,10 +118,36 @@ def featurize_to_store(reader, store, featurizer, *, derivatives: bool = True,
     if dtype not in ("float32", "float64"):
         raise InputError(f"dtype must be float32 or float64, got {dtype!r}")
     check_derivative_atoms(derivative_atoms, derivatives, reader)
+    check_source(reader, featurizer)
     store = os.path.abspath(os.fspath(store))
     with store_lock(store, log):
         return _run(reader, store, featurizer, derivatives, dtype, executor_for(client),
                     chunk_size, overwrite, progress, log, derivative_atoms)
+
+
+def check_source(reader, featurizer=None) -> int:
+    """The number of structures of ``reader``, after refusing what needs no cluster to see: an
+    empty source, and (when the reader knows its elements cheaply, :meth:`Reader.elements`) an
+    element the featurizer's pseudopotential lacks.  Otherwise a record with such an element is
+    a bad record of its task (skipped with ``skip_bad_records``)."""
+    n = len(reader)
+    path = getattr(reader, "path", "?")
+    if n == 0:
+        raise SourceError(f"the {getattr(reader, 'name', 'source')} source holds no structures "
+                          "(nothing to featurize)", path=path)
+    elements = reader.elements() if hasattr(reader, "elements") else None
+    if featurizer is not None and elements:
+        from ..readers.base import missing_elements_text
+
+        missing = sorted(int(z) for z in elements if not featurizer.psp.has(int(z)))
+        if missing:
+            msg = missing_elements_text(missing, f"psp file {featurizer.psp.path}")
+            if not getattr(reader, "skip_bad_records", False):
+                raise SourceError(msg + " (choose another psp in the feature file, "
+                                  "or --skip-bad-records to skip the records holding it)",
+                                  path=path)
+            logger.warning("%s: %s; the records holding it will be skipped", path, msg)
+    return n
 
 
 def check_derivative_atoms(derivative_atoms: str, derivatives: bool, reader) -> None:
@@ -166,11 +199,11 @@ def _run(reader, store, featurizer, derivatives, dtype, executor, chunk_size, ov
     summary.n_tasks = len(tasks)
     summary.tasks_skipped = len(tasks) - len(todo)
     if state == "resume":
-        log(f"resuming {store}: {summary.tasks_skipped} of {len(tasks)} tasks already done, "
-            f"computing {len(todo)}")
+        log(f"resuming {store}: {summary.tasks_skipped} of {counted(len(tasks), 'task')} "
+            f"already done, computing {len(todo)}")
     else:
-        log(f"planned {len(tasks)} tasks over {plan['n_structures']} structures "
-            f"({plan['n_atoms']} atoms)")
+        log(f"planned {counted(len(tasks), 'task')} over "
+            f"{counted(plan['n_structures'], 'structure')} ({counted(plan['n_atoms'], 'atom')})")
 
     # stage: one frozen spec per task, run wherever the executor runs things
     config = featurizer.config()
@@ -197,6 +230,11 @@ def _run(reader, store, featurizer, derivatives, dtype, executor, chunk_size, ov
     # more than the work), large ones on the executor
     t1 = time.perf_counter()
     asm = writer.assembly(plan)
+    n_kept = sum(int(m["n_structures"]) for m in asm.metas)
+    if n_kept == 0:      # never finalize a 0-structure store as complete
+        raise SourceError(f"every one of the {counted(plan['n_structures'], 'record')} was "
+                          f"skipped as bad (first: {(asm.skipped() or [(0, '?')])[0][1]}); "
+                          "no store was finalized", path=getattr(reader, "path", "?"))
     if executor.in_process or asm.nbytes <= int(knob("pipeline.local-assembly-bytes")):
         executor = InProcessExecutor(threads=int(knob("pipeline.local-assembly-threads")))
     staged = StagedTasks(store, cache=True) if executor.in_process else None  # each file read once
@@ -242,4 +280,4 @@ def _compute(specs: list[TaskSpec], executor, n_tasks: int, progress, summary) -
         bar.close()
 
 
-__all__ = ["RunSummary", "featurize_to_store", "store_attrs", "reader_schema"]
+__all__ = ["RunSummary", "check_source", "featurize_to_store", "store_attrs", "reader_schema"]

@@ -70,7 +70,8 @@ def warm_worker(config: dict, reader=None, index: int | None = None,
     _warm_zarr()
     if reader is not None and index is not None:
         for s in reader.read(index, index + 1):
-            fz.featurize(s, derivatives=derivatives)
+            if all(fz.psp.has(int(z)) for z in s.numbers):  # else the task reports the record
+                fz.featurize(s, derivatives=derivatives)
     return os.getpid()
 
 
@@ -102,6 +103,9 @@ def run_task(spec: TaskSpec) -> dict:
     fz = get_featurizer(spec.feature_config)
     n_skipped_before = len(reader.skipped)
     structures = list(reader.read(start, stop))
+    if hasattr(reader, "drop_missing_elements"):   # an element the psp lacks: a bad record
+        structures = reader.drop_missing_elements(structures, fz.psp.has,
+                                                  f"psp file {fz.psp.path}")
     t_read = time.perf_counter()
     specs = array_specs(fz.n_features, spec.dtype, spec.derivatives, spec.schema)
     pairs = (PairStream(spec.store, specs["pairs/dfeatures"], spec.pair_base, spec.pair_capacity)

@@ -151,6 +151,10 @@ class FrameNpzReader(Reader):
         self._ensure()
         return np.full(len(self), self._shape[1], dtype=np.int64)
 
+    def elements(self) -> set[int]:
+        self._ensure()
+        return {int(z) for z in self._numbers}
+
     def schema(self) -> Schema:
         return Schema.build(info={"molecule": "str", "frame_index": "int64",
                                   **self._extra_info_schema()},

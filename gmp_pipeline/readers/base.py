@@ -23,8 +23,11 @@ field.  With ``skip_bad_records=True`` a reader logs and skips them instead and 
 from __future__ import annotations
 
 import abc
+import difflib
+import inspect
 import logging
-from typing import Any, ClassVar, Iterator
+import os
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import numpy as np
 
@@ -34,6 +37,16 @@ from ..structure import Structure
 
 #: logger used by every reader (skipped records are logged here at WARNING level)
 logger = logging.getLogger("gmp_pipeline.readers")
+
+def missing_elements_text(missing: Iterable[int], where: str) -> str:
+    """'element Am (Z=95) has no entry in <where>' (plural for several)."""
+    from ..psp import element_symbol
+
+    missing = sorted(int(z) for z in missing)
+    names = ", ".join(f"{element_symbol(z)} (Z={z})" for z in missing)
+    return (f"element {names} has no entry in {where}" if len(missing) == 1 else
+            f"elements {names} have no entry in {where}")
+
 
 class Reader(abc.ABC):
     """Base class of every source reader (see the module docstring for the contract)."""
@@ -53,10 +66,41 @@ class Reader(abc.ABC):
     def __init__(self, path, *, skip_bad_records: bool = False, **options: Any):
         """``options``: the reader's own settings, recorded in :meth:`describe` (and so in a
         store's fingerprint); those given as None (left at their default) are left out."""
+        self._check_options(options)
         self.path = path
         self.skip_bad_records = bool(skip_bad_records)
         self.options = {k: v for k, v in options.items() if v is not None}
         self.skipped: list[tuple[int, str]] = []
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """The options this reader accepts: the keyword parameters of ``__init__`` along the
+        class hierarchy (so a subclass declares an option just by naming it)."""
+        names: set[str] = set()
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None or klass is object:
+                continue
+            for p in inspect.signature(init).parameters.values():
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and \
+                        p.name not in ("self", "path"):
+                    names.add(p.name)
+        return sorted(names)
+
+    def _check_options(self, options: dict[str, Any]) -> None:
+        """Refuse options no ``__init__`` of this reader declares (a misspelt option would
+        otherwise be recorded and silently ignored)."""
+        valid = self.option_names()
+        unknown = [k for k in options if k not in valid]
+        if not unknown:
+            return
+        key = unknown[0]
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        what = getattr(self, "format_name", None)
+        reader = f"the {self.name} reader" + (f" ({what})" if what and self.name == "ocp" else "")
+        raise InputError(f"unknown reader option {key!r} for {reader}{hint}; valid options: "
+                         f"{', '.join(valid)}")
 
     @abc.abstractmethod
     def __len__(self) -> int:
@@ -80,6 +124,46 @@ class Reader(abc.ABC):
         return {"reader": self.name, "path": str(self.path),
                 "options": {k: v for k, v in self.options.items()},
                 "skip_bad_records": self.skip_bad_records, "units": dict(self.units)}
+
+    def elements(self) -> set[int] | None:
+        """The atomic numbers present in the source when they are known cheaply (without reading
+        every record), else None; lets a run refuse a pseudopotential that lacks one of them
+        before anything starts."""
+        return None
+
+    def source_paths(self) -> list[str]:
+        """The files and directories the source is read from (its path and any option naming
+        an existing path, e.g. a split or an exclusion list), for the store's fingerprint."""
+        paths = [os.fspath(self.path)]
+        for value in self.options.values():
+            if isinstance(value, (str, os.PathLike)) and os.path.exists(value):
+                paths.append(os.fspath(value))
+        return paths
+
+    def record_path(self, structure: Structure) -> str:
+        """The file a structure came from: the reader's path, or the member ``file_name`` of a
+        directory or archive source."""
+        path = os.fspath(self.path)
+        name = structure.info.get("file_name") if structure.info else None
+        if isinstance(name, str) and name and os.path.basename(path) != name:
+            return os.path.join(path, name)
+        return path
+
+    def drop_missing_elements(self, structures: Iterable[Structure],
+                              known: Callable[[int], bool], where: str) -> list[Structure]:
+        """``structures`` without those holding an element ``known(z)`` refuses: each of those
+        is a bad record (raised, or with ``skip_bad_records`` logged, listed and dropped) naming
+        the file, the record and the element; ``where`` names what lacks it (the psp file)."""
+        kept = []
+        for s in structures:
+            missing = sorted({int(z) for z in np.unique(s.numbers) if not known(int(z))})
+            if missing:
+                self._bad_record(s.source_index, SourceError(
+                    missing_elements_text(missing, where), path=self.record_path(s),
+                    record=s.source_index, field="numbers"))
+                continue
+            kept.append(s)
+        return kept
 
     def __iter__(self) -> Iterator[Structure]:
         return self.read(0, len(self))

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -157,13 +158,96 @@ def _canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def fingerprint_parts(feature_config: dict, source: dict, options: dict, version: str) -> dict:
-    """What a store's content depends on; the fingerprint is a hash of exactly this."""
-    return {"feature_config": json.loads(_canonical(feature_config)),
-            "source": json.loads(_canonical(source)),
-            "options": json.loads(_canonical(options)),
-            "gmp_pipeline_version": version,
-            "format_version": FORMAT_VERSION}
+def fingerprint_parts(feature_config: dict, source: dict, options: dict, version: str,
+                      source_identity: dict | None = None) -> dict:
+    """What a store's content depends on; the fingerprint is a hash of exactly this.
+    ``source_identity``: :func:`source_identity` of the source's files (left out when None, as
+    in stores written before it existed)."""
+    parts = {"feature_config": json.loads(_canonical(feature_config)),
+             "source": json.loads(_canonical(source)),
+             "options": json.loads(_canonical(options)),
+             "gmp_pipeline_version": version,
+             "format_version": FORMAT_VERSION}
+    if source_identity is not None:
+        parts["source_identity"] = json.loads(_canonical(source_identity))
+    return parts
+
+
+#: sampled blocks of a source file: how many, and how many bytes each
+_SAMPLE_BLOCKS, _BLOCK = 4, 65536
+#: files of a directory source whose contents are sampled (the rest by size and mtime only)
+_SAMPLE_FILES = 4
+
+
+def _sample_hash(path: str, size: int) -> str:
+    """sha256 of a few blocks spread evenly over the file (all of it when it is small)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= _SAMPLE_BLOCKS * _BLOCK:
+            h.update(f.read())
+        else:
+            for k in range(_SAMPLE_BLOCKS):
+                f.seek((size - _BLOCK) * k // (_SAMPLE_BLOCKS - 1))
+                h.update(f.read(_BLOCK))
+    return h.hexdigest()[:16]
+
+
+def _file_identity(path: str) -> dict:
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "sample_sha256": _sample_hash(path, st.st_size)}
+
+
+def _dir_identity(path: str) -> dict:
+    """A directory by one stat per entry (no contents, so a QM9 directory of 130k files costs
+    130k stat calls) hashed into one listing digest, plus the sampled contents of a few files
+    (first, last and evenly between, by name)."""
+    entries = []
+    with os.scandir(path) as it:
+        for e in it:
+            if e.is_file():
+                st = e.stat()
+                entries.append((e.name, st.st_size, st.st_mtime_ns))
+    entries.sort()
+    listing = hashlib.sha256("\n".join(f"{n}\t{s}\t{m}" for n, s, m in entries).encode())
+    n = len(entries)
+    picks = sorted({(n - 1) * k // (_SAMPLE_FILES - 1) for k in range(_SAMPLE_FILES)}) if n else []
+    sample = hashlib.sha256()
+    for k in picks:
+        name, size, _ = entries[k]
+        sample.update(f"{name}:{_sample_hash(os.path.join(path, name), size)}".encode())
+    return {"files": n, "bytes": sum(s for _, s, _ in entries),
+            "listing_sha256": listing.hexdigest()[:16],
+            "sample_sha256": sample.hexdigest()[:16]}
+
+
+def source_identity(paths) -> dict:
+    """What identifies the source's files beyond their names, so that a source rewritten in
+    place is not taken for the one a store was written from: per file its size, mtime and a
+    hash of a few sampled blocks; per directory its listing (name, size, mtime of every file)
+    and sampled contents of a few files.  Keyed by the path; a path that does not exist is
+    left out."""
+    out = {}
+    for p in paths:
+        p = os.fspath(p)
+        if os.path.isdir(p):
+            out[p] = _dir_identity(p)
+        elif os.path.isfile(p):
+            out[p] = _file_identity(p)
+    return out
+
+
+def fingerprints_match(old: dict, new: dict) -> bool:
+    """Whether root attributes ``old`` (a store) and ``new`` (this run) have the same
+    fingerprint; a store written before ``source_identity`` was recorded is compared without
+    it (so its interrupted run can still be resumed)."""
+    if old.get("fingerprint") == new.get("fingerprint"):
+        return True
+    old_parts, new_parts = old.get("fingerprint_parts") or {}, new.get("fingerprint_parts") or {}
+    if "source_identity" in old_parts or "source_identity" not in new_parts:
+        return False
+    legacy = {k: v for k, v in new_parts.items() if k != "source_identity"}
+    return old.get("fingerprint") == fingerprint(legacy)
 
 
 def fingerprint(parts: dict) -> str:
@@ -220,11 +304,13 @@ def read_root_attrs(path) -> dict | None:
 
 
 def root_attrs(*, feature_config: dict, feature_list, source: dict, options: dict,
-               schema: Schema, version: str) -> dict:
+               schema: Schema, version: str, source_paths=None) -> dict:
     """The root attributes a run starts a store with (``complete: false``; the counts are added
-    when it is finalized)."""
+    when it is finalized).  ``source_paths``: the source's files and directories, whose
+    :func:`source_identity` joins the fingerprint."""
     schema = Schema.coerce(schema)
-    parts = fingerprint_parts(feature_config, source, options, version)
+    parts = fingerprint_parts(feature_config, source, options, version,
+                              None if source_paths is None else source_identity(source_paths))
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,

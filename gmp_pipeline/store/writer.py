@@ -35,10 +35,24 @@ import numpy as np
 from ..config import knob
 from ..errors import StoreError
 from .layout import (DIRECT, FORMAT_NAME, GROUP_ENCODING, ArraySpec, codecs_for,
-                     describe_differences,
+                     describe_differences, fingerprints_match,
                      quiet_zarr, read_root_attrs)
 from .staging import (StagedTasks, clean_partial_tasks, finished_tasks, load_metas, load_plan,
                       save_plan, staging_dir)
+
+
+def refuse_mismatch(path, old: dict, attrs: dict) -> None:
+    """Raise the :class:`StoreError` for a store (root attributes ``old``) whose fingerprint
+    differs from this run's ``attrs``, naming what differs."""
+    diffs = describe_differences(old.get("fingerprint_parts", {}),
+                                 attrs.get("fingerprint_parts", {}))
+    detail = "; ".join(diffs) if diffs else "fingerprint differs"
+    if diffs and all(d.startswith("source_identity.") for d in diffs):
+        raise StoreError(f"{path} was written from a source that has changed since "
+                         f"(same path and options, other contents: {detail}). Use "
+                         "--overwrite to recompute it, or choose another output path.")
+    raise StoreError(f"{path} was written with a different configuration ({detail}). "
+                     "Use --overwrite to replace it, or choose another output path.")
 
 
 def prepare_store(path, attrs: dict, *, overwrite: bool = False) -> str:
@@ -62,12 +76,8 @@ def prepare_store(path, attrs: dict, *, overwrite: bool = False) -> str:
         elif old.get("format") != FORMAT_NAME:
             raise StoreError(f"{path} is a Zarr store but not a {FORMAT_NAME} store; use "
                              "--overwrite to replace it")
-        elif old.get("fingerprint") != attrs["fingerprint"]:
-            diffs = describe_differences(old.get("fingerprint_parts", {}),
-                                         attrs.get("fingerprint_parts", {}))
-            detail = "; ".join(diffs) if diffs else "fingerprint differs"
-            raise StoreError(f"{path} was written with a different configuration ({detail}). "
-                             "Use --overwrite to replace it, or choose another output path.")
+        elif not fingerprints_match(old, attrs):
+            refuse_mismatch(path, old, attrs)
         elif old.get("complete"):
             return "complete"
         else:

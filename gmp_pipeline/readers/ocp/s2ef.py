@@ -13,7 +13,11 @@ from ...errors import InputError, SourceError
 from ...schema import Schema
 from ...structure import Structure
 from .._common import as_positions, scan_xyz_frames
+from ..base import logger
 from ._base import OCPReader
+
+#: shards already warned about (in this process) for a missing .txt sidecar
+_WARNED_NO_TXT: set[str] = set()
 
 
 _KV = re.compile(r'(\w+)=("([^"]*)"|\S+)')
@@ -81,7 +85,23 @@ class S2EFExtxyzReader(OCPReader):
             sizes.append(len(c))
             counts.append(c)
         self._counts = np.concatenate(counts).astype(np.int64) if counts else np.zeros(0, int)
+        self._warn_missing_txt(files)
         return files, sizes
+
+    def _warn_missing_txt(self, files) -> None:
+        """One warning per source (and process) for the shards read without a sidecar."""
+        bare = [f for f, t in zip(files, self._txt) if t is None]
+        key = os.path.realpath(os.fspath(self.path))
+        if not bare or key in _WARNED_NO_TXT:
+            return
+        _WARNED_NO_TXT.add(key)
+        names = ", ".join(os.path.basename(f) for f in bare[:3]) + (", ..." if len(bare) > 3
+                                                                     else "")
+        sidecar = re.sub(r"\.extxyz(\.xz)?$", ".txt", os.path.basename(bare[0]))
+        logger.warning("%s: %d of %d S2EF shards have no .txt/.txt.xz sidecar (%s; e.g. %s is "
+                       "missing): their frames get sid = fid = -1 and no reference_energy "
+                       "(the system and frame ids are lost); require_txt=True refuses such "
+                       "shards", self.path, len(bare), len(files), names, sidecar)
 
     def _count_frames(self, path) -> np.ndarray:
         try:
