@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _harmonics
 from .errors import InputError
-from .psp import Pseudopotential, element_symbol, load_psp
+from .psp import element_symbol, load_psp
 from .structure import Structure
 
 #: order factor f(n) of the cutoff threshold (spec 7.1)
