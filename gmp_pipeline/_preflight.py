@@ -25,7 +25,7 @@ def check_before_cluster(reader, store, featurizer, *, derivatives: bool, dtype:
     """
     from .store.layout import FORMAT_NAME, fingerprints_match, read_root_attrs
     from .store.lock import lock_path, store_lock
-    from .store.writer import refuse_mismatch
+    from .store.writer import only_skip_bad_records_turned_on, refuse_mismatch
 
     path = Path(os.path.abspath(os.fspath(store)))
     lock = lock_path(path)
@@ -51,5 +51,5 @@ def check_before_cluster(reader, store, featurizer, *, derivatives: bool, dtype:
 
     attrs, _ = store_attrs(reader, featurizer, derivatives=derivatives, dtype=dtype,
                            derivative_atoms=derivative_atoms)
-    if not fingerprints_match(old, attrs):
+    if not fingerprints_match(old, attrs) and not only_skip_bad_records_turned_on(old, attrs):
         refuse_mismatch(path, old, attrs)    # the writer's own message, naming what differs

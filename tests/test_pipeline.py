@@ -317,3 +317,24 @@ def test_bad_record_mid_run_fails_cleanly_and_store_stays_incomplete(tmp_path, d
     assert g["skipped/source_index"][:].tolist() == [60]
     assert "60" in str(g["skipped/message"][0])
     assert re.search(r"\b1 skipped records", run_cli("inspect", out).output)
+
+
+def test_retry_with_skip_bad_records_keeps_the_finished_tasks(tmp_path, dask_address):
+    bad = _corrupt_toy(tmp_path / "bad.extxyz", 60)
+    feats = write_features_yaml(tmp_path / "f.yaml")
+    out, ref = tmp_path / "retry.zarr", tmp_path / "ref.zarr"
+    args = ["featurize", "ase", bad, "--features", feats, "--chunk-size", 10,
+            "--cluster", dask_address, "--no-progress"]
+    res = run_cli(*args, "-o", out)
+    assert res.exit_code == 1 and "record 60" in res.output
+    done = len(staging.finished_tasks(out))
+    assert done > 0
+    res = run_cli(*args, "-o", out, "--skip-bad-records")      # the retry: no --overwrite
+    assert res.exit_code == 0, res.output
+    m = re.search(r"(\d+) already done", res.output)
+    assert m and int(m.group(1)) >= done, res.output
+    assert run_cli(*args, "-o", ref, "--skip-bad-records").exit_code == 0
+    assert_stores_equal(out, ref)
+    # and the store now carries this run's configuration: the same command is "complete"
+    res = run_cli(*args, "-o", out, "--skip-bad-records")
+    assert res.exit_code == 0 and "nothing to do" in res.output

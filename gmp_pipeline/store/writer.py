@@ -35,10 +35,22 @@ import numpy as np
 from ..config import knob
 from ..errors import StoreError
 from .layout import (DIRECT, FORMAT_NAME, GROUP_ENCODING, ArraySpec, codecs_for,
-                     describe_differences, fingerprints_match,
+                     describe_differences, fingerprint, fingerprints_match,
                      quiet_zarr, read_root_attrs)
 from .staging import (StagedTasks, clean_partial_tasks, finished_tasks, load_metas, load_plan,
                       save_plan, staging_dir)
+
+
+def only_skip_bad_records_turned_on(old: dict, attrs: dict) -> bool:
+    """Whether this run differs from the store only by ``--skip-bad-records`` now being on
+    (a retry of a run that stopped at a bad record)."""
+    a = old.get("fingerprint_parts") or {}
+    b = attrs.get("fingerprint_parts") or {}
+    if not a or not b or a.get("source", {}).get("skip_bad_records") is not False \
+            or b.get("source", {}).get("skip_bad_records") is not True:
+        return False
+    a2 = {**a, "source": {**a["source"], "skip_bad_records": True}}
+    return fingerprints_match({"fingerprint": fingerprint(a2), "fingerprint_parts": a2}, attrs)
 
 
 def refuse_mismatch(path, old: dict, attrs: dict) -> None:
@@ -77,7 +89,19 @@ def prepare_store(path, attrs: dict, *, overwrite: bool = False) -> str:
             raise StoreError(f"{path} is a Zarr store but not a {FORMAT_NAME} store; use "
                              "--overwrite to replace it")
         elif not fingerprints_match(old, attrs):
-            refuse_mismatch(path, old, attrs)
+            if not only_skip_bad_records_turned_on(old, attrs):
+                refuse_mismatch(path, old, attrs)
+            # the same run retried with --skip-bad-records: without it no finished task can
+            # have skipped a record, so they all stand; the store takes this run's fingerprint
+            import zarr
+
+            with quiet_zarr():
+                zarr.open_group(str(path), mode="r+", use_consolidated=False).attrs.update(
+                    {k: attrs[k] for k in ("fingerprint", "fingerprint_parts", "source")})
+            if old.get("complete"):
+                return "complete"
+            staging_dir(path).mkdir(parents=True, exist_ok=True)
+            return "resume"
         elif old.get("complete"):
             return "complete"
         else:
