@@ -184,3 +184,25 @@ def test_bad_file_in_a_batch_reported_by_file_record_and_field(tmp_path):
     r = open_reader("qm9", d, skip_bad_records=True)
     got = [s.info["gdb_index"] for s in r.read()]
     assert 5001 not in got and len(got) == 19 and [i for i, _ in r.skipped] == [11]
+
+
+@pytest.mark.parametrize("old,new", [
+    (b"-0.0126981359", b"-0.01269813591234567"),   # 16 significant digits: numpy path
+    (b"157.7118", b"1.577118e2"),                  # e exponent
+    (b"-0.535689", b"-5.35689*^-1"),               # Mathematica exponent
+    (b"157.70997", b"nan"),                        # what float() takes, numpy path
+])
+def test_batch_parser_number_paths_give_float_values(old, new):
+    """Compiled scanner (<= 15 digits, |exponent| <= 22) and numpy fallback: the same doubles
+    as Python's float()."""
+    blobs = [f.read_bytes() for f in FILES]
+    blobs[0] = blobs[0].replace(old, new, 1)
+    assert new in blobs[0]
+    fast = parse_batch(blobs)
+    for b, rec in zip(blobs, fast):
+        ref = parse_qm9_text(b.decode(), path="x", record=0)
+        assert np.array_equal(rec["positions"], ref["positions"])
+        assert np.array_equal(rec["charges"], ref["charges"])
+        assert {k: v for k, v in rec["info"].items() if k != "B"} == \
+            {k: v for k, v in ref["info"].items() if k != "B"}
+        assert np.array_equal([rec["info"]["B"]], [ref["info"]["B"]], equal_nan=True)
