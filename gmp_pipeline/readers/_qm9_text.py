@@ -40,14 +40,20 @@ def parse_batch(blobs: Sequence[bytes]) -> list[dict[str, Any]]:
     """Parse the raw bytes of many dsgdb9nsd files; return one dict per file with
     ``numbers``, ``positions``, ``charges`` and ``info`` (as ``parse_qm9_text``).
 
-    Numbers go through compiled scanners (:func:`_scan_heads`, :func:`_scan_atoms`,
-    :func:`_scan_counts`); a batch they cannot take (a number with more than 15 significant
-    digits, ``nan``, ...) goes through numpy's own conversion instead.  Raises
+    The whole batch goes through one compiled pass (:func:`_scan_files`); a batch it cannot
+    take is split into lines in Python and its numbers go through the line scanners
+    (:func:`_scan_heads`, :func:`_scan_atoms`, :func:`_scan_counts`) or, when they cannot take
+    them either (a number with more than 15 significant digits, ``nan``, ...), through numpy's
+    own conversion.  Raises
     :class:`NotParsed` when any file of the batch does not fit the grammar.
     """
     m = len(blobs)
     if m == 0:
         return []
+    out = _parse_compiled(blobs)
+    if out is not None:
+        return out
+    # line by line in Python, numbers through the scanners or numpy
     ns = np.empty(m, dtype=np.int64)
     heads: list[bytes] = []
     atoms: list[bytes] = []
@@ -318,3 +324,172 @@ def _scan_counts(buf, m, counts, pow10):
         counts[k] = c
         i += 1
     return 0
+
+
+@njit(cache=True, nogil=True)
+def _line_end(buf, i, n):
+    while i < n and buf[i] != 10:
+        i += 1
+    return i
+
+
+@njit(cache=True, nogil=True)
+def _count_atoms(buf, starts, ends, ns):
+    """The atom count (first line) of every file; -1 when one is not a positive integer."""
+    for k in range(starts.shape[0]):
+        n = ends[k]
+        i = _skip_ws(buf, starts[k], n)
+        v = 0
+        nd = 0
+        while i < n and 48 <= buf[i] <= 57:
+            v = v * 10 + (buf[i] - 48)
+            nd += 1
+            i += 1
+            if nd > 9:
+                return -1
+        i = _skip_ws(buf, i, n)
+        if nd == 0 or v < 1 or (i < n and buf[i] != 10):
+            return -1
+        ns[k] = v
+    return 0
+
+
+@njit(cache=True, nogil=True)
+def _scan_files(buf, starts, ends, ns, zlut, pow10, gdb, props, numbers, xyzq, nfreq, spans):
+    """Every file of a batch in one pass: header, atoms, frequency count; ``spans[k]`` gets the
+    byte ranges of the frequency, SMILES and InChI lines.  0 when every file fits."""
+    a = 0
+    for k in range(starts.shape[0]):
+        n = ends[k]
+        i = _line_end(buf, starts[k], n) + 1          # past the atom-count line
+        # property line
+        i = _skip_ws(buf, i, n)
+        if i + 3 >= n or buf[i] != 103 or buf[i + 1] != 100 or buf[i + 2] != 98:
+            return -1
+        i += 3
+        if not (buf[i] == 32 or buf[i] == 9):
+            return -1
+        i = _skip_ws(buf, i, n)
+        g = 0
+        nd = 0
+        while i < n and 48 <= buf[i] <= 57:
+            g = g * 10 + (buf[i] - 48)
+            nd += 1
+            i += 1
+        if nd == 0 or nd > 12 or (i < n and not (buf[i] == 32 or buf[i] == 9)):
+            return -1
+        gdb[k] = g
+        for c in range(15):
+            i = _skip_ws(buf, i, n)
+            v, i, ok = _number(buf, i, n, pow10)
+            if not ok:
+                return -1
+            props[k, c] = v
+        i = _skip_ws(buf, i, n)
+        if i >= n or buf[i] != 10:
+            return -1
+        i += 1
+        # atom lines
+        for _ in range(ns[k]):
+            i = _skip_ws(buf, i, n)
+            if i + 1 >= n:
+                return -1
+            z = zlut[buf[i]]
+            if z == 0 or not (buf[i + 1] == 32 or buf[i + 1] == 9):
+                return -1
+            numbers[a] = z
+            i += 1
+            for c4 in range(4):
+                i = _skip_ws(buf, i, n)
+                v, i, ok = _number(buf, i, n, pow10)
+                if not ok:
+                    return -1
+                xyzq[a, c4] = v
+            i = _skip_ws(buf, i, n)
+            if i >= n or buf[i] != 10:
+                return -1
+            i += 1
+            a += 1
+        # frequencies
+        spans[k, 0] = i
+        c = 0
+        while True:
+            i = _skip_ws(buf, i, n)
+            if i >= n or buf[i] == 10:
+                break
+            v, i, ok = _number(buf, i, n, pow10)
+            if not ok:
+                return -1
+            c += 1
+        if i >= n:
+            return -1
+        spans[k, 1] = i
+        nfreq[k] = c
+        i += 1
+        # SMILES and InChI lines (their content is checked in Python)
+        spans[k, 2] = i
+        i = _line_end(buf, i, n)
+        spans[k, 3] = i
+        if i >= n:
+            return -1
+        i += 1
+        spans[k, 4] = i
+        i = _line_end(buf, i, n)
+        spans[k, 5] = i
+    return 0
+
+
+def _parse_compiled(blobs: Sequence[bytes]):
+    """The whole batch through :func:`_scan_files`; None when it cannot take it."""
+    m = len(blobs)
+    lengths = np.fromiter((len(b) for b in blobs), dtype=np.int64, count=m)
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    data = b"".join(blobs)
+    buf = np.frombuffer(data, dtype=np.uint8)
+    ns = np.empty(m, dtype=np.int64)
+    if _count_atoms(buf, starts, ends, ns) != 0:
+        return None
+    n_total = int(ns.sum())
+    gdb = np.empty(m, dtype=np.int64)
+    props = np.empty((m, 15))
+    numbers = np.empty(n_total, dtype=np.int64)
+    xyzq = np.empty((n_total, 4))
+    nfreq = np.empty(m, dtype=np.int64)
+    spans = np.empty((m, 6), dtype=np.int64)
+    if _scan_files(buf, starts, ends, ns, _ZLUT, _POW10, gdb, props, numbers, xyzq, nfreq,
+                   spans) != 0:
+        return None
+    ok = (ns < 2) | (nfreq == 3 * ns - 6) | (nfreq == 3 * ns - 5)
+    if not ok.all():
+        raise NotParsed
+    out = []
+    props_l, gdb_l, ns_l, nf_l, sp = props.tolist(), gdb.tolist(), ns.tolist(), nfreq.tolist(), \
+        spans.tolist()
+    a0 = 0
+    try:
+        for k in range(m):
+            n, nf = ns_l[k], nf_l[k]
+            f0, f1, s0, s1, i0, i1 = sp[k]
+            smiles = data[s0:s1].strip().split(b"\t")
+            inchi = data[i0:i1].strip().split(b"\t")
+            if len(smiles) != 2 or len(inchi) != 2:
+                raise NotParsed
+            text = b" ".join(data[f0:f1].split())
+            if b"*^" in text:
+                text = text.replace(b"*^", b"e")
+            info: dict[str, Any] = {"gdb_index": gdb_l[k]}
+            info.update(zip(PROPERTIES, props_l[k]))
+            info.update({"n_frequencies": nf, "frequencies": text.decode("ascii"),
+                         "linear": nf == 3 * n - 5 and n > 2,
+                         "smiles_gdb": smiles[0].strip().decode("utf-8"),
+                         "smiles_relaxed": smiles[1].strip().decode("utf-8"),
+                         "inchi_gdb": inchi[0].strip().decode("utf-8"),
+                         "inchi_relaxed": inchi[1].strip().decode("utf-8")})
+            block = xyzq[a0:a0 + n]
+            out.append({"numbers": numbers[a0:a0 + n], "positions": block[:, :3],
+                        "charges": block[:, 3], "info": info})
+            a0 += n
+    except UnicodeDecodeError:
+        raise NotParsed from None
+    return out
