@@ -336,9 +336,10 @@ class QM9Reader(Reader):
     def _texts(self, start: int, stop: int) -> Iterator[tuple[int, str, bytes]]:
         """Yield (reader index, file name, raw bytes); unreadable files are bad records."""
         if self._is_dir:
+            base = os.path.join(os.fspath(self.path), "")
             for i in range(start, stop):
                 name = self._names[i]
-                p = os.path.join(self.path, name)
+                p = base + name
                 try:
                     fd = os.open(p, os.O_RDONLY)
                     try:
@@ -375,7 +376,11 @@ class QM9Reader(Reader):
                 recs = parse_batch([b for _, _, b in batch])
             except NotParsed:
                 recs = [None] * len(batch)
-            for (i, name, blob), rec in zip(batch, recs):
+            expect = self._gdb[[i for i, _, _ in batch]].tolist()
+            for (i, name, blob), rec, gdb in zip(batch, recs, expect):
+                if rec is not None and rec["info"]["gdb_index"] == gdb:
+                    yield i, name, rec
+                    continue
                 where = os.path.join(self.path, name) if self._is_dir else f"{self.path}:{name}"
                 try:
                     if rec is None:  # file by file: the error names file, record and field
@@ -385,7 +390,7 @@ class QM9Reader(Reader):
                             raise SourceError(f"cannot read ({exc})", path=where, record=i,
                                               field="file") from None
                         rec = parse_qm9_text(text, path=where, record=i)
-                    if rec["info"]["gdb_index"] != self._gdb[i]:
+                    if rec["info"]["gdb_index"] != gdb:
                         raise SourceError(f"header index {rec['info']['gdb_index']} does not "
                                           "match the file name", path=where, record=i,
                                           field="index")
