@@ -206,3 +206,17 @@ def test_batch_parser_number_paths_give_float_values(old, new):
         assert {k: v for k, v in rec["info"].items() if k != "B"} == \
             {k: v for k, v in ref["info"].items() if k != "B"}
         assert np.array_equal([rec["info"]["B"]], [ref["info"]["B"]], equal_nan=True)
+
+
+def test_archive_excludes_uncharacterized(tmp_path):
+    import shutil
+
+    arc = _archive(tmp_path / "a.tar.bz2", FILES, shuffle_seed=1)
+    shutil.copy(SAMPLES / "uncharacterized.txt", tmp_path / "uncharacterized.txt")
+    r = open_reader("qm9", arc, exclude_uncharacterized=True, scratch_dir=tmp_path / "s")
+    got = [s.info["gdb_index"] for s in r.read()]
+    assert len(r) == 19 and 5003 not in got and got == sorted(got)
+    assert list(r.n_atoms()) == [len(s) for s in r.read()]
+    clone = pickle.loads(pickle.dumps(r))
+    assert [s.info["gdb_index"] for s in clone.read(12, 14)] == got[12:14]
+    r.close()

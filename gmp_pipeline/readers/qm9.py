@@ -275,8 +275,10 @@ class QM9Reader(Reader):
             self._names = [nm for _, nm in kept]
         else:
             idx, _ = self._staged()
-            keep = np.fromiter((self._keep(int(g)) for g in idx["gdb"]), dtype=bool,
-                               count=len(idx["gdb"]))
+            if self._exclude and self._unchar:
+                keep = ~np.isin(idx["gdb"], np.fromiter(self._unchar, dtype=np.int64))
+            else:
+                keep = np.ones(len(idx["gdb"]), dtype=bool)
             self._rows = np.nonzero(keep)[0]
             self._gdb = idx["gdb"][self._rows]
             self._ordinal = idx["ordinal"][self._rows]
