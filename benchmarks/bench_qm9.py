@@ -80,6 +80,46 @@ def parse_rate(directory: Path, limit: int | None, legacy_n: int) -> dict:
     return out
 
 
+def inproc_share(source: Path, n_chunks: int = 40, chunk: int = 1070) -> dict:
+    """Reading vs featurizing (default feature set, no derivatives) of the same task-sized
+    chunks in this process, as a task does them (a pickled reader, list(read(a, b)), then
+    featurize each structure): wall and CPU ratios under the same load for both."""
+    import pickle
+
+    import yaml
+
+    from gmp_pipeline import GMPFeaturizer
+    from gmp_pipeline.pipeline import get_featurizer
+    from gmp_pipeline.readers import open_reader
+
+    import gmp_pipeline
+
+    cfg = yaml.safe_load(open(Path(gmp_pipeline.__file__).parent / "data" /
+                              "features-default.yaml"))
+    fz = get_featurizer(GMPFeaturizer(**cfg).config())
+    r = open_reader("qm9", source)
+    n = len(r)
+    blob = pickle.dumps(r)
+    fz.featurize(next(pickle.loads(blob).read(0, 1)), derivatives=False)
+    tr = tf = cr = cf = 0.0
+    step = max(chunk, (n - chunk) // n_chunks)
+    for a in range(0, n - chunk, step)[:n_chunks]:
+        w = pickle.loads(blob)
+        t, c = time.perf_counter(), time.process_time()
+        st = list(w.read(a, a + chunk))
+        tr += time.perf_counter() - t
+        cr += time.process_time() - c
+        t, c = time.perf_counter(), time.process_time()
+        for x in st:
+            fz.featurize(x, derivatives=False)
+        tf += time.perf_counter() - t
+        cf += time.process_time() - c
+    if hasattr(r, "close"):
+        r.close()
+    return {"read_wall_s": tr, "featurize_wall_s": tf, "wall_share": tr / tf,
+            "cpu_share": cr / cf, "molecules": n_chunks * chunk}
+
+
 def run_cli(source: Path, store: Path, workers: int) -> dict:
     cmd = [sys.executable, "-m", "gmp_pipeline.cli", "featurize", "qm9", str(source), "-o",
            str(store), "--workers", str(workers), "--no-progress", "--overwrite",
@@ -161,6 +201,13 @@ def main():
               f"{p['per_file_parser_mol_per_cpu_s']:,.0f} molecules per CPU second")
         print(f"  batch == per-file parser on {p['records_checked']} molecules: "
               f"{p['records_differing']} differ", flush=True)
+    if not args.skip_parse:
+        for label, src in (("dir", directory), ("archive", archive)):
+            q = inproc_share(src)
+            print(f"in-process, {label}: reading / featurizing (default set) of {q['molecules']} "
+                  f"molecules in task-sized chunks: wall {100 * q['wall_share']:.1f} %, CPU "
+                  f"{100 * q['cpu_share']:.1f} % ({q['read_wall_s']:.1f} s vs "
+                  f"{q['featurize_wall_s']:.1f} s)", flush=True)
     if args.skip_cli:
         return
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_qm9_", dir="/work/data"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+from itertools import islice
 from typing import Any, Iterator
 
 import numpy as np
@@ -369,19 +370,22 @@ class QM9Reader(Reader):
                                   path=f"{self.path}:{name}", record=i, field="archive") from None
             yield i, name, data
 
-    def _parsed(self, start: int, stop: int):
-        """Yield (index, name, where, record dict) in batches; bad records are reported."""
-        batch: list[tuple[int, str, bytes]] = []
-
-        def flush():
+    def _parsed(self, start: int, stop: int) -> Iterator[list[tuple[int, str, dict]]]:
+        """Yield batches of (index, name, record dict); bad records are reported."""
+        texts = self._texts(start, stop)
+        while True:
+            batch = list(islice(texts, _BATCH))
+            if not batch:
+                return
             try:
                 recs = parse_batch([b for _, _, b in batch])
             except NotParsed:
                 recs = [None] * len(batch)
             expect = self._gdb[[i for i, _, _ in batch]].tolist()
+            out = []
             for (i, name, blob), rec, gdb in zip(batch, recs, expect):
                 if rec is not None and rec["info"]["gdb_index"] == gdb:
-                    yield i, name, rec
+                    out.append((i, name, rec))
                     continue
                 where = os.path.join(self.path, name) if self._is_dir else f"{self.path}:{name}"
                 try:
@@ -399,25 +403,20 @@ class QM9Reader(Reader):
                 except SourceError as err:
                     self._bad_record(i, err)
                     continue
-                yield i, name, rec
-            batch.clear()
-
-        for item in self._texts(start, stop):
-            batch.append(item)
-            if len(batch) >= _BATCH:
-                yield from flush()
-        if batch:
-            yield from flush()
+                out.append((i, name, rec))
+            yield out
 
     def read(self, start: int = 0, stop: int | None = None) -> Iterator[Structure]:
         start, stop = self._check_range(start, stop)
         unchar = self._unchar
-        for i, name, rec in self._parsed(start, stop):
-            info = {"gdb_index": rec["info"].pop("gdb_index"), "file_name": name}
-            info.update(rec["info"])
-            if unchar is not None:
-                info["uncharacterized"] = info["gdb_index"] in unchar
-            yield Structure(numbers=rec["numbers"], positions=rec["positions"],
-                            cell=MOLECULE_CELL, pbc=MOLECULE_PBC,
-                            energy=info[self._energy_key] * self._factor, forces=None,
-                            source_index=i, info=info, atom_info={"charges": rec["charges"]})
+        key, factor = self._energy_key, self._factor
+        for batch in self._parsed(start, stop):
+            for i, name, rec in batch:
+                info = rec["info"]
+                info["file_name"] = name
+                if unchar is not None:
+                    info["uncharacterized"] = info["gdb_index"] in unchar
+                yield Structure(numbers=rec["numbers"], positions=rec["positions"],
+                                cell=MOLECULE_CELL, pbc=MOLECULE_PBC,
+                                energy=info[key] * factor, forces=None,
+                                source_index=i, info=info, atom_info={"charges": rec["charges"]})
