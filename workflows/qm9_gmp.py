@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny run on the bundled samples (CI)")
     p.add_argument("--runs", help="comma list of training sizes and/or 'fextrap' (default all)")
     p.add_argument("--report", action="store_true", help="only aggregate existing run results")
+    p.add_argument("--notes", type=Path, help="with --report: a markdown file whose text goes "
+                   "into the results as the measured run's status and interpretation")
     p.add_argument("--features", type=Path, default=C.DATA / "gmp_qm9.yaml")
     p.add_argument("--store", type=Path, help="features store (default <out>/work/qm9_gmp.zarr)")
     p.add_argument("--hidden", default="128,128")
@@ -385,7 +387,7 @@ def main(argv=None):
     a = parse_args(argv)
     command = "python workflows/qm9_gmp.py " + " ".join(argv)
     if a.report:
-        s = aggregate(a.out, None)
+        s = aggregate(a.out, None, {"notes": a.notes.read_text().strip()} if a.notes else None)
         print((a.out / "qm9_results.md").read_text())
         return s
     C.set_threads(a.threads)
