@@ -7,9 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # torch first, pinned: on this machine kind torch==2.13.0 is a CPU build already on disk, while an
 # unpinned `torch` would pull a multi-GB CUDA build.  Then the package with the extras the tests
-# use (the torch adapter of the store reader, the workflows and their BP baseline).
+# use (the torch adapter of the store reader, the workflows and their BP baseline, qm9pack for
+# the QM9 rebuild test).
 python3 -m pip install --quiet "torch==2.13.0"
-python3 -m pip install --quiet -e ".[test,train,workflows]"
+python3 -m pip install --quiet -e ".[test,train,workflows,qm9]"
 
 if [[ "$(id -u)" == 0 && "${GMP_NO_SLURM:-0}" != 1 ]]; then
     slurm_was_up=0

@@ -156,3 +156,51 @@ def test_force_check_uses_the_package_collate(common, f64_store):
         want = -np.einsum("im,ijxm->jx", g.numpy(), dense)
         got = F[b["batch"] == k].detach().numpy()
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------- QM9
+@pytest.fixture(scope="module")
+def qm9_smoke(tmp_path_factory):
+    pytest.importorskip("torch", reason="the QM9 workflow trains with torch (pip install "
+                        "-e '.[train]'; here: pip install torch==2.13.0)")
+    pytest.importorskip("matplotlib", reason="the workflows plot with matplotlib")
+    out = tmp_path_factory.mktemp("qm9")
+    stdout = run_script("qm9_gmp.py", "--smoke", "--out", out, timeout=1800)
+    return out, stdout
+
+
+def test_qm9_gmp_smoke_split_runs_resume(qm9_smoke):
+    out, stdout = qm9_smoke
+    assert "gmp-pipeline featurize qm9" in stdout
+    res = json.loads((out / "qm9_gmp.json").read_text())
+    assert set(res["runs"]) == {"gmp_4", "gmp_12", "gmp_fextrap"}
+    for r in res["runs"].values():
+        assert r["smoke"] and r["n_features"] == 21 and r["finished"] and r["model"] == "shared"
+    assert math.isfinite(res["runs"]["gmp_12"]["test"]["mae_kcal_mol"])
+    assert res["runs"]["gmp_12"]["test"]["n"] == 4
+    assert not res["runs"]["gmp_fextrap"]["train_set_has_F"]
+    assert res["loglog_fit_all_points"]["slope"] is not None
+    split = np.load(out / "qm9_split.npz")
+    assert len(split["train"]) == 12 and len(split["val"]) == 4 and len(split["test"]) == 4
+    assert len(set(split["train"]) | set(split["val"]) | set(split["test"])) == 20
+    assert (out / "qm9_learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Smoke run" in (out / "qm9_results.md").read_text()
+    # the same command again resumes every run from its checkpoint (nothing retrained)
+    again = run_script("qm9_gmp.py", "--smoke", "--out", out, timeout=1800)
+    assert again.count("resuming from") == 3 and "using the complete store" in again
+    assert json.loads((out / "qm9_gmp.json").read_text())["runs"]["gmp_12"]["test"] == \
+        res["runs"]["gmp_12"]["test"]
+
+
+def test_qm9_bp_smoke(qm9_smoke):
+    pytest.importorskip("dscribe", reason="the BP baseline uses DScribe's ACSF "
+                        "(pip install -e '.[workflows]')")
+    out, _ = qm9_smoke
+    run_script("qm9_bp.py", "--smoke", "--out", out, timeout=1800)
+    res = json.loads((out / "qm9_gmp.json").read_text())
+    bp = res["runs"]["bp_12"]
+    assert bp["model"] == "per_element" and bp["n_features"] == 40 and bp["features"] == "acsf"
+    assert math.isfinite(bp["test"]["mae_kcal_mol"])
+    assert bp["featurize_timing"]["acsf_ms_per_molecule"] > 0
+    assert "gmp-elem_12" in res["runs"]
+    assert "GMP versus Behler-Parrinello" in (out / "qm9_results.md").read_text()

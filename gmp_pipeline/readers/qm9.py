@@ -10,20 +10,22 @@ InChI.  Mathematica exponents (``7.9254*^-6``) are accepted in every numeric fie
 ``info`` in their original units (``describe()["property_units"]``).  No forces (equilibrium
 geometries).  Molecules: cell zeros, pbc False.
 
-Order: a directory is read in gdb-index order; an archive in member order (the original archive
-is in gdb-index order).  ``exclude_uncharacterized=True`` drops the 3,054 molecules listed in
+Order: gdb-index order, for a directory and for an archive whatever its member order.  ``exclude_uncharacterized=True`` drops the 3,054 molecules listed in
 ``uncharacterized.txt`` (``uncharacterized=`` path, else the file next to ``path``); ``source_index``
 is then the position among the kept molecules and ``info["gdb_index"]`` the QM9 index.
 
-The archive is not randomly accessible: its index (names, atom counts) costs one decompression
-pass per process, and ``read(a, b)`` continues an open stream when ``a`` is at or after its
-position (sequential chunks cost one pass in total), otherwise it restarts from the beginning.
+The archive is decompressed ONCE per run, when the index is first needed (``len()``,
+``n_atoms()``, or pickling), into a scratch directory the reader owns and removes when closed,
+collected or at exit (``_qm9_archive``; ``scratch_dir=`` chooses where); every ``read(a, b)``, in
+any process and any order, then reads its members by offset.  Files are parsed in batches by
+``_qm9_text.parse_batch``; a batch that does not fit the grammar is parsed file by file by
+:func:`parse_qm9_text`, whose errors name the file, the record and the field.
 """
 from __future__ import annotations
 
 import os
 import re
-import tarfile
+from itertools import islice
 from typing import Any, Iterator
 
 import numpy as np
@@ -33,7 +35,11 @@ from ..structure import Structure
 from ._common import (MOLECULE_CELL, MOLECULE_PBC, conversion_record, energy_conversion,
                       make_units)
 from ..schema import Schema
+from . import _qm9_archive as _arch
+from ._qm9_text import NotParsed, parse_batch
 from .base import Reader, logger
+
+_BATCH = 512  # files parsed together
 
 PROPERTIES = ("A", "B", "C", "mu", "alpha", "homo", "lumo", "gap", "r2", "zpve", "U0", "U", "H",
               "G", "Cv")
@@ -175,11 +181,11 @@ class QM9Reader(Reader):
 
     name = "qm9"
 
-    _transient = ("_counts", "_stream")
+    _transient = ("_counts", "_stream", "_stage_owner")
 
     def __init__(self, path, *, uncharacterized=None, exclude_uncharacterized: bool = False,
                  energy_key: str = "U0", energy_unit: str | None = None,
-                 skip_bad_records: bool = False, **options: Any):
+                 skip_bad_records: bool = False, scratch_dir=None, **options: Any):
         if energy_key not in _ENERGY_KEYS:
             raise InputError(f"energy_key {energy_key!r} is not a QM9 energy property; choose "
                              f"one of {', '.join(_ENERGY_KEYS)}")
@@ -197,6 +203,41 @@ class QM9Reader(Reader):
         self._names: list[str] | None = None    # file names (directory) per kept molecule
         self._ordinal: np.ndarray | None = None  # archive member ordinal per kept molecule
         self._is_dir = os.path.isdir(path)
+        # archive staging (not an option: it changes where, never what, is read)
+        self._scratch_dir = None if scratch_dir is None else os.fspath(scratch_dir)
+        self._stage_dir: str | None = None
+        self._rows: np.ndarray | None = None    # staged-index row per kept molecule
+
+    def __getstate__(self):
+        if not self._is_dir:
+            self._index()  # stage once here, so that no copy decompresses again
+        state = super().__getstate__()
+        if not self._is_dir:  # workers re-derive these from the staged index
+            for key in ("_gdb", "_rows", "_ordinal"):
+                state[key] = None
+        return state
+
+    def close(self) -> None:
+        """Remove the archive's staging directory if this reader made it."""
+        owner = self.__dict__.pop("_stage_owner", None)
+        if owner is not None:
+            owner()
+        self._stage_dir = None
+        self._gdb = self._rows = None
+
+    def _staged(self) -> tuple[dict, int]:
+        """(index, fd) of the staged archive, staging it first when needed."""
+        if self._stage_dir is not None:
+            try:
+                return _arch.open_staged(self._stage_dir)
+            except FileNotFoundError:
+                logger.warning("the staging directory %s of %s is gone or not visible here; "
+                               "decompressing the archive again in this process (pass "
+                               "scratch_dir= a directory every worker sees)", self._stage_dir,
+                               self.path)
+        self._stage_dir = _arch.stage(os.fspath(self.path), self._scratch_dir)
+        self._stage_owner = _arch.owner_finalizer(self, self._stage_dir)
+        return _arch.open_staged(self._stage_dir)
 
     # -- indexing ----------------------------------------------------------------------------
     def _load_unchar(self) -> None:
@@ -236,58 +277,15 @@ class QM9Reader(Reader):
             self._gdb = np.asarray([g for g, _ in kept], dtype=np.int64)
             self._names = [nm for _, nm in kept]
         else:
-            gdb, ordinal, counts = [], [], []
-            for k, name, data in self._members(count_only=True):
-                g = int(_NAME.search(name).group(1))
-                if self._keep(g):
-                    gdb.append(g)
-                    ordinal.append(k)
-                    counts.append(data)
-            self._gdb = np.asarray(gdb, dtype=np.int64)
-            self._ordinal = np.asarray(ordinal, dtype=np.int64)
-            self._counts = np.asarray(counts, dtype=np.int64)
-
-    def _open_tar(self):
-        try:
-            return tarfile.open(self.path, mode="r|*")
-        except FileNotFoundError:
-            raise SourceError("file not found", path=self.path) from None
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise SourceError(f"not a readable tar archive: truncated or corrupt ({exc})",
-                              path=self.path, record=0, field="archive") from None
-
-    def _members(self, count_only: bool = False, tar=None, first: int = 0):
-        """Yield (member ordinal, name, text or atom count) for dsgdb9nsd members from ``first``.
-
-        ``tar`` continues an open stream whose next matching member has ordinal ``first``.
-        """
-        tar = self._open_tar() if tar is None else tar
-        k = first
-        try:
-            while True:
-                member = tar.next()
-                if member is None:
-                    break
-                if not member.isfile() or not _NAME.search(member.name):
-                    continue
-                f = tar.extractfile(member)
-                raw = f.read()
-                if len(raw) != member.size:
-                    raise EOFError(f"member {member.name} truncated")
-                if count_only:
-                    try:
-                        yield k, member.name, int(raw.split(b"\n", 1)[0].split()[0])
-                    except (ValueError, IndexError):
-                        raise SourceError(f"atom count {raw[:20]!r} is not an integer",
-                                          path=f"{self.path}:{member.name}", record=k,
-                                          field="natoms") from None
-                else:
-                    yield k, member.name, raw.decode("utf-8", "replace")
-                k += 1
-        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-            raise SourceError(f"archive is truncated or corrupt after {k} molecules "
-                              f"({type(exc).__name__}: {exc})", path=self.path, record=k,
-                              field="archive") from None
+            idx, _ = self._staged()
+            if self._exclude and self._unchar:
+                keep = ~np.isin(idx["gdb"], np.fromiter(self._unchar, dtype=np.int64))
+            else:
+                keep = np.ones(len(idx["gdb"]), dtype=bool)
+            self._rows = np.nonzero(keep)[0]
+            self._gdb = idx["gdb"][self._rows]
+            self._ordinal = idx["ordinal"][self._rows]
+            self._counts = idx["natoms"][self._rows]
 
     # -- protocol ----------------------------------------------------------------------------
     @property
@@ -340,62 +338,87 @@ class QM9Reader(Reader):
                   "energy_conversion": conversion_record("Hartree", self._unit, self._factor)})
         return d
 
-    def _texts(self, start: int, stop: int) -> Iterator[tuple[int, str, str | None]]:
-        """Yield (reader index, file name, text or None when unreadable)."""
+    def _texts(self, start: int, stop: int) -> Iterator[tuple[int, str, bytes]]:
+        """Yield (reader index, file name, raw bytes); unreadable files are bad records."""
         if self._is_dir:
+            base = os.path.join(os.fspath(self.path), "")
             for i in range(start, stop):
                 name = self._names[i]
+                p = base + name
                 try:
-                    with open(os.path.join(self.path, name), encoding="utf-8") as f:
-                        text = f.read()
-                except (OSError, UnicodeDecodeError) as exc:
-                    self._bad_record(i, SourceError(f"cannot read ({exc})",
-                                                    path=os.path.join(self.path, name),
-                                                    record=i, field="file"))
+                    fd = os.open(p, os.O_RDONLY)
+                    try:
+                        chunks = [os.read(fd, 1 << 16)]
+                        while len(chunks[-1]) == 1 << 16:
+                            chunks.append(os.read(fd, 1 << 16))
+                    finally:
+                        os.close(fd)
+                except OSError as exc:
+                    self._bad_record(i, SourceError(f"cannot read ({exc})", path=p, record=i,
+                                                    field="file"))
                     continue
-                yield i, name, text
+                yield i, name, b"".join(chunks)
             return
         if start >= stop:
             return
-        want = {int(o): i for i, o in zip(range(start, stop), self._ordinal[start:stop])}
-        first_ord, last_ord = int(self._ordinal[start]), int(self._ordinal[stop - 1])
-        stream = self.__dict__.get("_stream")
-        if stream is None or stream[1] > first_ord:
-            if stream is not None:
-                stream[0].close()
-            stream = [self._open_tar(), 0]
-        self._stream = stream
-        tar, pos = stream
-        gen = self._members(tar=tar, first=pos)
-        try:
-            for k, name, text in gen:
-                stream[1] = k + 1
-                if k in want:
-                    yield want[k], os.path.basename(name), text
-                if k >= last_ord:
-                    break
-        except SourceError:
-            self.__dict__.pop("_stream", None)
-            raise
+        idx, fd = self._staged()
+        for i in range(start, stop):
+            r = int(self._rows[i])
+            name = idx["name"][r].decode("utf-8", "replace")
+            try:
+                data = _arch.read_member(fd, int(idx["offset"][r]), int(idx["size"][r]))
+            except (OSError, EOFError) as exc:
+                raise SourceError(f"cannot read the staged member ({exc})",
+                                  path=f"{self.path}:{name}", record=i, field="archive") from None
+            yield i, name, data
+
+    def _parsed(self, start: int, stop: int) -> Iterator[list[tuple[int, str, dict]]]:
+        """Yield batches of (index, name, record dict); bad records are reported."""
+        texts = self._texts(start, stop)
+        while True:
+            batch = list(islice(texts, _BATCH))
+            if not batch:
+                return
+            try:
+                recs = parse_batch([b for _, _, b in batch])
+            except NotParsed:
+                recs = [None] * len(batch)
+            expect = self._gdb[[i for i, _, _ in batch]].tolist()
+            out = []
+            for (i, name, blob), rec, gdb in zip(batch, recs, expect):
+                if rec is not None and rec["info"]["gdb_index"] == gdb:
+                    out.append((i, name, rec))
+                    continue
+                where = os.path.join(self.path, name) if self._is_dir else f"{self.path}:{name}"
+                try:
+                    if rec is None:  # file by file: the error names file, record and field
+                        try:
+                            text = blob.decode("utf-8", "strict" if self._is_dir else "replace")
+                        except UnicodeDecodeError as exc:
+                            raise SourceError(f"cannot read ({exc})", path=where, record=i,
+                                              field="file") from None
+                        rec = parse_qm9_text(text, path=where, record=i)
+                    if rec["info"]["gdb_index"] != gdb:
+                        raise SourceError(f"header index {rec['info']['gdb_index']} does not "
+                                          "match the file name", path=where, record=i,
+                                          field="index")
+                except SourceError as err:
+                    self._bad_record(i, err)
+                    continue
+                out.append((i, name, rec))
+            yield out
 
     def read(self, start: int = 0, stop: int | None = None) -> Iterator[Structure]:
         start, stop = self._check_range(start, stop)
         unchar = self._unchar
-        for i, name, text in self._texts(start, stop):
-            where = os.path.join(self.path, name) if self._is_dir else f"{self.path}:{name}"
-            try:
-                rec = parse_qm9_text(text, path=where, record=i)
-                if rec["info"]["gdb_index"] != self._gdb[i]:
-                    raise SourceError(f"header index {rec['info']['gdb_index']} does not match "
-                                      f"the file name", path=where, record=i, field="index")
-            except SourceError as err:
-                self._bad_record(i, err)
-                continue
-            info = {"gdb_index": rec["info"].pop("gdb_index"), "file_name": name}
-            info.update(rec["info"])
-            if unchar is not None:
-                info["uncharacterized"] = info["gdb_index"] in unchar
-            yield Structure(numbers=rec["numbers"], positions=rec["positions"],
-                            cell=MOLECULE_CELL, pbc=MOLECULE_PBC,
-                            energy=info[self._energy_key] * self._factor, forces=None,
-                            source_index=i, info=info, atom_info={"charges": rec["charges"]})
+        key, factor = self._energy_key, self._factor
+        for batch in self._parsed(start, stop):
+            for i, name, rec in batch:
+                info = rec["info"]
+                info["file_name"] = name
+                if unchar is not None:
+                    info["uncharacterized"] = info["gdb_index"] in unchar
+                yield Structure(numbers=rec["numbers"], positions=rec["positions"],
+                                cell=MOLECULE_CELL, pbc=MOLECULE_PBC,
+                                energy=info[key] * factor, forces=None,
+                                source_index=i, info=info, atom_info={"charges": rec["charges"]})
