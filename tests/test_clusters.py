@@ -456,6 +456,8 @@ def _no_security_client_fails(address):
     """A distributed.Client without this run's credentials, by TLS and by plain tcp."""
     from distributed import Client
 
+    import gc
+
     failures = []
     for addr in (address, address.replace("tls://", "tcp://")):
         try:
@@ -465,6 +467,10 @@ def _no_security_client_fails(address):
         else:
             c.close()
             pytest.fail(f"a client without credentials connected to {addr}")
+        # collect the failed Client here: collected later, inside the start of the next
+        # Client's loop thread, its __del__ waits for the lock that start holds (a deadlock
+        # seen in CI: Thread.start never returned)
+        gc.collect()
     # ... and one with other temporary credentials (another user's) fails too
     from distributed.security import Security
 
@@ -475,6 +481,7 @@ def _no_security_client_fails(address):
     else:
         c.close()
         pytest.fail(f"a client with other credentials connected to {address}")
+    gc.collect()
     return failures
 
 
