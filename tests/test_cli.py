@@ -140,3 +140,23 @@ def test_verify_detects_a_corrupted_store(tmp_path):
     res = run_cli("verify", out, "--sample", 20)
     assert res.exit_code == 1
     assert "FAIL structure 0: dfeatures differs" in res.output
+
+
+def test_verify_says_how_many_structures_it_recomputed(tmp_path):
+    import ase.io
+    from ase.build import molecule
+
+    from gmp_pipeline.features import GMPFeaturizer
+    from gmp_pipeline.pipeline import featurize_to_store
+    from gmp_pipeline.readers import open_reader
+    from helpers import SMALL_FEATURES
+
+    src = tmp_path / "one.extxyz"
+    ase.io.write(src, [molecule("H2O")], format="extxyz")
+    out = tmp_path / "one.zarr"
+    featurize_to_store(open_reader("ase", str(src)), out, GMPFeaturizer(**SMALL_FEATURES),
+                       progress=False, log=lambda m: None)
+    res = run_cli("verify", out, "--sample", 20)
+    assert res.exit_code == 0, res.output
+    assert "verify: OK (1 structure recomputed and matched" in res.output, res.output
+    assert "checksums good" in res.output
