@@ -23,6 +23,7 @@ from helpers import (SAMPLES, SMALL_FEATURES, assert_stores_equal, kernel_cache_
                      write_features_yaml)
 
 from gmp_pipeline.store import writer as W
+from gmp_pipeline.store.lock import store_lock
 
 BENCH = Path(__file__).parents[1] / "benchmarks" / "data" / "oc20_like_200.extxyz"
 QM9 = SAMPLES / "qm9"
@@ -265,7 +266,7 @@ def test_store_lock_and_configuration_mismatch_are_refused_before_the_cluster(tm
     assert "Dask dashboard" not in res.output, res.output       # no cluster was started
 
     locked = tmp_path / "locked.zarr"
-    with W.store_lock(str(locked)):
+    with store_lock(str(locked)):
         res = _cli_in_process("featurize", "qm9", QM9, "-o", locked, "--features", feats,
                               "--workers", 1, "--no-progress")
     assert res.exit_code == 1 and "being written by another" in res.output, res.output
