@@ -67,46 +67,67 @@ def refuse_mismatch(path, old: dict, attrs: dict) -> None:
                      "Use --overwrite to replace it, or choose another output path.")
 
 
-def prepare_store(path, attrs: dict, *, overwrite: bool = False) -> str:
-    """Create the store, or check an existing one against ``attrs["fingerprint"]``.
+def existing_store_state(path, attrs: dict | None, *, overwrite: bool = False) -> str:
+    """What is at ``path`` for a run with root attributes ``attrs``, without changing anything.
 
-    Returns ``"new"``, ``"resume"`` (same fingerprint, not complete) or ``"complete"``.
-    Raises :class:`StoreError` for a store written with a different configuration (naming what
-    differs) or a path that holds something else.
+    Returns ``"absent"`` (nothing there, or an empty directory), ``"replace"`` (a store that
+    ``overwrite`` replaces), ``"complete"``, ``"resume"`` (same fingerprint, not complete) or
+    ``"retry"`` (the same run retried with ``--skip-bad-records``).  Raises
+    :class:`StoreError` for a path that holds something else or a store written with another
+    configuration (naming what differs).  ``attrs=None`` stops after the checks that need no
+    configuration.
     """
     path = Path(path)
-    if path.exists():
-        if not path.is_dir():
-            raise StoreError(f"{path} exists and is not a directory")
-        old = read_root_attrs(path)
-        if old is None:
-            if any(path.iterdir()):
-                raise StoreError(f"{path} exists and is not a Zarr store; refusing to touch it "
-                                 "(choose another output path or remove it yourself)")
-        elif overwrite:
-            shutil.rmtree(path)
-        elif old.get("format") != FORMAT_NAME:
-            raise StoreError(f"{path} is a Zarr store but not a {FORMAT_NAME} store; use "
-                             "--overwrite to replace it")
-        elif not fingerprints_match(old, attrs):
-            if not only_skip_bad_records_turned_on(old, attrs):
-                refuse_mismatch(path, old, attrs)
-            # the same run retried with --skip-bad-records: without it no finished task can
-            # have skipped a record, so they all stand; the store takes this run's fingerprint
-            import zarr
+    if not path.exists():
+        return "absent"
+    if not path.is_dir():
+        raise StoreError(f"{path} exists and is not a directory")
+    old = read_root_attrs(path)
+    if old is None:
+        if any(path.iterdir()):
+            raise StoreError(f"{path} exists and is not a Zarr store; refusing to touch it "
+                             "(choose another output path or remove it yourself)")
+        return "absent"
+    if overwrite:
+        return "replace"
+    if old.get("format") != FORMAT_NAME:
+        raise StoreError(f"{path} is a Zarr store but not a {FORMAT_NAME} store; use "
+                         "--overwrite to replace it")
+    if attrs is None:
+        return "resume"
+    if not fingerprints_match(old, attrs):
+        if not only_skip_bad_records_turned_on(old, attrs):
+            refuse_mismatch(path, old, attrs)
+        return "retry"
+    return "complete" if old.get("complete") else "resume"
 
-            with quiet_zarr():
-                zarr.open_group(str(path), mode="r+", use_consolidated=False).attrs.update(
-                    {k: attrs[k] for k in ("fingerprint", "fingerprint_parts", "source")})
-            if old.get("complete"):
-                return "complete"
-            staging_dir(path).mkdir(parents=True, exist_ok=True)
-            return "resume"
-        elif old.get("complete"):
+
+def prepare_store(path, attrs: dict, *, overwrite: bool = False) -> str:
+    """Create the store, or check an existing one against ``attrs["fingerprint"]``
+    (:func:`existing_store_state`).
+
+    Returns ``"new"``, ``"resume"`` (same fingerprint, not complete) or ``"complete"``.
+    """
+    path = Path(path)
+    state = existing_store_state(path, attrs, overwrite=overwrite)
+    if state == "replace":
+        shutil.rmtree(path)
+    elif state == "retry":
+        # the same run retried with --skip-bad-records: without it no finished task can have
+        # skipped a record, so they all stand; the store takes this run's fingerprint
+        import zarr
+
+        with quiet_zarr():
+            zarr.open_group(str(path), mode="r+", use_consolidated=False).attrs.update(
+                {k: attrs[k] for k in ("fingerprint", "fingerprint_parts", "source")})
+        if (read_root_attrs(path) or {}).get("complete"):
             return "complete"
-        else:
-            staging_dir(path).mkdir(parents=True, exist_ok=True)
-            return "resume"
+        state = "resume"
+    if state == "complete":
+        return "complete"
+    if state == "resume":
+        staging_dir(path).mkdir(parents=True, exist_ok=True)
+        return "resume"
     import zarr
 
     with quiet_zarr():
