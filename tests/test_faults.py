@@ -169,7 +169,8 @@ def test_bad_record_is_one_error_line(case, tmp_path):
         src, kind, want = _qm9_with_bad_value(tmp_path, "dsgdb9nsd_000001.xyz", 4), "qm9", \
             r"^Error: file '.*dsgdb9nsd_000001\.xyz', record 0, field 'mu': non-numeric"
     else:
-        src, kind, want = _extxyz_with_nan(tmp_path, 3), "ase", r"^Error: .*non-finite"
+        src, kind, want = _extxyz_with_nan(tmp_path, 3), "ase", \
+            r"^Error: file '.*nan\.extxyz', record 3, field 'positions': atom \d+ has a non-finite"
     res = run(featurize_cmd(kind, src, out, feats, "--chunk-size", 2), tmp_path)
     assert res.returncode == 1, res.stderr[-4000:]
     assert_clean(res.stderr, want)

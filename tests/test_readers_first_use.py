@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from helpers import SAMPLES
 
 from gmp_pipeline.cli import main
-from gmp_pipeline.errors import InputError
+from gmp_pipeline.errors import InputError, SourceError
 from gmp_pipeline.readers import open_reader
 
 MD17 = SAMPLES / "md17" / "ethanol.npz"
@@ -269,3 +269,28 @@ def test_source_whose_every_record_is_skipped_is_not_a_complete_store(tmp_path):
         featurize_to_store(open_reader("md17", src, skip_bad_records=True), out,
                            _small_featurizer(), progress=False)
     assert not (read_root_attrs(out) or {}).get("complete")
+
+
+def test_nonfinite_positions_are_a_bad_record_that_skip_bad_records_skips(tmp_path):
+    import ase.io
+    from ase.build import molecule
+
+    from gmp_pipeline.features import GMPFeaturizer
+    from gmp_pipeline.pipeline import featurize_to_store
+    from gmp_pipeline.readers import open_reader
+    from gmp_pipeline.store import open_store
+
+    frames = [molecule("H2O"), molecule("CH4"), molecule("NH3")]
+    pos = frames[1].get_positions()
+    pos[2, 0] = float("nan")
+    frames[1].set_positions(pos)
+    src = tmp_path / "nan.extxyz"
+    ase.io.write(src, frames, format="extxyz")
+    fz = GMPFeaturizer(orders=[-1, 0], sigmas=[0.5])
+    with pytest.raises(SourceError, match=r"nan\.extxyz', record 1, field 'positions': atom 2"):
+        featurize_to_store(open_reader("ase", str(src)), tmp_path / "a.zarr", fz,
+                           progress=False, log=lambda m: None)
+    featurize_to_store(open_reader("ase", str(src), skip_bad_records=True), tmp_path / "b.zarr",
+                       fz, progress=False, log=lambda m: None)
+    st = open_store(tmp_path / "b.zarr")
+    assert len(st) == 2 and st.attrs["counts"]["n_skipped_records"] == 1

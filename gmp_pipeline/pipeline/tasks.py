@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ..schema import Schema
 from ..store.layout import ArraySpec, array_specs, codecs_for, quiet_zarr
 from ..store.staging import PairStream, TaskCollector, write_staged
@@ -70,7 +72,8 @@ def warm_worker(config: dict, reader=None, index: int | None = None,
     _warm_zarr()
     if reader is not None and index is not None:
         for s in reader.read(index, index + 1):
-            if all(fz.psp.has(int(z)) for z in s.numbers):  # else the task reports the record
+            if (all(fz.psp.has(int(z)) for z in s.numbers) and np.all(np.isfinite(s.positions))
+                    and np.all(np.isfinite(s.cell))):  # else the task reports the record
                 fz.featurize(s, derivatives=derivatives)
     return os.getpid()
 
@@ -106,6 +109,8 @@ def run_task(spec: TaskSpec) -> dict:
     if hasattr(reader, "drop_missing_elements"):   # an element the psp lacks: a bad record
         structures = reader.drop_missing_elements(structures, fz.psp.has,
                                                   f"psp file {fz.psp.path}")
+    if hasattr(reader, "drop_nonfinite"):          # NaN/inf positions or cell: a bad record
+        structures = reader.drop_nonfinite(structures)
     t_read = time.perf_counter()
     specs = array_specs(fz.n_features, spec.dtype, spec.derivatives, spec.schema)
     pairs = (PairStream(spec.store, specs["pairs/dfeatures"], spec.pair_base, spec.pair_capacity)

@@ -165,6 +165,26 @@ class Reader(abc.ABC):
             kept.append(s)
         return kept
 
+    def drop_nonfinite(self, structures: Iterable[Structure]) -> list[Structure]:
+        """``structures`` without those whose positions or cell are not finite: each of those
+        is a bad record (raised, or with ``skip_bad_records`` logged, listed and dropped) naming
+        the file, the record and the field."""
+        kept = []
+        for s in structures:
+            bad = None
+            pos = np.asarray(s.positions)
+            if not np.all(np.isfinite(pos)):
+                a = int(np.flatnonzero(~np.all(np.isfinite(pos), axis=1))[0])
+                bad = ("positions", f"atom {a} has a non-finite position {pos[a].tolist()}")
+            elif not np.all(np.isfinite(np.asarray(s.cell))):
+                bad = ("cell", f"non-finite cell {np.asarray(s.cell).tolist()}")
+            if bad:
+                self._bad_record(s.source_index, SourceError(
+                    bad[1], path=self.record_path(s), record=s.source_index, field=bad[0]))
+                continue
+            kept.append(s)
+        return kept
+
     def __iter__(self) -> Iterator[Structure]:
         return self.read(0, len(self))
 
