@@ -68,6 +68,9 @@ def _parse_reader_options(items) -> dict:
         if "=" not in item:
             raise InputError(f"--reader-option expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
+        if key.strip().replace("-", "_") == "skip_bad_records":
+            raise InputError("--reader-option skip_bad_records is not a reader option; use "
+                             "--skip-bad-records")
         try:
             import yaml
 

@@ -160,3 +160,10 @@ def test_verify_says_how_many_structures_it_recomputed(tmp_path):
     assert res.exit_code == 0, res.output
     assert "verify: OK (1 structure recomputed and matched" in res.output, res.output
     assert "checksums good" in res.output
+
+
+def test_skip_bad_records_as_a_reader_option_is_one_error_line(tmp_path):
+    res = run_cli("featurize", "md17", SAMPLES / "md17" / "ethanol.npz", "-o", tmp_path / "x",
+                  "--reader-option", "skip_bad_records=true")
+    assert res.exit_code == 1
+    assert "use --skip-bad-records" in res.output and "Traceback" not in res.output
