@@ -32,7 +32,8 @@ RUN_FUNCTIONS = {"warm_worker", "_where"}
 
 class QuietTaskFailures(logging.Filter):
     """Drop distributed's ``Compute Failed`` / ``Run Failed`` log blocks for our own tasks
-    (and the ``CancelledError`` warnings of our tasks cancelled when a run ends).
+    (and the ``CancelledError`` warnings of our tasks cancelled when a run ends, and the
+    heartbeat tracebacks of a worker whose scheduler went away as the run ended).
 
     Their exception reaches the driver, which prints it as one ``Error:`` line; the block with
     its traceback, printed by the worker before that, only buries it.  Other tasks' failures
@@ -43,6 +44,11 @@ class QuietTaskFailures(logging.Filter):
         msg, args = record.msg, record.args
         if not isinstance(msg, str):
             return True
+        if msg.startswith(("Failed to communicate with scheduler during heartbeat",
+                           "Connection to scheduler broken")):
+            # the scheduler went away under a worker of ours: the run ended (Ctrl-C, an error
+            # the driver reports in one line); the nanny closes or reconnects the worker
+            return False
         if msg.startswith("Async instruction for") and msg.endswith("with CancelledError"):
             # a task of ours cancelled because the run is ending (Ctrl-C, an error elsewhere)
             return not any(p in msg for p in TASK_KEY_PREFIXES)
