@@ -6,12 +6,14 @@ import pickle
 
 import numpy as np
 import pytest
-from helpers import SAMPLES, SMALL_FEATURES
+from helpers import SAMPLES, SMALL_FEATURES, TESTS
 
 from gmp_pipeline.errors import StoreError
 from gmp_pipeline.pipeline import featurize_to_store
 from gmp_pipeline.store import ChunkShuffleSampler, open_store
 from gmp_pipeline.store._rowcache import ChunkCache
+
+V1_STORE = TESTS / "data" / "v1_store" / "ethanol3.zarr"
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +290,18 @@ def test_incomplete_store_reads_exactly_the_finished_tasks(tmp_path, derivatives
     pickle.loads(pickle.dumps(part))[n - 1]
 
 
-def test_verify_names_the_array_whose_chunk_bytes_were_flipped(many_chunks_store, tmp_path):
+def _inner_chunk_ranges(shard: bytes, n_chunks: int) -> list[tuple[int, int]]:
+    """(offset, length) of the stored inner chunks of a shard file (index at the end)."""
+    index = np.frombuffer(shard[-(16 * n_chunks + 4):-4], dtype="<u8").reshape(-1, 2)
+    return [(int(o), int(n)) for o, n in index if o != 2 ** 64 - 1]
+
+
+@pytest.mark.parametrize("where", ["inner chunk", "shard index"])
+@pytest.mark.parametrize("array", ["atoms/features", "pairs/dfeatures"])
+def test_verify_names_the_array_whose_shard_bytes_were_flipped(many_chunks_store, tmp_path,
+                                                                 where, array):
+    """A byte flipped inside an inner chunk of a shard, or inside the shard's index, fails a
+    crc32c checksum; verify names the array and the shard."""
     import json
     import shutil
 
@@ -296,16 +309,46 @@ def test_verify_names_the_array_whose_chunk_bytes_were_flipped(many_chunks_store
 
     bad = tmp_path / "bad.zarr"
     shutil.copytree(many_chunks_store, bad)
-    meta = json.loads((bad / "atoms" / "features" / "zarr.json").read_text())
-    assert [c["name"] for c in meta["codecs"]][-1] == "crc32c"
+    meta = json.loads((bad / array / "zarr.json").read_text())
+    (codec,) = meta["codecs"]
+    conf = codec["configuration"]
+    assert codec["name"] == "sharding_indexed"
+    assert [c["name"] for c in conf["codecs"]] == ["bytes", "blosc", "crc32c"]
+    assert [c["name"] for c in conf["index_codecs"]] == ["bytes", "crc32c"]
     assert json.loads((bad / "atoms" / "zarr.json").read_text())["attributes"][
         "encoding-type"] == "gmp-atoms"
+    n_chunks = meta["chunk_grid"]["configuration"]["chunk_shape"][0] // conf["chunk_shape"][0]
+    assert n_chunks > 1
+    if array == "atoms/features":
+        assert list(verify_store(bad, sample=0)) == []
+    shard = sorted(p for p in (bad / array / "c").rglob("*") if p.is_file())[0]
+    raw = bytearray(shard.read_bytes())
+    chunks = _inner_chunk_ranges(bytes(raw), n_chunks)
+    assert len(chunks) > 1
+    if where == "inner chunk":
+        off, length = chunks[1]
+        raw[off + length // 2] ^= 0xFF
+    else:
+        raw[len(raw) - 4 - 16 * n_chunks + 3] ^= 0x10      # an offset of the first entry
+    shard.write_bytes(bytes(raw))
+    problems = verify_store(bad, sample=0)
+    assert any(p.startswith(f"{array}: shard 0 (rows 0-") and "corrupt" in p
+               for p in problems), problems
+
+
+def test_verify_reads_a_v1_store_and_catches_a_flipped_chunk(tmp_path):
+    """verify still checks format-v1 stores (plain chunks, crc32c last in the chain)."""
+    import shutil
+
+    from gmp_pipeline.store.verify import verify_store
+
+    bad = tmp_path / "v1.zarr"
+    shutil.copytree(V1_STORE, bad)
     assert list(verify_store(bad, sample=0)) == []
-    chunk = sorted((bad / "atoms" / "features" / "c").rglob("*"))
-    chunk = [c for c in chunk if c.is_file()][1]
+    chunk = next(p for p in sorted((bad / "atoms" / "features" / "c").rglob("*")) if p.is_file())
     raw = bytearray(chunk.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     chunk.write_bytes(bytes(raw))
     problems = verify_store(bad, sample=0)
-    assert any(p.startswith("atoms/features: chunk") and "corrupt" in p for p in problems), \
-        problems
+    assert any(p.startswith("atoms/features: chunk 0 (rows 0-") and "corrupt" in p
+               for p in problems), problems

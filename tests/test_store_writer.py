@@ -1,5 +1,7 @@
-"""The store's low-level writers: direct chunk files, streamed dfeatures, single-file staging."""
+"""The store's low-level writers: direct shard files, streamed dfeatures, single-file staging."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -12,9 +14,13 @@ from gmp_pipeline.store.chunks import open_direct
 from gmp_pipeline.store.layout import ArraySpec, codecs_for
 
 
-def _make(path, spec: ArraySpec, n: int, rows: int):
+def _make(path, spec: ArraySpec, n: int, rows: int, shard: int | None = None):
+    """A sharded array as the store creates it (``rows`` per inner chunk, ``shard`` per shard,
+    default 3 chunks), with its zarr.json written."""
+    shard = shard or 3 * rows
     return zarr.create_array(str(path), shape=(n,) + spec.trailing, chunks=(rows,) + spec.trailing,
-                             dtype=spec.dtype, fill_value=spec.fill, compressors=codecs_for(spec))
+                             shards=(shard,) + spec.trailing, dtype=spec.dtype,
+                             fill_value=spec.fill, compressors=codecs_for(spec))
 
 
 def _chunk_files(path):
@@ -26,43 +32,128 @@ SPECS = [ArraySpec("pairs/dfeatures", "float32", (3, 5), fill=float("nan")),
          ArraySpec("atoms/features", "float64", (4,), fill=float("nan")),
          ArraySpec("atoms/numbers", "int64"),
          ArraySpec("pairs/neighbor", "int32", fill=-1),
-         ArraySpec("structures/pbc", "bool", (3,), fill=False)]
+         ArraySpec("structures/pbc", "bool", (3,), fill=False),
+         ArraySpec("structures/cell", "float64", (3, 3))]
+
+
+def _data(spec, n, rng):
+    if spec.dtype == "bool":
+        return rng.random((n,) + spec.trailing) < 0.5
+    return (rng.standard_normal((n,) + spec.trailing) * 100).astype(spec.dtype)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.path)
-def test_direct_chunks_are_the_bytes_zarr_writes(tmp_path, spec):
-    """Chunk files written directly equal, byte for byte, what Zarr writes for the same rows
-    (last chunk partial, so the fill padding is covered), and Zarr reads them back."""
+def test_direct_shards_are_the_bytes_zarr_writes(tmp_path, spec):
+    """Shard files written directly equal, byte for byte, what Zarr writes for the same rows:
+    the inner chunks (bytes + blosc + crc32c) in order, the index (bytes + crc32c) at the end,
+    chunks holding only the fill value left out (index entry all ones), a shard holding only
+    such chunks without a file, and the array's last shard partial.  Zarr reads them back."""
     rng = np.random.default_rng(3)
-    n, rows = 23, 8
-    if spec.dtype == "bool":
-        data = rng.random((n,) + spec.trailing) < 0.5
-    else:
-        data = (rng.standard_normal((n,) + spec.trailing) * 100).astype(spec.dtype)
+    n, rows = 100, 8                     # shards of 24 rows: 5 shards, the last one partial
+    data = _data(spec, n, rng)
+    data[30:50] = spec.fill              # chunk 4 (rows 32-39) is only fill: left out
+    data[72:98] = spec.fill              # shard 3 (rows 72-95) is only fill: no file
+    if spec.dtype.startswith("float") and spec.fill == 0:
+        data[40] = -0.0                  # -0.0 is data to Zarr (compared bit for bit)
     by_zarr = _make(tmp_path / "z", spec, n, rows)
     by_zarr[:] = data
     _make(tmp_path / "d", spec, n, rows)
     direct = open_direct(tmp_path / "d")
-    assert direct is not None
-    direct.write(0, data[:16])
-    direct.write(16, data[16:])
-    assert _chunk_files(tmp_path / "z") == _chunk_files(tmp_path / "d")
-    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "d"), mode="r")[:], data)
+    assert direct is not None and (direct.rows, direct.chunk_rows) == (24, 8)
+    direct.write(0, data[:48])                         # two shards in one block
+    stream = direct.stream(48)                         # the rest streamed in odd pieces
+    for a, b in ((48, 53), (53, 53), (53, 72)):
+        stream.append(data[a:b])
+    stream.skip_to(98)                                 # into the middle of a chunk
+    stream.append(data[98:])
+    stream.close()
+    files = _chunk_files(tmp_path / "z")
+    assert sorted(files) == sorted(_chunk_files(tmp_path / "d"))
+    assert files == _chunk_files(tmp_path / "d")
+    assert len(files) == 4                             # shard 3 has no file
+    got = zarr.open_array(str(tmp_path / "d"), mode="r")[:]
+    np.testing.assert_array_equal(got, data)
+
+
+def test_direct_shards_replace_older_files_as_zarr_does(tmp_path):
+    """Rewriting a shard (a retried task) truncates its file; a shard that now holds only the
+    fill value loses its file, as with Zarr."""
+    spec = SPECS[0]
+    rng = np.random.default_rng(1)
+    data = _data(spec, 48, rng)
+    _make(tmp_path / "d", spec, 48, 8)
+    direct = open_direct(tmp_path / "d")
+    direct.write(0, data)
+    assert len(_chunk_files(tmp_path / "d")) == 2
+    small = data[:5].copy()
+    direct.write(0, small)
+    stream = direct.stream(24)
+    stream.skip_to(48)
+    stream.close()
+    by_zarr = _make(tmp_path / "z", spec, 48, 8)
+    expect = np.full_like(data, np.nan)
+    expect[:5] = small
+    by_zarr[:] = expect
+    assert _chunk_files(tmp_path / "d") == _chunk_files(tmp_path / "z")
+    assert len(_chunk_files(tmp_path / "d")) == 1
 
 
 def test_direct_writer_refuses_misaligned_and_oversized_blocks(tmp_path):
     spec = SPECS[2]
-    _make(tmp_path / "a", spec, 20, 8)
+    _make(tmp_path / "a", spec, 40, 8)
     direct = open_direct(tmp_path / "a")
-    with pytest.raises(StoreError, match="does not start a chunk"):
-        direct.write(3, np.zeros(4, dtype=np.int64))
+    with pytest.raises(StoreError, match="does not start a shard"):
+        direct.write(8, np.zeros(4, dtype=np.int64))
     with pytest.raises(StoreError, match="exceed"):
-        direct.write(16, np.zeros(8, dtype=np.int64))
+        direct.write(24, np.zeros(24, dtype=np.int64))
+
+
+@pytest.mark.parametrize("make", [
+    "unsharded",                  # format v1's chain: bytes + blosc + crc32c, no shards
+    "zstd inside",                # an inner compressor it does not know
+    "no index checksum",
+    "index at start",
+])
+def test_direct_writer_refuses_a_chain_it_does_not_know(tmp_path, make):
+    """Any codec chain but sharding_indexed[bytes + blosc + crc32c | bytes + crc32c, end] is
+    refused with a StoreError naming the array and its chain."""
+    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
+
+    spec = SPECS[1]
+    path = tmp_path / "atoms" / "features"
+    if make == "unsharded":
+        zarr.create_array(str(path), shape=(16, 4), chunks=(8, 4), dtype="float64",
+                          compressors=codecs_for(spec))
+        chain = "bytes + blosc + crc32c"
+    else:
+        inner = [BytesCodec(), BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),
+                 Crc32cCodec()]
+        index = [BytesCodec(), Crc32cCodec()]
+        where = "end"
+        if make == "zstd inside":
+            inner = [BytesCodec(), ZstdCodec(level=3), Crc32cCodec()]
+        elif make == "no index checksum":
+            index = [BytesCodec()]
+        else:
+            where = "start"
+        zarr.create_array(str(path), shape=(16, 4), chunks=(16, 4), dtype="float64",
+                          serializer=ShardingCodec(chunk_shape=(8, 4), codecs=inner,
+                                                   index_codecs=index, index_location=where),
+                          compressors=None)
+        chain = json.loads((path / "zarr.json").read_text())["codecs"][0]["name"]
+    with pytest.raises(StoreError) as exc:
+        open_direct(path)
+    msg = str(exc.value)
+    assert "atoms/features" in msg and chain in msg and "codec chain" in msg, msg
+    if make != "unsharded":
+        detail = {"zstd inside": "bytes + zstd + crc32c", "no index checksum": "index bytes at",
+                  "index at start": "at start"}[make]
+        assert detail in msg, msg
 
 
 def test_text_arrays_are_left_to_zarr(tmp_path):
     spec = ArraySpec("structures/name", "str", fill="")
-    zarr.create_array(str(tmp_path / "t"), shape=(4,), chunks=(4,), dtype=str,
+    zarr.create_array(str(tmp_path / "t"), shape=(4,), chunks=(2,), shards=(4,), dtype=str,
                       compressors=codecs_for(spec))
     assert open_direct(tmp_path / "t") is None
 
@@ -71,7 +162,7 @@ def test_text_arrays_are_left_to_zarr(tmp_path):
 def test_pair_stream_writes_what_it_is_given_across_chunk_boundaries(tmp_path, blocks):
     spec = SPECS[0]
     rows, base, capacity = 8, 16, 32
-    arr = _make(tmp_path / "pairs" / "dfeatures", spec, 64, rows)
+    arr = _make(tmp_path / "pairs" / "dfeatures", spec, 64, rows, shard=16)
     rng = np.random.default_rng(0)
     parts = [rng.standard_normal((k,) + spec.trailing) for k in blocks]   # float64 in
     stream = S.PairStream(tmp_path, spec, base, capacity)
@@ -86,6 +177,8 @@ def test_pair_stream_writes_what_it_is_given_across_chunk_boundaries(tmp_path, b
     np.testing.assert_array_equal(got, expect)           # NaN outside the rows written
     with pytest.raises(StoreError, match="rows reserved"):
         S.PairStream(tmp_path, spec, base, capacity).append(np.zeros((capacity + 1, 3, 5)))
+    with pytest.raises(StoreError, match="not shard-aligned"):
+        S.PairStream(tmp_path, spec, 8, capacity)
 
 
 def test_staged_task_round_trip_and_truncation_is_reported(tmp_path):

@@ -24,7 +24,10 @@ from ..errors import StoreError
 from ..schema import Schema
 
 FORMAT_NAME = "gmp-features"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+#: format versions :func:`~.reader.open_store` reads (1: plain chunks; 2: sharded arrays)
+READABLE_VERSIONS = (1, 2)
 
 #: directory (inside the store) holding the plan, per-task results and completion markers
 #: of a run that has not finished; removed when the store is finalized
@@ -70,12 +73,24 @@ class ArraySpec:
         return item * int(np.prod(self.trailing, dtype=np.int64))
 
     def chunk_rows(self, n_rows: int) -> int:
-        """Rows per chunk: the fewest rows that make at least knob ``store.min-chunk-bytes``
-        (1 MiB) uncompressed, capped at the array length (so a small array is a single chunk)."""
+        """Rows per (inner) chunk, the unit a reader decodes: the fewest rows that make at
+        least knob ``store.min-chunk-bytes`` (1 MiB) uncompressed, capped at the array length
+        (so a small array is a single chunk)."""
         from ..config import knob
 
         rows = max(1, math.ceil(int(knob("store.min-chunk-bytes")) / self.row_bytes()))
         return max(1, min(rows, int(n_rows)))
+
+    def shard_rows(self, n_rows: int) -> int:
+        """Rows per shard, the unit one writer owns and one file holds: a whole number of
+        chunks making at least knob ``store.shard-bytes`` uncompressed, but no more chunks
+        than the array needs (an array smaller than a shard is one shard)."""
+        from ..config import knob
+
+        inner = self.chunk_rows(n_rows)
+        per = max(1, math.ceil(int(knob("store.shard-bytes")) / (inner * self.row_bytes())))
+        need = max(1, math.ceil(int(n_rows) / inner))
+        return inner * min(per, need)
 
     def empty(self, n: int) -> np.ndarray:
         if self.is_str:
@@ -143,6 +158,20 @@ def codecs_for(spec: ArraySpec):
     return (BloscCodec(cname="zstd", clevel=3, shuffle=shuffle), Crc32cCodec())
 
 
+def create_kwargs(spec: ArraySpec, n_rows: int) -> dict:
+    """Keyword arguments of ``zarr.Group.create_array`` for ``spec`` with ``n_rows`` rows:
+    sharded (``shards`` of :meth:`ArraySpec.shard_rows`, inner ``chunks`` of
+    :meth:`ArraySpec.chunk_rows`), the codecs of :func:`codecs_for` inside every shard, and
+    zarr's default shard index (``bytes`` + ``crc32c``, at the end of the shard file)."""
+    n_rows = int(n_rows)
+    return dict(shape=(n_rows,) + spec.trailing,
+                chunks=(spec.chunk_rows(n_rows),) + spec.trailing,
+                shards=(spec.shard_rows(n_rows),) + spec.trailing,
+                dtype=str if spec.is_str else spec.dtype, fill_value=spec.fill,
+                compressors=codecs_for(spec),
+                dimension_names=[spec.level] + [f"dim{i + 1}" for i in range(len(spec.trailing))])
+
+
 #: ``encoding-type`` / ``encoding-version`` attributes of the three row groups (as anndata
 #: marks every element it writes), so a reader can tell what a group holds without the root
 GROUP_ENCODING = {
@@ -159,10 +188,11 @@ def _canonical(obj) -> str:
 
 
 def fingerprint_parts(feature_config: dict, source: dict, options: dict, version: str,
-                      source_identity: dict | None = None) -> dict:
+                      source_identity: dict | None = None, schema: Schema | None = None) -> dict:
     """What a store's content depends on; the fingerprint is a hash of exactly this.
     ``source_identity``: :func:`source_identity` of the source's files (left out when None, as
-    in stores written before it existed)."""
+    in stores written before it existed); ``schema``: the reader's :class:`Schema` (its extras'
+    names, dtypes and shapes decide the store's arrays; left out when None)."""
     parts = {"feature_config": json.loads(_canonical(feature_config)),
              "source": json.loads(_canonical(source)),
              "options": json.loads(_canonical(options)),
@@ -170,6 +200,8 @@ def fingerprint_parts(feature_config: dict, source: dict, options: dict, version
              "format_version": FORMAT_VERSION}
     if source_identity is not None:
         parts["source_identity"] = json.loads(_canonical(source_identity))
+    if schema is not None:
+        parts["schema"] = json.loads(_canonical(Schema.coerce(schema).as_dict()))
     return parts
 
 
@@ -310,7 +342,8 @@ def root_attrs(*, feature_config: dict, feature_list, source: dict, options: dic
     :func:`source_identity` joins the fingerprint."""
     schema = Schema.coerce(schema)
     parts = fingerprint_parts(feature_config, source, options, version,
-                              None if source_paths is None else source_identity(source_paths))
+                              None if source_paths is None else source_identity(source_paths),
+                              schema)
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,

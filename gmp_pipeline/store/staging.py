@@ -302,10 +302,12 @@ def _exclusive_cumsum(counts) -> np.ndarray:
 class PairStream:
     """A task's ``pairs/dfeatures`` rows, written into its reserved region as they come.
 
-    Rows are cast to the store dtype into a buffer of one chunk, which is encoded and written
-    as soon as it is full (:mod:`.chunks`), so the derivative blocks stay in cache between the
-    kernel and the file.  ``close()`` writes the last, partly filled chunk (the rest of it is
-    fill value, as is every reserved chunk the task does not reach).
+    The region starts on a shard boundary and spans whole shards, so the task is the only
+    writer of those shard files.  Rows go to a :class:`~.chunks.ShardStream`, which encodes
+    every inner chunk as soon as it is full and appends it to its shard file, so the derivative
+    blocks stay in cache between the kernel and the file and the task holds one chunk, not a
+    shard.  ``close()`` writes the last, partly filled chunk and the shard's index (the rest of
+    the region is fill value: no chunk, and no file for a shard the task does not reach).
     """
 
     def __init__(self, path, spec: ArraySpec, base: int, capacity: int):
@@ -317,46 +319,38 @@ class PairStream:
         self.spec = spec
         self.direct = open_direct(self.array_path)
         if self.direct is None:
-            raise StoreError(f"{self.label}: not a bytes + blosc array; cannot stream into it")
+            raise StoreError(f"{self.label}: a text array; cannot stream into it")
         self.rows = self.direct.rows
         if self.base % self.rows:
-            raise StoreError(f"{self.label}: region start {self.base} is not chunk-aligned")
-        self.buf = np.empty((self.rows,) + spec.trailing, dtype=spec.dtype) if capacity else None
-        self.filled = 0       # rows in buf
-        self.flushed = 0      # rows already written (whole chunks)
+            raise StoreError(f"{self.label}: region start {self.base} is not shard-aligned "
+                             f"({self.rows} rows per shard)")
+        self.stream = self.direct.stream(self.base) if capacity else None
         self.seconds = 0.0    # time spent encoding and writing
 
     @property
     def n_rows(self) -> int:
-        return self.flushed + self.filled
+        return self.stream.row - self.base if self.stream is not None else 0
 
     def append(self, block) -> None:
         block = np.asarray(block)
         n = block.shape[0]
         if self.n_rows + n > self.capacity:
             raise StoreError(f"{self.label}: more than the {self.capacity} rows reserved")
-        k = 0
-        while k < n:
-            take = min(self.rows - self.filled, n - k)
-            self.buf[self.filled:self.filled + take] = block[k:k + take]
-            self.filled += take
-            k += take
-            if self.filled == self.rows:
-                self._flush()
-
-    def _flush(self) -> None:
+        if not n:
+            return
         t = time.perf_counter()
-        self.buf[self.filled:] = self.spec.fill
-        self.direct.write(self.base + self.flushed, self.buf)
-        self.flushed += self.filled
-        self.filled = 0
+        self.stream.append(block)      # cast to the store dtype chunk by chunk
         self.seconds += time.perf_counter() - t
 
     def close(self) -> int:
         """Write what is left; returns the number of rows written."""
-        if self.filled:
-            self._flush()
-        return self.flushed
+        if self.stream is None:
+            return 0
+        t = time.perf_counter()
+        n = self.n_rows
+        self.stream.close()
+        self.seconds += time.perf_counter() - t
+        return n
 
 
 

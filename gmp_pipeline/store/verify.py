@@ -139,25 +139,44 @@ def _check_indexes(st, problems: list[str]) -> None:
         problems.append("pairs/neighbor has unset rows inside or data outside the pair ranges")
 
 
+#: verify decodes at most about this many bytes of an array at a time (whole inner chunks)
+VERIFY_READ_BYTES = 64 << 20
+
+
 def _check_chunks(st, problems: list[str]) -> int:
-    """Decode every chunk of every array, one at a time (a chunk whose bytes were changed fails
-    its crc32c checksum, or its decompression).  Returns the number of chunks read."""
+    """Decode every chunk of every array, a few at a time (a chunk whose bytes were changed
+    fails its crc32c checksum, or its decompression; so does a shard whose index was changed).
+    A problem names the array, the shard (format v2) or chunk (v1) and its rows.  Returns the
+    number of (inner) chunks read."""
     n = 0
     for path, arr in sorted(st._arrays.items()):
         if not hasattr(arr, "metadata"):        # not a zarr array (an incomplete store's view)
             continue
-        rows = int(arr.chunks[0])
-        bad = []
-        for ci, a in enumerate(range(0, int(arr.shape[0]), rows)):
+        rows = int(arr.chunks[0])               # the inner chunk of a sharded array
+        shard = int(arr.shards[0]) if getattr(arr, "shards", None) else None
+        unit = shard or rows
+        item = getattr(arr.dtype, "itemsize", 16) or 16
+        row_bytes = max(1, item * int(np.prod(arr.shape[1:], dtype=np.int64)))
+        per = unit // rows                       # chunks per shard (1 unsharded)
+        k = max(1, min(per, VERIFY_READ_BYTES // max(1, rows * row_bytes)))
+        while per % k:                           # reads never straddle two shards
+            k -= 1
+        step = rows * k
+        total = int(arr.shape[0])
+        bad = {}
+        for a in range(0, total, step):
+            b = min(a + step, total)
             try:
-                arr[a:min(a + rows, int(arr.shape[0]))]
+                arr[a:b]
             except Exception as exc:  # noqa: BLE001 - any decoding failure is the finding
-                bad.append((ci, a, exc))
-            n += 1
+                bad.setdefault(a // unit, exc)
+            n += -(-(b - a) // rows)
         if bad:
-            ci, a, exc = bad[0]
-            more = f" (and {len(bad) - 1} more chunks)" if len(bad) > 1 else ""
-            problems.append(f"{path}: chunk {ci} (rows {a}-{a + rows - 1}) is corrupt: "
+            k, exc = next(iter(bad.items()))
+            what = "shard" if shard else "chunk"
+            more = f" (and {len(bad) - 1} more {what}s)" if len(bad) > 1 else ""
+            problems.append(f"{path}: {what} {k} (rows {k * unit}-"
+                            f"{min(total, (k + 1) * unit) - 1}) is corrupt: "
                             f"{str(exc).splitlines()[0][:160]}{more}")
     return n
 

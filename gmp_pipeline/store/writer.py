@@ -34,9 +34,9 @@ import numpy as np
 
 from ..config import knob
 from ..errors import StoreError
-from .layout import (DIRECT, FORMAT_NAME, GROUP_ENCODING, ArraySpec, codecs_for,
-                     describe_differences, fingerprint, fingerprints_match,
-                     quiet_zarr, read_root_attrs)
+from .layout import (DIRECT, FORMAT_NAME, FORMAT_VERSION, GROUP_ENCODING, ArraySpec,
+                     codecs_for, create_kwargs, describe_differences, fingerprint,
+                     fingerprints_match, quiet_zarr, read_root_attrs)
 from .staging import (StagedTasks, clean_partial_tasks, finished_tasks, load_metas, load_plan,
                       save_plan, staging_dir)
 
@@ -93,6 +93,15 @@ def existing_store_state(path, attrs: dict | None, *, overwrite: bool = False) -
     if old.get("format") != FORMAT_NAME:
         raise StoreError(f"{path} is a Zarr store but not a {FORMAT_NAME} store; use "
                          "--overwrite to replace it")
+    version = old.get("format_version")
+    if version != FORMAT_VERSION:
+        state = "complete" if old.get("complete") else "incomplete"
+        raise StoreError(
+            f"{path} is a {state} {FORMAT_NAME} store of format version {version} (written by "
+            f"gmp-pipeline {old.get('gmp_pipeline_version', '?')}); this gmp-pipeline writes "
+            f"format version {FORMAT_VERSION} and cannot resume or add to it. It stays "
+            "readable with open_store; rerun with --overwrite to recompute it in format "
+            f"version {FORMAT_VERSION}, or choose another output path.")
     if attrs is None:
         return "resume"
     if not fingerprints_match(old, attrs):
@@ -136,18 +145,40 @@ def prepare_store(path, attrs: dict, *, overwrite: bool = False) -> str:
     return "new"
 
 
-def pair_capacities(n_atoms, tasks, chunk_rows: int) -> np.ndarray:
+def pair_capacities(n_atoms, tasks, shard_rows: int) -> np.ndarray:
     """Rows of ``pairs/dfeatures`` reserved for each task: an upper bound of its pair count
     (a structure of n atoms has at most n * n distinct (centre, neighbour) pairs) rounded up to
-    whole chunks, so every task owns whole chunks and starts on a chunk boundary."""
+    whole shards, so every task owns whole shard files and starts on a shard boundary (shards
+    it does not reach have no file)."""
+    bound = pair_bounds(n_atoms, tasks)
+    return -(-bound // shard_rows) * shard_rows
+
+
+def pair_bounds(n_atoms, tasks) -> np.ndarray:
+    """An upper bound of each task's pair count: n * n per structure of n atoms (a structure
+    has at most that many distinct (centre, neighbour) pairs)."""
     n_atoms = np.asarray(n_atoms, dtype=np.int64)
     sq = np.concatenate([[0], np.cumsum(n_atoms * n_atoms)])
-    bound = np.array([sq[b] - sq[a] for a, b in tasks], dtype=np.int64)
-    return -(-bound // chunk_rows) * chunk_rows
+    return np.array([sq[b] - sq[a] for a, b in tasks], dtype=np.int64)
 
 
-def ensure_direct_arrays(path, specs: dict[str, ArraySpec], pair_rows: int) -> None:
-    """Create the arrays tasks write directly (``pairs/dfeatures``), once, before any task."""
+def pair_shard_rows(spec: ArraySpec, n_atoms, tasks) -> int:
+    """Rows per shard of ``pairs/dfeatures`` for a plan: :meth:`ArraySpec.shard_rows` (knob
+    ``store.shard-bytes``), but no more whole chunks than the largest task's region needs, so a
+    task of fewer pairs than a full shard owns one shard that it (nearly) fills rather than a
+    mostly empty one (whose unused rows every scan of ``pairs/`` would pass over)."""
+    inner = spec.chunk_rows(1 << 62)
+    full = spec.shard_rows(1 << 62)
+    bound = pair_bounds(n_atoms, tasks)
+    largest = int(bound.max()) if bound.size else 1
+    return int(min(full, max(inner, -(-largest // inner) * inner)))
+
+
+def ensure_direct_arrays(path, specs: dict[str, ArraySpec], pair_rows: int,
+                         shard_rows: int | None = None) -> None:
+    """Create the arrays tasks write directly (``pairs/dfeatures``), once, before any task,
+    with ``shard_rows`` rows per shard (default: :meth:`ArraySpec.shard_rows` of a full
+    shard)."""
     import zarr
 
     with quiet_zarr():
@@ -159,23 +190,16 @@ def ensure_direct_arrays(path, specs: dict[str, ArraySpec], pair_rows: int) -> N
                 root.create_group(spec.level, attributes=GROUP_ENCODING[spec.level])
             if spec.path in root:
                 continue
-            root.create_array(
-                spec.path, shape=(int(pair_rows),) + spec.trailing,
-                chunks=(spec.chunk_rows(1 << 62),) + spec.trailing, dtype=spec.dtype,
-                fill_value=spec.fill, compressors=codecs_for(spec),
-                dimension_names=[spec.level] + [f"dim{i + 1}" for i in range(len(spec.trailing))])
+            kw = create_kwargs(spec, 1 << 62)     # shards of the full size, whatever the length
+            kw["shape"] = (int(pair_rows),) + spec.trailing
+            if shard_rows:
+                kw["shards"] = (int(shard_rows),) + spec.trailing
+            root.create_array(spec.path, **kw)
 
 
 def _write_rows(array_path: Path, r0: int, block: np.ndarray) -> None:
-    """Rows ``[r0, r0 + len(block))`` of the array at ``array_path``, whose chunks from ``r0``
-    to the end of the block's last chunk belong to the caller: encoded and written chunk by
-    chunk where the array's codecs allow (:mod:`.chunks`), through Zarr otherwise."""
-    from .chunks import open_direct
-
-    direct = open_direct(array_path)
-    if direct is not None:
-        direct.write(r0, block)
-        return
+    """Rows ``[r0, r0 + len(block))`` of the (text) array at ``array_path``, whose shards from
+    ``r0`` to the end of the block's last shard belong to the caller, through Zarr."""
     import zarr
 
     with quiet_zarr():
@@ -202,10 +226,13 @@ def task_layout(metas: list[dict], pair_base=None) -> tuple[dict, dict]:
 
 
 def _array_layout(array_path: Path):
-    """(shape, chunk shape) of the Zarr v3 array at ``array_path``, or None if there is none."""
+    """(shape, shard shape, inner chunk shape) of the sharded Zarr v3 array at ``array_path``,
+    or None if there is none (or it is not sharded)."""
     try:
         meta = json.loads((array_path / "zarr.json").read_text())
-        return (list(meta["shape"]), list(meta["chunk_grid"]["configuration"]["chunk_shape"]))
+        (codec,) = meta["codecs"]
+        return (list(meta["shape"]), list(meta["chunk_grid"]["configuration"]["chunk_shape"]),
+                list(codec["configuration"]["chunk_shape"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -222,8 +249,9 @@ def create_arrays(path, specs: dict[str, ArraySpec], totals: dict[str, int]) -> 
         if spec.path in DIRECT:
             continue
         n = int(totals[spec.level])
-        layout_ = [[n, *spec.trailing], [spec.chunk_rows(n), *spec.trailing]]
-        if _array_layout(Path(path) / spec.path) != tuple(layout_):
+        layout_ = ([n, *spec.trailing], [spec.shard_rows(n), *spec.trailing],
+                   [spec.chunk_rows(n), *spec.trailing])
+        if _array_layout(Path(path) / spec.path) != layout_:
             wanted[spec.path] = n
     if not wanted:
         return
@@ -235,19 +263,14 @@ def create_arrays(path, specs: dict[str, ArraySpec], totals: dict[str, int]) -> 
         for spec in specs.values():
             if spec.path not in wanted:
                 continue
-            n = wanted[spec.path]
-            root.create_array(
-                spec.path, shape=(n,) + spec.trailing,
-                chunks=(spec.chunk_rows(n),) + spec.trailing,
-                dtype=str if spec.is_str else spec.dtype, fill_value=spec.fill,
-                compressors=codecs_for(spec), overwrite=True,
-                dimension_names=[spec.level] + [f"dim{i + 1}" for i in range(len(spec.trailing))])
+            root.create_array(spec.path, **create_kwargs(spec, wanted[spec.path]),
+                              overwrite=True)
 
 
 def assembly_jobs(specs: dict[str, ArraySpec], totals: dict[str, int],
                   job_bytes: int | None = None) -> list[tuple[str, int, int]]:
-    """Disjoint (array path, row start, row stop) ranges, each a whole number of chunks of about
-    ``job_bytes`` (default: knob ``store.assembly-job-bytes``) uncompressed."""
+    """Disjoint (array path, row start, row stop) ranges, each a whole number of shards of about
+    ``job_bytes`` (default: knob ``store.assembly-job-bytes``) uncompressed, at least one."""
     job_bytes = int(knob("store.assembly-job-bytes") if job_bytes is None else job_bytes)
     jobs = []
     for spec in specs.values():
@@ -256,7 +279,7 @@ def assembly_jobs(specs: dict[str, ArraySpec], totals: dict[str, int],
         n = int(totals[spec.level])
         if n == 0:
             continue
-        rows = spec.chunk_rows(n)
+        rows = spec.shard_rows(n)
         per_job = rows * max(1, job_bytes // max(1, rows * spec.row_bytes()))
         for r0 in range(0, n, per_job):
             jobs.append((spec.path, r0, min(n, r0 + per_job)))
@@ -267,11 +290,16 @@ def assemble_rows(path, spec: ArraySpec, r0: int, r1: int, bases: dict[str, np.n
                   counts: dict[str, np.ndarray], staged: StagedTasks | None = None) -> int:
     """Write rows ``[r0, r1)`` of one array from the staged tasks that cover them.
 
-    ``r0`` is a chunk boundary and ``r1`` a chunk boundary or the end of the array, so this job
-    is the only writer of the chunks it touches.  Rows no task covers (the unused end of a
-    task's pair region) get the fill value.  Returns the number of bytes written (uncompressed).
-    ``staged``: where to read the tasks' staged arrays (default: a fresh, uncached reader).
+    ``r0`` is a shard boundary and ``r1`` a shard boundary or the end of the array, so this job
+    is the only writer of the shard files it touches.  Rows no task covers (the unused end of a
+    task's pair region) get the fill value (chunks holding nothing else are not stored).  The
+    rows are streamed chunk by chunk into the shard files (:class:`~.chunks.ShardStream`), so
+    a job holds one inner chunk, not a shard; text arrays are written through Zarr.  Returns
+    the number of bytes written (uncompressed).  ``staged``: where to read the tasks' staged
+    arrays (default: a fresh, uncached reader).
     """
+    from .chunks import open_direct
+
     staged = staged or StagedTasks(path)
     b, c = bases[spec.level], counts[spec.level]
     first = max(int(np.searchsorted(b, r0, side="right")) - 1, 0)
@@ -281,21 +309,26 @@ def assemble_rows(path, spec: ArraySpec, r0: int, r1: int, bases: dict[str, np.n
         lo, hi = max(r0, int(b[t])), min(r1, int(b[t] + c[t]))
         if hi > lo:
             rows = staged.rows(t, spec, bases)
-            parts.append((lo, np.asarray(rows[lo - int(b[t]):hi - int(b[t])])))
+            parts.append((lo, rows[lo - int(b[t]):hi - int(b[t])]))
     covered = sum(p.shape[0] for _, p in parts)
     if spec.level != "pairs" and covered != r1 - r0:
         raise StoreError(f"staged rows of {spec.path} [{r0}, {r1}) are incomplete "
                          f"({covered} rows found)")
-    if len(parts) == 1 and covered == r1 - r0:
-        block = parts[0][1]
-    else:
+    array_path = Path(path) / spec.path
+    direct = None if spec.is_str else open_direct(array_path)
+    if direct is None:
         block = spec.empty(r1 - r0)
         for lo, p in parts:
-            block[lo - r0:lo - r0 + p.shape[0]] = p
-    if spec.is_str:
-        block = block.astype(object)
-    _write_rows(Path(path) / spec.path, r0, block)
-    return int(block.nbytes)
+            block[lo - r0:lo - r0 + p.shape[0]] = np.asarray(p)
+        _write_rows(array_path, r0, block.astype(object) if spec.is_str else block)
+        return int(block.nbytes)
+    stream = direct.stream(r0)
+    for lo, p in parts:
+        stream.skip_to(lo)
+        stream.append(p)
+    stream.skip_to(r1)
+    stream.close()
+    return (r1 - r0) * spec.row_bytes()
 
 
 def write_skipped(path, skipped: list[tuple[int, str]]) -> None:
@@ -314,7 +347,8 @@ def write_skipped(path, skipped: list[tuple[int, str]]) -> None:
         for name, data, dt, spec in (
                 ("source_index", idx, "int64", ArraySpec("skipped/source_index", "int64")),
                 ("message", msg, str, ArraySpec("skipped/message", "str", fill=""))):
-            arr = g.create_array(name, shape=data.shape, chunks=(max(1, len(data)),), dtype=dt,
+            n = max(1, len(data))
+            arr = g.create_array(name, shape=data.shape, chunks=(n,), shards=(n,), dtype=dt,
                                  compressors=codecs_for(spec), overwrite=True,
                                  dimension_names=["skipped"])
             arr[:] = data
@@ -358,12 +392,14 @@ class StoreWriter:
 
     def save_plan(self, n_atoms, tasks: list[tuple[int, int]]) -> dict:
         """Save the plan of ``tasks`` over structures of ``n_atoms`` atoms; with derivatives each
-        task gets a chunk-aligned ``pairs/dfeatures`` region (``pair_base``)."""
+        task gets a region of whole ``pairs/dfeatures`` shards (``pair_base``; the shard size
+        ``pair_shard_rows`` of :func:`pair_shard_rows` is part of the plan)."""
         n_atoms = np.asarray(n_atoms, dtype=np.int64)
         extra = {"n_structures": int(n_atoms.size), "n_atoms": int(n_atoms.sum())}
         if self.derivatives:
-            rows = self.specs["pairs/dfeatures"].chunk_rows(1 << 62)
+            rows = pair_shard_rows(self.specs["pairs/dfeatures"], n_atoms, tasks)
             caps = pair_capacities(n_atoms, tasks, rows)
+            extra["pair_shard_rows"] = int(rows)
             extra["pair_base"] = [int(x) for x in np.concatenate([[0], np.cumsum(caps)])]
         save_plan(self.path, tasks, extra)
         return load_plan(self.path)
@@ -377,7 +413,8 @@ class StoreWriter:
         re-creates any whose shape changed because records were skipped."""
         pair_base = self.pair_base(plan)
         if self.derivatives:
-            ensure_direct_arrays(self.path, self.specs, pair_base[-1])
+            ensure_direct_arrays(self.path, self.specs, pair_base[-1],
+                                 plan.get("pair_shard_rows"))
         create_arrays(self.path, self.specs, {"structures": plan["n_structures"],
                                               "atoms": plan["n_atoms"], "pairs": pair_base[-1]})
 
@@ -432,6 +469,7 @@ class Assembly:
 
 
 # re-exported for callers of the previous single-module writer
-__all__ = ["StoreWriter", "Assembly", "prepare_store", "pair_capacities", "ensure_direct_arrays",
+__all__ = ["StoreWriter", "Assembly", "prepare_store", "pair_capacities", "pair_bounds",
+           "pair_shard_rows", "ensure_direct_arrays",
            "task_layout", "create_arrays", "assembly_jobs", "assemble_rows", "write_skipped",
            "finalize", "finished_tasks", "load_plan", "read_root_attrs", "quiet_zarr"]
