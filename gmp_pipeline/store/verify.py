@@ -51,7 +51,9 @@ def store_report(path) -> dict:
                 report["arrays"].append({
                     "path": f"{level}/{name}", "shape": list(arr.shape),
                     "dtype": "str" if "str" in str(arr.dtype).lower() else str(arr.dtype),
-                    "chunks": list(arr.chunks), "bytes": nbytes,
+                    "chunks": list(arr.chunks),
+                    "shards": list(arr.shards) if getattr(arr, "shards", None) else None,
+                    "bytes": nbytes,
                     "bytes_on_disk": _dir_bytes(path / level / name)})
     return report
 
