@@ -1,7 +1,7 @@
 """The ``gmp-features`` Zarr v3 store (format: ``docs/format.md``).
 
 :mod:`.layout` (array specs, codecs, fingerprint, root attributes), :mod:`.lock`, :mod:`.staging`
-(the per-task results of a run), :mod:`.chunks` (whole-chunk writes), :mod:`.writer` (the
+(the per-task results of a run), :mod:`.chunks` (whole-shard writes), :mod:`.writer` (the
 :class:`~.writer.StoreWriter` phases), :mod:`.reader` (:func:`open_store`), :mod:`.torch` (the torch
 Dataset and collate function) and :mod:`.verify` (``inspect`` / ``verify``).
 """

@@ -2,7 +2,7 @@
 
 ``_staging/plan.json`` holds the task plan.  Each task (:func:`gmp_pipeline.pipeline.tasks.run_task`)
 builds its arrays with a :class:`TaskCollector`, streams its ``pairs/dfeatures`` rows into its
-own chunk-aligned region with a :class:`PairStream`, and saves the rest with
+own region of whole shards with a :class:`PairStream`, and saves the rest with
 :func:`write_staged` into its own directory ``_staging/tasks/t0000012``: an uncompressed
 ``arrays.npz`` (read back memory-mapped by :class:`StagedTasks`, through the same
 :class:`~gmp_pipeline.npzfile.NpzArrays` the MD17 readers use) and ``meta.json`` (the task's

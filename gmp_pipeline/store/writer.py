@@ -1,27 +1,28 @@
-"""Writing a store in race-free phases: prepare, plan, stage (per task), assemble (per chunk),
+"""Writing a store in race-free phases: prepare, plan, stage (per task), assemble (per shard),
 finalize -- the :class:`StoreWriter`.
 
 1. **Prepare** (driver): the root group is created with ``complete: false`` and the run's root
    attributes (:func:`~.layout.root_attrs`), or an existing store is checked against the run's
    fingerprint (resume, or refuse naming what differs).
 2. **Plan** (driver): the task plan (structure ranges balanced by atoms, and each task's
-   chunk-aligned ``pairs/`` region) is saved in ``_staging/plan.json`` and every array is
+   ``pairs/`` region of whole shards) is saved in ``_staging/plan.json`` and every array is
    created with its planned shape.
 3. **Stage** (one task per planned range, :func:`gmp_pipeline.pipeline.tasks.run_task`): the task
    streams its ``dfeatures`` rows into its own ``pairs/`` region and saves its other arrays in
    its *own* directory ``_staging/tasks/t0000012`` (:mod:`.staging`), whose appearance marks it
    done.  Its ``meta.json`` holds the task's structure, atom and pair counts -- the pair counting
    pass: pair counts are only known once the neighbour lists are built.
-4. **Assemble** (jobs of whole output chunks, :func:`assemble_rows`): the global offsets of
+4. **Assemble** (jobs of whole output shards, :func:`assemble_rows`): the global offsets of
    every task are prefix sums of the staged counts; an array whose final shape differs from the
-   plan is re-created; each assembly job owns a disjoint, chunk-aligned row range of one array
-   and is the only writer of those chunks.
+   plan is re-created; each assembly job owns a disjoint row range of whole shards of one array
+   and is the only writer of those shard files.
 5. **Finalize** (driver): the skipped records are written, root attrs get ``complete: true``
    and the counts, metadata is consolidated once, and ``_staging`` is removed.
 
 No two concurrent writers ever touch the same file: staging directories and ``pairs/`` regions
-are per task, assembly jobs own whole chunks, metadata is written only by the driver.  The final
-layout depends only on the source and the configuration, not on which worker did what.
+(whole shards) are per task, assembly jobs own whole shards, metadata is written only by the
+driver.  The final layout depends only on the source and the configuration, not on which worker
+did what.
 """
 from __future__ import annotations
 
@@ -427,7 +428,7 @@ class StoreWriter:
     # -- assemble -----------------------------------------------------------------------------
     def assembly(self, plan: dict) -> "Assembly":
         """The assembly of the staged tasks: arrays re-created with their final shapes, and the
-        jobs (disjoint whole-chunk row ranges) that fill them."""
+        jobs (disjoint whole-shard row ranges) that fill them."""
         metas = load_metas(self.path, len(plan["tasks"]))
         bases, counts = task_layout(metas, self.pair_base(plan) if self.derivatives else None)
         totals = {level: int(b[-1]) for level, b in bases.items()}
