@@ -123,3 +123,48 @@ def test_assembly_jobs_own_disjoint_whole_shards(totals):
             assert b == c
         for a, b in mine:
             assert a % shard == 0 and (b % shard == 0 or b == n)
+
+
+def test_the_reader_decodes_inner_chunks_itself_and_equals_zarr(small_shards_store, tmp_path):
+    """The chunk cache's own inner-chunk reader gives zarr's values for every chunk of every
+    array (absent chunks as fill, the last chunk cut at the array's end), and a flipped byte in
+    a chunk or in a shard index is a StoreError naming the array."""
+    import shutil
+
+    from gmp_pipeline.errors import StoreError
+    from gmp_pipeline.store import open_store
+    from gmp_pipeline.store._shardread import shard_reader
+
+    g = zarr.open_group(str(small_shards_store), mode="r")
+    fast = 0
+    for level in ("structures", "atoms", "pairs"):
+        for name, arr in g[level].arrays():
+            r = shard_reader(arr, f"{level}/{name}")
+            if r is None:
+                assert "str" in str(arr.dtype).lower() or arr.dtype.kind in "OUT", name
+                continue
+            fast += 1
+            c = arr.chunks[0]
+            for ci in range(-(-arr.shape[0] // c)):
+                want = np.asarray(arr[ci * c:min((ci + 1) * c, arr.shape[0])])
+                got = r.chunk(ci)
+                assert got.dtype == want.dtype and got.shape == want.shape
+                np.testing.assert_array_equal(got, want, err_msg=f"{level}/{name} {ci}")
+    assert fast >= 10
+    st = open_store(small_shards_store)
+    st.get_batch([0, 5])
+    assert st._cache._readers.get("atoms/features") is not None
+
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(small_shards_store, bad)
+    shard = sorted(p for p in (bad / "atoms" / "features" / "c").rglob("*") if p.is_file())[0]
+    raw = bytearray(shard.read_bytes())
+    raw[10] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match="atoms/features: chunk 0 of shard 0"):
+        open_store(bad, cache_bytes=0).get_batch([0])
+    raw[10] ^= 0xFF
+    raw[-6] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match="atoms/features: the index of shard 0"):
+        open_store(bad, cache_bytes=0).get_batch([0])

@@ -2,8 +2,9 @@
 
 Training reads structures in random or shuffled order; every structure touches a few rows of
 several arrays, and each such read would otherwise decode whole chunks again and again.  A
-:class:`ChunkCache` decodes each row-chunk of an array once (through zarr, so any codec chain
-and sharding work) and keeps it until the byte budget is exceeded.  Eviction takes the
+:class:`ChunkCache` decodes each row-chunk of an array once (an inner chunk of a format-v2
+array straight from its shard file with :mod:`._shardread`; anything else, such as text and
+format-v1 arrays, through zarr) and keeps it until the byte budget is exceeded.  Eviction takes the
 least-recently-used chunk of the array holding the most cached bytes, so the bulky
 ``pairs/dfeatures`` streaming through the cache never pushes out the small per-atom chunks
 (features, positions) that a shuffled epoch reuses.
@@ -35,6 +36,7 @@ class ChunkCache:
         self._bytes: dict[str, int] = {}
         self._total = 0
         self._rows: dict[str, int] = {}       # rows per chunk of each array (zarr's lookup is slow)
+        self._readers: dict = {}              # per array: its shard reader, or None (zarr)
         self._lock = threading.Lock()
         self.decoded = 0          # chunks decoded so far (for benchmarks and tests)
 
@@ -58,7 +60,11 @@ class ChunkCache:
                     per.move_to_end(ci)
                     return block
         c = self._chunk_rows(key, arr)
-        block = np.asarray(arr[ci * c:min((ci + 1) * c, arr.shape[0])])
+        fast = self._reader(key, arr)
+        if fast is not None:            # a format-v2 array: the chunk straight from its shard
+            block = fast.chunk(ci)
+        else:
+            block = np.asarray(arr[ci * c:min((ci + 1) * c, arr.shape[0])])
         with self._lock:
             self.decoded += 1
             per = self._chunks.setdefault(key, OrderedDict())
@@ -70,6 +76,15 @@ class ChunkCache:
                 self._total += nb
                 self._evict(keep=(key, ci))
         return block
+
+    def _reader(self, key: str, arr):
+        """The :class:`~._shardread.ShardReader` of ``arr``, or None (read through zarr)."""
+        r = self._readers.get(key, False)
+        if r is False:
+            from ._shardread import shard_reader
+
+            r = self._readers[key] = shard_reader(arr, key)
+        return r
 
     def _chunk_rows(self, key: str, arr) -> int:
         c = self._rows.get(key)

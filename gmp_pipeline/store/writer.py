@@ -112,6 +112,26 @@ def existing_store_state(path, attrs: dict | None, *, overwrite: bool = False) -
     return "complete" if old.get("complete") else "resume"
 
 
+def _remove_store(path: Path, attempts: int = 5) -> None:
+    """``rm -r`` a store being overwritten.  A task of an earlier run that failed may still be
+    finishing on a shared cluster and create a shard file while the tree is removed
+    ("Directory not empty"): retried a few times, then refused naming the path."""
+    import errno
+
+    for k in range(attempts):
+        try:
+            shutil.rmtree(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or k == attempts - 1:
+                raise StoreError(f"cannot remove {path} to overwrite it ({exc}); is another "
+                                 "run, or a task of an earlier one, still writing into it?"
+                                 ) from exc
+            time.sleep(0.2 * (k + 1))
+
+
 def prepare_store(path, attrs: dict, *, overwrite: bool = False) -> str:
     """Create the store, or check an existing one against ``attrs["fingerprint"]``
     (:func:`existing_store_state`).
@@ -121,7 +141,7 @@ def prepare_store(path, attrs: dict, *, overwrite: bool = False) -> str:
     path = Path(path)
     state = existing_store_state(path, attrs, overwrite=overwrite)
     if state == "replace":
-        shutil.rmtree(path)
+        _remove_store(path)
     elif state == "retry":
         # the same run retried with --skip-bad-records: without it no finished task can have
         # skipped a record, so they all stand; the store takes this run's fingerprint
