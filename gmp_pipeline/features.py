@@ -253,6 +253,7 @@ class GMPFeaturizer:
         self._kmax = max(uorders, default=0)
         self._species_cache: dict[tuple[int, ...], object] = {}
         self._element_cache: dict[int, dict] = {}
+        self._lattice_cache: dict[tuple[bytes, bytes], tuple] = {}
 
     def _cutoff(self, n: int, sigma: float, B: float, beta: float) -> float:
         """Per-Gaussian cutoff radius R_{n,sigma,e,g} exactly as the reference (spec 7.1)."""
@@ -492,7 +493,14 @@ class GMPFeaturizer:
         for s, z in enumerate(species):
             spc_of[z] = s
         spc = spc_of[numbers]
-        lat, inv, hinv, per = self._lattice(cell, pbc)
+        key = (cell.tobytes(), pbc.tobytes())
+        lattice = self._lattice_cache.get(key)
+        if lattice is None:  # (consecutive frames of a trajectory share their cell)
+            lattice = self._lattice(cell, pbc)
+            if len(self._lattice_cache) > 64:
+                self._lattice_cache.clear()
+            self._lattice_cache[key] = lattice
+        lat, inv, hinv, per = lattice
         feats, dF, pair_j, pair_count = K.run(positions, spc, lat, inv, hinv, per, cidx, tabs,
                                               self.square, bool(derivatives), bool(total), int(_stop))
         cm = self._colmap
