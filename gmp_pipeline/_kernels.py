@@ -88,11 +88,12 @@ def _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_x, nb_y, nb_z, nb_
                     D = dx * dx + dy * dy + dz * dz
                     if D < rs2:
                         if cnt < cap:
-                            nb_j[cnt] = j
-                            nb_x[cnt] = dx
-                            nb_y[cnt] = dy
-                            nb_z[cnt] = dz
-                            nb_D[cnt] = D
+                            w = np.uint64(cnt)  # (unsigned: no wraparound code)
+                            nb_j[w] = j
+                            nb_x[w] = dx
+                            nb_y[w] = dy
+                            nb_z[w] = dz
+                            nb_D[w] = D
                         cnt += 1
     if cnt > cap:
         return -cnt
@@ -117,27 +118,29 @@ def _bin_neighbors(cnt, nb_j, nb_x, nb_y, nb_z, nb_D, nb_bin, spc, thr, nthr, bo
     ncell = gtab.shape[1] - 1
     for b in range(nb + 1):
         counts[b] = 0
-    for t in range(cnt):
-        s = spc[nb_j[t]]
+    one = np.uint64(1)
+    for t in range(cnt):  # (unsigned indices: numba's negative-index wraparound is skipped)
+        s = np.uint64(spc[np.uint64(nb_j[t])])
         D = nb_D[t]
-        k = min(int(D * gscale[s]), ncell)
-        b = gtab[s, k]
+        k = np.uint64(min(int(D * gscale[s]), ncell))
+        b = np.uint64(gtab[s, k])
         while thr[s, b] < D:  # rows end with +inf
-            b += 1
-        if b >= nthr[s]:
+            b += one
+        if b >= np.uint64(nthr[s]):
             nb_bin[t] = -1
         else:
-            nb_bin[t] = bo[s] + b
-            counts[bo[s] + b + 1] += 1
+            bb = np.uint64(bo[s]) + b
+            nb_bin[t] = bb
+            counts[bb + one] += 1
     for b in range(nb):
         counts[b + 1] += counts[b]
     for b in range(nb + 1):
         bstart[b] = counts[b]
     for t in range(cnt):
-        bb = nb_bin[t]
-        if bb < 0:
+        if nb_bin[t] < 0:
             continue
-        p = counts[bb]
+        bb = np.uint64(nb_bin[t])
+        p = np.uint64(counts[bb])
         counts[bb] += 1
         s_j[p] = nb_j[t]
         s_x[p] = nb_x[t]
@@ -422,6 +425,7 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
     # per order (compact and L1-resident, unlike the centre's rows of dF with all columns)
     accw = 3 * max(nord, 1)
     blk = np.zeros((n if deriv else 0, accw))
+    blk1 = blk.reshape(-1)  # the same memory, flat
     acc1 = np.zeros((n if deriv else 0, 3))
     csum = np.zeros(accw)
 
@@ -449,7 +453,7 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
     tc = tb[6]
     tl = tb[7]
     Gt = np.empty((3 * max(nord, 1), 0))
-    trow = np.empty(0, dtype=np.int64)
+    trow = np.empty(0, dtype=np.uint64)
 
     for ci in range(nc):
         i = centers[ci]
@@ -482,7 +486,7 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
             tl = tb[7]
             if deriv:
                 Gt = np.empty((3 * max(nord, 1), tcap))
-                trow = np.empty(tcap, dtype=np.int64)
+                trow = np.empty(tcap, dtype=np.uint64)
             cnt = _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_x, nb_y, nb_z, nb_D)
         if stop == 1:
             continue
@@ -537,12 +541,17 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                     L = bstart[bo[s] + ridxm1[s, g] + 1] - a
                     B = Bs[s, g]
                     be = -betas[s, g]
-                    for t in range(a, a + L):
-                        tj[T1] = t
-                        tE[T1] = B
-                        tb[1, T1] = be * s_D[t]
-                        tl[T1] = be
-                        T1 += 1
+                    vj = tj[T1:T1 + L]  # (views indexed from 0: vectorized, see _fill_terms)
+                    vE = tE[T1:T1 + L]
+                    vA = tb[1, T1:T1 + L]
+                    vl = tl[T1:T1 + L]
+                    vD = s_D[a:a + L]
+                    for k in range(L):
+                        vj[k] = a + k
+                        vE[k] = B
+                        vA[k] = be * vD[k]
+                        vl[k] = be
+                    T1 += L
             _vexp(np.int64(T1), tb[1], tE, ibuf)
             dens = 0.0
             for t in range(T1):
@@ -602,12 +611,14 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                     r0 = comp_start[nn]
                     r1 = comp_start[nn + 1]
                     S = 0.0
-                    for r in range(r0, r1):
+                    vm = mom[m0:m0 + nm]
+                    for rr in range(r1 - r0):
+                        hr = hcoef[r0 + rr]
                         acc = 0.0
                         for k in range(nm):
-                            acc += hcoef[r, k] * mom[m0 + k]
-                        mu[r - r0] = acc
-                        S += comp_weight[r] * acc * acc
+                            acc += hr[k] * vm[k]
+                        mu[rr] = acc
+                        S += comp_weight[r0 + rr] * acc * acc
                     F = S if square else math.sqrt(S)
                     if not square and F < 1e-15:
                         F = 0.0
@@ -643,15 +654,21 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                         blk[r, a] = 0.0
                 if stop == 5:
                     gmax = 0
+                # (unsigned flat indices: numba's negative-index wraparound code is skipped)
+                wu = np.uint64(accw)
                 for t in range(gmax):
-                    trow[t] = slot[tj[t]]
+                    trow[t] = np.uint64(slot[tj[t]]) * wu
                 for o in range(nord):
                     o3 = 3 * o
+                    g0 = Gt[o3]
+                    g1 = Gt[o3 + 1]
+                    g2 = Gt[o3 + 2]
+                    ou = np.uint64(o3)
                     for t in range(min(gend[o], gmax)):
-                        r = trow[t]
-                        blk[r, o3] += Gt[o3, t]
-                        blk[r, o3 + 1] += Gt[o3 + 1, t]
-                        blk[r, o3 + 2] += Gt[o3 + 2, t]
+                        r = trow[t] + ou
+                        blk1[r] += g0[t]
+                        blk1[r + np.uint64(1)] += g1[t]
+                        blk1[r + np.uint64(2)] += g2[t]
                 if total:  # the centre's own block loses the sum of all blocks
                     for a in range(accw):
                         csum[a] = 0.0
@@ -666,10 +683,11 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                     if m < 0:
                         continue
                     o3 = 3 * o
+                    rows = dF[base:base + kp]
                     for r in range(kp):
-                        dF[base + r, 0, m] = blk[r, o3]
-                        dF[base + r, 1, m] = blk[r, o3 + 1]
-                        dF[base + r, 2, m] = blk[r, o3 + 2]
+                        rows[r, 0, m] = blk[r, o3]
+                        rows[r, 1, m] = blk[r, o3 + 1]
+                        rows[r, 2, m] = blk[r, o3 + 2]
 
         if deriv:
             for k in range(pair_count[ci]):
