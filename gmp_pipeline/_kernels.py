@@ -30,8 +30,9 @@ import math
 from typing import NamedTuple
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 # first: every kernel of this package caches in the machine-wide directory of _numba_cache
 from ._numba_cache import compile_lock  # noqa: I001
@@ -87,11 +88,12 @@ def _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_x, nb_y, nb_z, nb_
                     D = dx * dx + dy * dy + dz * dz
                     if D < rs2:
                         if cnt < cap:
-                            nb_j[cnt] = j
-                            nb_x[cnt] = dx
-                            nb_y[cnt] = dy
-                            nb_z[cnt] = dz
-                            nb_D[cnt] = D
+                            w = np.uint64(cnt)  # (unsigned: no wraparound code)
+                            nb_j[w] = j
+                            nb_x[w] = dx
+                            nb_y[w] = dy
+                            nb_z[w] = dz
+                            nb_D[w] = D
                         cnt += 1
     if cnt > cap:
         return -cnt
@@ -116,27 +118,29 @@ def _bin_neighbors(cnt, nb_j, nb_x, nb_y, nb_z, nb_D, nb_bin, spc, thr, nthr, bo
     ncell = gtab.shape[1] - 1
     for b in range(nb + 1):
         counts[b] = 0
-    for t in range(cnt):
-        s = spc[nb_j[t]]
+    one = np.uint64(1)
+    for t in range(cnt):  # (unsigned indices: numba's negative-index wraparound is skipped)
+        s = np.uint64(spc[np.uint64(nb_j[t])])
         D = nb_D[t]
-        k = min(int(D * gscale[s]), ncell)
-        b = gtab[s, k]
+        k = np.uint64(min(int(D * gscale[s]), ncell))
+        b = np.uint64(gtab[s, k])
         while thr[s, b] < D:  # rows end with +inf
-            b += 1
-        if b >= nthr[s]:
+            b += one
+        if b >= np.uint64(nthr[s]):
             nb_bin[t] = -1
         else:
-            nb_bin[t] = bo[s] + b
-            counts[bo[s] + b + 1] += 1
+            bb = np.uint64(bo[s]) + b
+            nb_bin[t] = bb
+            counts[bb + one] += 1
     for b in range(nb):
         counts[b + 1] += counts[b]
     for b in range(nb + 1):
         bstart[b] = counts[b]
     for t in range(cnt):
-        bb = nb_bin[t]
-        if bb < 0:
+        if nb_bin[t] < 0:
             continue
-        p = counts[bb]
+        bb = np.uint64(nb_bin[t])
+        p = np.uint64(counts[bb])
         counts[bb] += 1
         s_j[p] = nb_j[t]
         s_x[p] = nb_x[t]
@@ -164,13 +168,22 @@ def _sort_ints(a, k):
         h //= 3
 
 
+@intrinsic
+def _bits_to_f64(typingctx, x):
+    """The float64 with the IEEE bits of the int64 x (a register bitcast)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+    return types.float64(types.int64), codegen
+
+
 @njit(cache=_CACHE, fastmath=_EXACT)
 def _vexp(T, arg, scale, ibuf):
     """scale[t] *= exp(arg[t]) for arg <= 0, vectorizable (numba's math.exp is a scalar call).
 
     Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, a degree-13 Taylor polynomial for e^r
-    (truncation < 1e-17 relative) and 2^n assembled from its IEEE bits.  Arguments below -708
-    are clamped (such terms are < 1e-307 of their prefactor).
+    (truncation < 1e-17 relative) and 2^n assembled from its IEEE bits (a register bitcast, so
+    one pass; ibuf is unused).  Arguments below -708 are clamped (such terms are < 1e-307 of
+    their prefactor).
     """
     for t in range(T):
         x = arg[t]
@@ -192,11 +205,7 @@ def _vexp(T, arg, scale, ibuf):
         p = p * r + 0.5
         p = p * r + 1.0
         p = p * r + 1.0
-        scale[t] *= p
-        ibuf[t] = (np.int64(nf) + 1023) << 52
-    two_n = ibuf[:T].view(np.float64)
-    for t in range(T):
-        scale[t] *= two_n[t]
+        scale[t] = (scale[t] * p) * _bits_to_f64((np.int64(nf) + 1023) << 52)
 
 
 @njit(cache=_CACHE, fastmath=True)
@@ -222,23 +231,39 @@ def _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, 
             C2 = c2[s, g]
             lm = lam[s, g]
             L = bstart[b0 + ridx[ncls - 1, s, g]] - a
-            p0 = p - a
-            for t in range(a, a + L):
-                q = p0 + t
-                tb[0, q] = C1
-                tb[1, q] = C2 * s_D[t]
-                tb[2, q] = lm * s_x[t]
-                tb[3, q] = lm * s_y[t]
-                tb[4, q] = lm * s_z[t]
-                tb[6, q] = 0.0
-            for c in range(ncls - 1):
-                Lc = bstart[b0 + ridx[c, s, g]]
-                for t in range(Lc, a + L):
-                    tb[6, p0 + t] += 1.0
+            # one pass per run (runs are short, so each extra loop costs its set-up): the
+            # class tag of up to two classes in the same loop, more classes by extra passes.
+            # The loops run over views with indices from 0: numba's negative-index wraparound
+            # then folds away and LLVM vectorizes them (with t from a, they stayed scalar).
+            Lc = bstart[b0 + ridx[0, s, g]] - a if ncls > 1 else L
+            e0 = tb[0, p:p + L]
+            e1 = tb[1, p:p + L]
+            e2 = tb[2, p:p + L]
+            e3 = tb[3, p:p + L]
+            e4 = tb[4, p:p + L]
+            e6 = tb[6, p:p + L]
+            vx = s_x[a:a + L]
+            vy = s_y[a:a + L]
+            vz = s_z[a:a + L]
+            vD = s_D[a:a + L]
+            for k in range(L):
+                e0[k] = C1
+                e1[k] = C2 * vD[k]
+                e2[k] = lm * vx[k]
+                e3[k] = lm * vy[k]
+                e4[k] = lm * vz[k]
+                e6[k] = 1.0 if k >= Lc else 0.0
             if deriv:
-                for t in range(a, a + L):
-                    tj[p0 + t] = s_j[t]
-                    tb[7, p0 + t] = lm
+                e7 = tb[7, p:p + L]
+                dj = tj[p:p + L]
+                vj = s_j[a:a + L]
+                for k in range(L):
+                    e7[k] = lm
+                    dj[k] = vj[k]
+            for c in range(1, ncls - 1):
+                Lc = bstart[b0 + ridx[c, s, g]] - a
+                for k in range(Lc, L):
+                    e6[k] += 1.0
             p += L
     _vexp(np.int64(p), tb[1], tb[0], ibuf)
     return p
@@ -378,7 +403,6 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
     pcap = 0
     dF = np.empty((0, 3, ncol))
     pair_j = np.empty(0, dtype=np.int64)
-    own_sum = np.empty((3, ncol))
     pair_count = np.zeros(nc, dtype=np.int64)
     npairs = 0
     jlist = np.empty(n, dtype=np.int64)
@@ -397,6 +421,13 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
     uy = np.empty(66)
     uz = np.empty(66)
     gend = np.zeros(max(nord, 1), dtype=np.int64)
+    # per-sigma accumulators of the (i, j) blocks of one centre, by pair slot: 3 components
+    # per order (compact and L1-resident, unlike the centre's rows of dF with all columns)
+    accw = 3 * max(nord, 1)
+    blk = np.zeros((n if deriv else 0, accw))
+    blk1 = blk.reshape(-1)  # the same memory, flat
+    acc1 = np.zeros((n if deriv else 0, 3))
+    csum = np.zeros(accw)
 
     cap = 0
     tcap = 0
@@ -422,7 +453,7 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
     tc = tb[6]
     tl = tb[7]
     Gt = np.empty((3 * max(nord, 1), 0))
-    trow = np.empty(0, dtype=np.int64)
+    trow = np.empty(0, dtype=np.uint64)
 
     for ci in range(nc):
         i = centers[ci]
@@ -455,7 +486,7 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
             tl = tb[7]
             if deriv:
                 Gt = np.empty((3 * max(nord, 1), tcap))
-                trow = np.empty(tcap, dtype=np.int64)
+                trow = np.empty(tcap, dtype=np.uint64)
             cnt = _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_x, nb_y, nb_z, nb_D)
         if stop == 1:
             continue
@@ -493,10 +524,7 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                 for r in range(npairs):
                     pj[r] = pair_j[r]
                 pair_j = pj
-            for r in range(base, base + k):
-                for kk in range(3):
-                    for m in range(ncol):
-                        dF[r, kk, m] = 0.0
+            # (every entry of the centre's rows is assigned below: no zeroing)
             for kk in range(k):
                 slot[jl[kk]] = kk
                 pair_j[base + kk] = jl[kk]
@@ -513,12 +541,17 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                     L = bstart[bo[s] + ridxm1[s, g] + 1] - a
                     B = Bs[s, g]
                     be = -betas[s, g]
-                    for t in range(a, a + L):
-                        tj[T1] = t
-                        tE[T1] = B
-                        tb[1, T1] = be * s_D[t]
-                        tl[T1] = be
-                        T1 += 1
+                    vj = tj[T1:T1 + L]  # (views indexed from 0: vectorized, see _fill_terms)
+                    vE = tE[T1:T1 + L]
+                    vA = tb[1, T1:T1 + L]
+                    vl = tl[T1:T1 + L]
+                    vD = s_D[a:a + L]
+                    for k in range(L):
+                        vj[k] = a + k
+                        vE[k] = B
+                        vA[k] = be * vD[k]
+                        vl[k] = be
+                    T1 += L
             _vexp(np.int64(T1), tb[1], tE, ibuf)
             dens = 0.0
             for t in range(T1):
@@ -528,16 +561,33 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
             if not square and F < 1e-15:
                 F = 0.0
             feats[ci, m] = F
-            if deriv and F != 0.0:
-                # dS/dd = 2 mu sum(-2 beta B e^{-beta D} d);  sqrt mode: divided by 2F
-                scale = 4.0 * dens if square else 2.0 * dens / F
-                for t in range(T1):
-                    e = tl[t] * tE[t] * scale
-                    st = tj[t]
-                    r = base + slot[s_j[st]]
-                    dF[r, 0, m] += e * s_x[st]
-                    dF[r, 1, m] += e * s_y[st]
-                    dF[r, 2, m] += e * s_z[st]
+            if deriv:
+                kp = pair_count[ci]
+                for r in range(kp):
+                    acc1[r, 0] = 0.0
+                    acc1[r, 1] = 0.0
+                    acc1[r, 2] = 0.0
+                if F != 0.0:
+                    # dS/dd = 2 mu sum(-2 beta B e^{-beta D} d);  sqrt mode: divided by 2F
+                    scale = 4.0 * dens if square else 2.0 * dens / F
+                    for t in range(T1):
+                        e = tl[t] * tE[t] * scale
+                        st = tj[t]
+                        r = slot[s_j[st]]
+                        acc1[r, 0] += e * s_x[st]
+                        acc1[r, 1] += e * s_y[st]
+                        acc1[r, 2] += e * s_z[st]
+                    if total:  # the centre's own block loses the sum of all blocks
+                        own = slot[i]
+                        for a in range(3):
+                            sm = 0.0
+                            for r in range(kp):
+                                sm += acc1[r, a]
+                            acc1[own, a] -= sm
+                for r in range(kp):
+                    dF[base + r, 0, m] = acc1[r, 0]
+                    dF[base + r, 1, m] = acc1[r, 1]
+                    dF[base + r, 2, m] = acc1[r, 2]
 
         # ---- orders >= 0, one sigma at a time -----------------------------------------
         if nord > 0:
@@ -561,12 +611,14 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                     r0 = comp_start[nn]
                     r1 = comp_start[nn + 1]
                     S = 0.0
-                    for r in range(r0, r1):
+                    vm = mom[m0:m0 + nm]
+                    for rr in range(r1 - r0):
+                        hr = hcoef[r0 + rr]
                         acc = 0.0
                         for k in range(nm):
-                            acc += hcoef[r, k] * mom[m0 + k]
-                        mu[r - r0] = acc
-                        S += comp_weight[r] * acc * acc
+                            acc += hr[k] * vm[k]
+                        mu[rr] = acc
+                        S += comp_weight[r0 + rr] * acc * acc
                     F = S if square else math.sqrt(S)
                     if not square and F < 1e-15:
                         F = 0.0
@@ -591,33 +643,52 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                     _grad(K, nn, T, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, ux, uy, uz, Gt, 3 * o)
                     gend[o] = T
                     gmax = T
-                # scatter every order's per-term gradient into the (i, j) blocks: the block row
-                # of each term once, then one branch-free loop per order
+                if not deriv:
+                    continue
+                # scatter every order's per-term gradient into the per-sigma accumulators of
+                # the (i, j) blocks: the block slot of each term once, then one branch-free
+                # loop per order; then the blocks' columns of this sigma are assigned in dF
+                kp = pair_count[ci]
+                for r in range(kp):
+                    for a in range(accw):
+                        blk[r, a] = 0.0
                 if stop == 5:
                     gmax = 0
+                # (unsigned flat indices: numba's negative-index wraparound code is skipped)
+                wu = np.uint64(accw)
                 for t in range(gmax):
-                    trow[t] = base + slot[tj[t]]
+                    trow[t] = np.uint64(slot[tj[t]]) * wu
+                for o in range(nord):
+                    o3 = 3 * o
+                    g0 = Gt[o3]
+                    g1 = Gt[o3 + 1]
+                    g2 = Gt[o3 + 2]
+                    ou = np.uint64(o3)
+                    for t in range(min(gend[o], gmax)):
+                        r = trow[t] + ou
+                        blk1[r] += g0[t]
+                        blk1[r + np.uint64(1)] += g1[t]
+                        blk1[r + np.uint64(2)] += g2[t]
+                if total:  # the centre's own block loses the sum of all blocks
+                    for a in range(accw):
+                        csum[a] = 0.0
+                    for r in range(kp):
+                        for a in range(accw):
+                            csum[a] += blk[r, a]
+                    own = slot[i]
+                    for a in range(accw):
+                        blk[own, a] -= csum[a]
                 for o in range(nord):
                     m = col[o, u]
-                    for t in range(min(gend[o], gmax)):
-                        r = trow[t]
-                        dF[r, 0, m] += Gt[3 * o, t]
-                        dF[r, 1, m] += Gt[3 * o + 1, t]
-                        dF[r, 2, m] += Gt[3 * o + 2, t]
+                    if m < 0:
+                        continue
+                    o3 = 3 * o
+                    rows = dF[base:base + kp]
+                    for r in range(kp):
+                        rows[r, 0, m] = blk[r, o3]
+                        rows[r, 1, m] = blk[r, o3 + 1]
+                        rows[r, 2, m] = blk[r, o3 + 2]
 
-        if deriv and total:
-            # total derivative: the centre's own block loses the sum of all partial blocks
-            own = base + slot[i]
-            for k in range(3):
-                for m in range(ncol):
-                    own_sum[k, m] = 0.0
-            for r in range(base, base + pair_count[ci]):
-                for k in range(3):
-                    for m in range(ncol):
-                        own_sum[k, m] += dF[r, k, m]
-            for k in range(3):
-                for m in range(ncol):
-                    dF[own, k, m] -= own_sum[k, m]
         if deriv:
             for k in range(pair_count[ci]):
                 slot[pair_j[base + k]] = -1

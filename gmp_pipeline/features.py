@@ -250,9 +250,12 @@ class GMPFeaturizer:
         self._col_m1 = 0 if self._has_m1 else -1
         self._ucols = ucols
         self._colmap = np.array([ucols.index(p) for p in self.feature_list], dtype=np.int64)
+        self._colmap_identity = (len(self._colmap) == len(ucols)
+                                 and bool(np.array_equal(self._colmap, np.arange(len(ucols)))))
         self._kmax = max(uorders, default=0)
         self._species_cache: dict[tuple[int, ...], object] = {}
         self._element_cache: dict[int, dict] = {}
+        self._lattice_cache: dict[tuple[bytes, bytes], tuple] = {}
 
     def _cutoff(self, n: int, sigma: float, B: float, beta: float) -> float:
         """Per-Gaussian cutoff radius R_{n,sigma,e,g} exactly as the reference (spec 7.1)."""
@@ -424,16 +427,15 @@ class GMPFeaturizer:
             positions = positions.copy()   # signature for all inputs, so one compile)
         if positions.shape != (numbers.shape[0], 3):
             raise InputError(f"positions: shape {positions.shape} does not match {numbers.shape[0]} atoms")
-        bad = ~np.isfinite(positions).all(axis=1)
-        if bad.any():
-            a = int(np.flatnonzero(bad)[0])
+        if not np.isfinite(positions).all():
+            a = int(np.flatnonzero(~np.isfinite(positions).all(axis=1))[0])
             raise InputError(f"positions: atom {a} has a non-finite position {positions[a].tolist()}")
         cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
         pbc = np.asarray(pbc, dtype=bool).reshape(3)
         if not np.isfinite(cell).all():
             raise InputError(f"cell: non-finite entries {cell.tolist()}")
         zs = []
-        for z in np.unique(numbers):
+        for z in sorted(set(numbers.tolist())):  # (faster than np.unique on small arrays)
             z = int(z)
             if not self.psp.has(z) or z == 0:
                 raise InputError(f"element {element_symbol(z)} (Z={z}) has no entry in psp file {self.psp.path}")
@@ -449,6 +451,19 @@ class GMPFeaturizer:
         per = np.flatnonzero(pbc)
         if per.size == 0:
             return lat, inv, hinv, np.zeros(3, dtype=np.bool_)
+        if per.size == 3:  # the common case in plain floats (numpy's 3x3 linalg is call overhead)
+            a0, a1, a2 = cell.tolist()
+            c0 = [a1[1] * a2[2] - a1[2] * a2[1], a1[2] * a2[0] - a1[0] * a2[2], a1[0] * a2[1] - a1[1] * a2[0]]
+            c1 = [a2[1] * a0[2] - a2[2] * a0[1], a2[2] * a0[0] - a2[0] * a0[2], a2[0] * a0[1] - a2[1] * a0[0]]
+            c2 = [a0[1] * a1[2] - a0[2] * a1[1], a0[2] * a1[0] - a0[0] * a1[2], a0[0] * a1[1] - a0[1] * a1[0]]
+            det = a0[0] * c0[0] + a0[1] * c0[1] + a0[2] * c0[2]
+            norms = [math.sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]) for v in (a0, a1, a2)]
+            if min(norms) >= 1e-8 and abs(det) > 1e-8 * norms[0] * norms[1] * norms[2]:
+                # inverse of the cell (rows a_k): columns c_k / det; h_k = |det| / |c_k|
+                inv = np.array([c0, c1, c2]).T / det
+                hinv = np.array([math.sqrt(c[0] * c[0] + c[1] * c[1] + c[2] * c[2]) / abs(det)
+                                 for c in (c0, c1, c2)])
+                return cell.copy(), inv, hinv, np.ones(3, dtype=np.bool_)
         A = cell[per]  # (p, 3) periodic lattice vectors
         norms = np.linalg.norm(A, axis=1)
         gram = A @ A.T
@@ -488,15 +503,19 @@ class GMPFeaturizer:
                 raise InputError(f"centers must be atom indices in 0..{N - 1}, got {centers!r}")
             cidx = np.ascontiguousarray(cidx % N, dtype=np.int64) if cidx.size else cidx.astype(np.int64)
         tabs = self._species_tables(species)
-        spc_of = np.zeros(int(numbers.max()) + 1, dtype=np.int64)
-        for s, z in enumerate(species):
-            spc_of[z] = s
-        spc = spc_of[numbers]
-        lat, inv, hinv, per = self._lattice(cell, pbc)
+        spc = np.searchsorted(np.array(species, dtype=np.int64), numbers)  # (species sorted)
+        key = (cell.tobytes(), pbc.tobytes())
+        lattice = self._lattice_cache.get(key)
+        if lattice is None:  # (consecutive frames of a trajectory share their cell)
+            lattice = self._lattice(cell, pbc)
+            if len(self._lattice_cache) > 64:
+                self._lattice_cache.clear()
+            self._lattice_cache[key] = lattice
+        lat, inv, hinv, per = lattice
         feats, dF, pair_j, pair_count = K.run(positions, spc, lat, inv, hinv, per, cidx, tabs,
                                               self.square, bool(derivatives), bool(total), int(_stop))
         cm = self._colmap
-        identity = len(cm) == len(self._ucols) and np.array_equal(cm, np.arange(len(cm)))
+        identity = self._colmap_identity
         res = GMPResult(features=feats if identity else feats[:, cm], centers=cidx, n_atoms=N)
         if derivatives and not self.square and not _stop:
             _warn_near_zero(res.features, self.feature_list)
