@@ -89,7 +89,7 @@ def inproc_share(source: Path, n_chunks: int = 40, chunk: int = 1070) -> dict:
     import yaml
 
     from gmp_pipeline import GMPFeaturizer
-    from gmp_pipeline.pipeline import get_featurizer
+    from gmp_pipeline.pipeline.tasks import get_featurizer
     from gmp_pipeline.readers import open_reader
 
     import gmp_pipeline

@@ -338,6 +338,21 @@ class QM9Reader(Reader):
                   "energy_conversion": conversion_record("Hartree", self._unit, self._factor)})
         return d
 
+    def drop_missing_elements(self, structures, known, where):
+        """QM9's grammar admits H, C, N, O and F only (the parsers refuse any other symbol), so
+        when the psp has all five nothing is dropped and no molecule is looked at."""
+        if all(known(z) for z in _Z.values()):
+            return list(structures)
+        return super().drop_missing_elements(structures, known, where)
+
+    def drop_nonfinite(self, structures):
+        """One vectorised check over the whole list (a molecule's cell is zeros, finite);
+        the per-molecule check runs only when some position is not finite."""
+        structures = list(structures)
+        if not structures or np.isfinite(np.concatenate([s.positions for s in structures])).all():
+            return structures
+        return super().drop_nonfinite(structures)
+
     def _texts(self, start: int, stop: int) -> Iterator[tuple[int, str, bytes]]:
         """Yield (reader index, file name, raw bytes); unreadable files are bad records."""
         if self._is_dir:
