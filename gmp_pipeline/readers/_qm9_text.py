@@ -245,6 +245,23 @@ def _number(buf, i, n, pow10):
 
 
 @njit(cache=True, nogil=True)
+def _uint(buf, i, n, max_digits):
+    """The unsigned integer at buf[i] (at most max_digits digits): (value, index past it), or
+    value -1 when there is none or it is longer."""
+    v = 0
+    nd = 0
+    while i < n and 48 <= buf[i] <= 57:
+        v = v * 10 + (buf[i] - 48)
+        nd += 1
+        i += 1
+        if nd > max_digits:
+            return -1, i
+    if nd == 0:
+        return -1, i
+    return v, i
+
+
+@njit(cache=True, nogil=True)
 def _head_line(buf, i, n, pow10, props, k):
     """'gdb <index> <15 numbers>' at buf[i] into props[k]: (index past it, gdb index), or
     index -1 when it does not fit."""
@@ -254,14 +271,8 @@ def _head_line(buf, i, n, pow10, props, k):
     i += 3
     if not (buf[i] == 32 or buf[i] == 9):
         return -1, 0
-    i = _skip_ws(buf, i, n)
-    g = 0
-    nd = 0
-    while i < n and 48 <= buf[i] <= 57:
-        g = g * 10 + (buf[i] - 48)
-        nd += 1
-        i += 1
-    if nd == 0 or nd > 12 or (i < n and not (buf[i] == 32 or buf[i] == 9)):
+    g, i = _uint(buf, _skip_ws(buf, i, n), n, 12)
+    if g < 0 or (i < n and not (buf[i] == 32 or buf[i] == 9)):
         return -1, 0
     for c in range(15):
         i = _skip_ws(buf, i, n)
@@ -398,17 +409,9 @@ def _count_atoms(buf, starts, ends, ns):
     """The atom count (first line) of every file; -1 when one is not a positive integer."""
     for k in range(starts.shape[0]):
         n = ends[k]
-        i = _skip_ws(buf, starts[k], n)
-        v = 0
-        nd = 0
-        while i < n and 48 <= buf[i] <= 57:
-            v = v * 10 + (buf[i] - 48)
-            nd += 1
-            i += 1
-            if nd > 9:
-                return -1
+        v, i = _uint(buf, _skip_ws(buf, starts[k], n), n, 9)
         i = _skip_ws(buf, i, n)
-        if nd == 0 or v < 1 or (i < n and buf[i] != 10):
+        if v < 1 or (i < n and buf[i] != 10):
             return -1
         ns[k] = v
     return 0
