@@ -240,3 +240,18 @@ def test_nonfinite_position_and_missing_element_checks(tmp_path):
     with pytest.raises(SourceError, match=r"dsgdb9nsd_000002\.xyz.*record 1.*field 'positions'"):
         strict = open_reader("qm9", d)
         strict.drop_nonfinite(list(strict.read()))
+
+
+def test_structures_are_canonical_on_every_parse_path(tmp_path):
+    """The reader builds its Structures without __post_init__'s conversions, so every parse
+    path (compiled batch, line by line, file by file) must give canonical arrays."""
+    bad_batch = _one(tmp_path, CH4.replace("-40.47893", "-40.478930000000000001"))  # >15 digits
+    for src in (SAMPLES, bad_batch):
+        for s in open_reader("qm9", src).read():
+            assert s.numbers.dtype == np.int64 and s.numbers.flags.c_contiguous
+            assert s.positions.dtype == np.float64 and s.positions.shape == (len(s), 3)
+            assert s.positions.flags.c_contiguous and s.cell.shape == (3, 3)
+            assert s.pbc.dtype == bool and s.atom_info["charges"].shape == (len(s),)
+    from gmp_pipeline.readers.qm9 import parse_qm9_text
+    rec = parse_qm9_text(CH4, path="x", record=0)
+    assert rec["positions"].flags.c_contiguous and rec["charges"].flags.c_contiguous
