@@ -82,14 +82,14 @@ def parse_rate(directory: Path, limit: int | None, legacy_n: int) -> dict:
 
 def inproc_share(source: Path, n_chunks: int = 40, chunk: int = 1070) -> dict:
     """Reading vs featurizing (default feature set, no derivatives) of the same task-sized
-    chunks in this process, as a task does them (a pickled reader, list(read(a, b)), then
-    featurize each structure): wall and CPU ratios under the same load for both."""
+    chunks in this process, as a task does them (a pickled reader, list(read(a, b)) and the
+    task's two checks, then featurize each structure): wall and CPU ratios under the same load for both."""
     import pickle
 
     import yaml
 
     from gmp_pipeline import GMPFeaturizer
-    from gmp_pipeline.pipeline import get_featurizer
+    from gmp_pipeline.pipeline.tasks import get_featurizer
     from gmp_pipeline.readers import open_reader
 
     import gmp_pipeline
@@ -107,6 +107,7 @@ def inproc_share(source: Path, n_chunks: int = 40, chunk: int = 1070) -> dict:
         w = pickle.loads(blob)
         t, c = time.perf_counter(), time.process_time()
         st = list(w.read(a, a + chunk))
+        st = w.drop_nonfinite(w.drop_missing_elements(st, fz.psp.has, "psp"))  # as a task does
         tr += time.perf_counter() - t
         cr += time.process_time() - c
         t, c = time.perf_counter(), time.process_time()

@@ -217,3 +217,41 @@ def test_atomref_bad_values(tmp_path):
     short.write_text("   C     0.0  -37.8\n")
     with pytest.raises(SourceError, match="expected 7 columns"):
         read_atomref(short)
+
+
+def test_nonfinite_position_and_missing_element_checks(tmp_path):
+    """The task's two checks take a fast path for QM9 (one vectorised finiteness test, the
+    five-element grammar); a bad molecule still gets the per-molecule error."""
+    d = _one(tmp_path, CH4)
+    shutil.copy(SAMPLES / "dsgdb9nsd_000003.xyz", d)
+    bad = (SAMPLES / "dsgdb9nsd_000002.xyz").read_text().replace("-0.0404260543", "inf", 1)
+    assert "inf" in bad
+    (d / "dsgdb9nsd_000002.xyz").write_text(bad)
+    r = open_reader("qm9", d, skip_bad_records=True)
+    st = list(r.read())
+    assert len(st) == 3
+    kept = r.drop_nonfinite(st)
+    assert [s.info["gdb_index"] for s in kept] == [1, 3]
+    assert "positions" in r.skipped[-1][1] and "non-finite" in r.skipped[-1][1]
+    assert r.drop_missing_elements(kept, lambda z: True, "psp x") == kept
+    assert [s.info["gdb_index"] for s in r.drop_missing_elements(kept, lambda z: z != 8,
+                                                                 "psp x")] == [1]
+    assert "Z=8" in r.skipped[-1][1]
+    with pytest.raises(SourceError, match=r"dsgdb9nsd_000002\.xyz.*record 1.*field 'positions'"):
+        strict = open_reader("qm9", d)
+        strict.drop_nonfinite(list(strict.read()))
+
+
+def test_structures_are_canonical_on_every_parse_path(tmp_path):
+    """The reader builds its Structures without __post_init__'s conversions, so every parse
+    path (compiled batch, line by line, file by file) must give canonical arrays."""
+    bad_batch = _one(tmp_path, CH4.replace("-40.47893", "-40.478930000000000001"))  # >15 digits
+    for src in (SAMPLES, bad_batch):
+        for s in open_reader("qm9", src).read():
+            assert s.numbers.dtype == np.int64 and s.numbers.flags.c_contiguous
+            assert s.positions.dtype == np.float64 and s.positions.shape == (len(s), 3)
+            assert s.positions.flags.c_contiguous and s.cell.shape == (3, 3)
+            assert s.pbc.dtype == bool and s.atom_info["charges"].shape == (len(s),)
+    from gmp_pipeline.readers.qm9 import parse_qm9_text
+    rec = parse_qm9_text(CH4, path="x", record=0)
+    assert rec["positions"].flags.c_contiguous and rec["charges"].flags.c_contiguous

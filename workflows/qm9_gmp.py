@@ -58,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--features", type=Path, default=C.DATA / "gmp_qm9.yaml")
     p.add_argument("--store", type=Path, help="features store (default <out>/work/qm9_gmp.zarr)")
     p.add_argument("--hidden", default="128,128")
+    p.add_argument("--model", choices=("shared", "per_element"), default="shared",
+                   help="one network for all elements (runs gmp_N) or one per element, as "
+                        "the paper's BP (runs gmp-elem_N)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lr-min", type=float, default=1e-5)
@@ -401,7 +404,8 @@ def main(argv=None):
     C.log(f"{len(y)} molecules, {mols.X.shape[0]} atoms, {mols.X.shape[1]} features; split "
           f"{len(split[0])}/{len(split[1])}/{len(split[2])}")
     for run in a.run_list:
-        run_one(a, run, mols, y, counts, split,
+        run_one(a, run, mols, y, counts, split, kind=a.model,
+                prefix="gmp" if a.model == "shared" else "gmp-elem",
                 extra={"features": "gmp", "feature_set": str(a.features.name),
                        "feature_config": d["feature_config"]})
         aggregate(a.out, command, {"featurize": feat} if not feat["reused"] else None)

@@ -92,15 +92,16 @@ def parse_batch(blobs: Sequence[bytes]) -> list[dict[str, Any]]:
     gdb = np.empty(m, dtype=np.int64)
     props = np.empty((m, 15))
     numbers = np.empty(n_total, dtype=np.int64)
-    xyzq = np.empty((n_total, 4))
+    xyz = np.empty((n_total, 3))
+    q = np.empty(n_total)
     counts = np.empty(m, dtype=np.int64)
     hbuf = np.frombuffer(b"\n".join(heads), dtype=np.uint8)
     abuf = np.frombuffer(b"\n".join(atoms), dtype=np.uint8)
     fbuf = np.frombuffer(b"\n".join(freq_lines), dtype=np.uint8)
     if (_scan_heads(hbuf, m, gdb, props, _POW10) != 0
-            or _scan_atoms(abuf, n_total, _ZLUT, numbers, xyzq, _POW10) != 0
+            or _scan_atoms(abuf, n_total, _ZLUT, numbers, xyz, q, _POW10) != 0
             or _scan_counts(fbuf, m, counts, _POW10) != 0 or not np.array_equal(counts, nfreq)):
-        gdb, props, numbers, xyzq = _numbers_numpy(heads, atoms, freq_lines, m, n_total)
+        gdb, props, numbers, xyz, q = _numbers_numpy(heads, atoms, freq_lines, m, n_total)
     # assemble
     out = []
     props_l = props.tolist()
@@ -119,9 +120,8 @@ def parse_batch(blobs: Sequence[bytes]) -> list[dict[str, Any]]:
                          "smiles_relaxed": s2.strip().decode("utf-8"),
                          "inchi_gdb": i1.strip().decode("utf-8"),
                          "inchi_relaxed": i2.strip().decode("utf-8")})
-            block = xyzq[a0:a0 + n]
-            out.append({"numbers": numbers[a0:a0 + n], "positions": block[:, :3],
-                        "charges": block[:, 3], "info": info})
+            out.append({"numbers": numbers[a0:a0 + n], "positions": xyz[a0:a0 + n],
+                        "charges": q[a0:a0 + n], "info": info})
             a0 += n
     except UnicodeDecodeError:
         raise NotParsed from None
@@ -150,11 +150,12 @@ def _numbers_numpy(heads, atoms, freq_lines, m, n_total):
     numbers = _ZLUT[np.frombuffer(b"".join(sym), dtype=np.uint8)]
     if not numbers.all():
         raise NotParsed
-    xyzq = np.empty((n_total, 4))
-    for c in range(4):
-        xyzq[:, c] = _floats(atok[1 + c::5])
+    xyz = np.empty((n_total, 3))
+    for c in range(3):
+        xyz[:, c] = _floats(atok[1 + c::5])
+    q = _floats(atok[4::5])
     _floats(b"\t".join(freq_lines).replace(b"*^", b"e").split())  # every one a number
-    return gdb, props, numbers, xyzq
+    return gdb, props, numbers, xyz, q
 
 
 # ------------------------------------------------------------------------ compiled scanning
@@ -244,28 +245,89 @@ def _number(buf, i, n, pow10):
 
 
 @njit(cache=True, nogil=True)
-def _scan_atoms(buf, n_lines, zlut, numbers, xyzq, pow10):
+def _uint(buf, i, n, max_digits):
+    """The unsigned integer at buf[i] (at most max_digits digits): (value, index past it), or
+    value -1 when there is none or it is longer."""
+    v = 0
+    nd = 0
+    while i < n and 48 <= buf[i] <= 57:
+        v = v * 10 + (buf[i] - 48)
+        nd += 1
+        i += 1
+        if nd > max_digits:
+            return -1, i
+    if nd == 0:
+        return -1, i
+    return v, i
+
+
+@njit(cache=True, nogil=True)
+def _head_line(buf, i, n, pow10, props, k):
+    """'gdb <index> <15 numbers>' at buf[i] into props[k]: (index past it, gdb index), or
+    index -1 when it does not fit."""
+    i = _skip_ws(buf, i, n)
+    if i + 3 >= n or buf[i] != 103 or buf[i + 1] != 100 or buf[i + 2] != 98:
+        return -1, 0
+    i += 3
+    if not (buf[i] == 32 or buf[i] == 9):
+        return -1, 0
+    g, i = _uint(buf, _skip_ws(buf, i, n), n, 12)
+    if g < 0 or (i < n and not (buf[i] == 32 or buf[i] == 9)):
+        return -1, 0
+    for c in range(15):
+        i = _skip_ws(buf, i, n)
+        v, i, ok = _number(buf, i, n, pow10)
+        if not ok:
+            return -1, 0
+        props[k, c] = v
+    return _skip_ws(buf, i, n), g
+
+
+@njit(cache=True, nogil=True)
+def _atom_line(buf, i, n, zlut, pow10, numbers, xyz, q, a):
+    """'symbol x y z q' at buf[i] into atom a: the index past it, or -1."""
+    i = _skip_ws(buf, i, n)
+    if i + 1 >= n:
+        return -1
+    z = zlut[buf[i]]
+    if z == 0 or not (buf[i + 1] == 32 or buf[i + 1] == 9):
+        return -1
+    numbers[a] = z
+    i += 1
+    for c in range(4):
+        i = _skip_ws(buf, i, n)
+        v, i, ok = _number(buf, i, n, pow10)
+        if not ok:
+            return -1
+        if c < 3:
+            xyz[a, c] = v
+        else:
+            q[a] = v
+    return _skip_ws(buf, i, n)
+
+
+@njit(cache=True, nogil=True)
+def _numbers_line(buf, i, n, pow10):
+    """A line of numbers at buf[i]: (index of its end, how many), or index -1."""
+    c = 0
+    while True:
+        i = _skip_ws(buf, i, n)
+        if i >= n or buf[i] == 10:
+            return i, c
+        v, i, ok = _number(buf, i, n, pow10)
+        if not ok:
+            return -1, 0
+        c += 1
+
+
+@njit(cache=True, nogil=True)
+def _scan_atoms(buf, n_lines, zlut, numbers, xyz, q, pow10):
     """Lines 'symbol x y z q' separated by newlines; 0 when every line fits."""
     n = buf.shape[0]
     i = 0
     for a in range(n_lines):
-        i = _skip_ws(buf, i, n)
-        if i + 1 >= n:
-            return -1
-        c = buf[i]
-        z = zlut[c]
-        if z == 0 or not (buf[i + 1] == 32 or buf[i + 1] == 9):
-            return -1
-        numbers[a] = z
-        i += 1
-        for c4 in range(4):
-            i = _skip_ws(buf, i, n)
-            v, i, ok = _number(buf, i, n, pow10)
-            if not ok:
-                return -1
-            xyzq[a, c4] = v
-        i = _skip_ws(buf, i, n)
-        if i < n and buf[i] != 10:
+        i = _atom_line(buf, i, n, zlut, pow10, numbers, xyz, q, a)
+        if i < 0 or (i < n and buf[i] != 10):
             return -1
         i += 1
     return 0
@@ -277,31 +339,10 @@ def _scan_heads(buf, m, gdb, props, pow10):
     n = buf.shape[0]
     i = 0
     for k in range(m):
-        i = _skip_ws(buf, i, n)
-        if i + 3 >= n or buf[i] != 103 or buf[i + 1] != 100 or buf[i + 2] != 98:
-            return -1
-        i += 3
-        if not (buf[i] == 32 or buf[i] == 9):
-            return -1
-        i = _skip_ws(buf, i, n)
-        g = 0
-        nd = 0
-        while i < n and 48 <= buf[i] <= 57:
-            g = g * 10 + (buf[i] - 48)
-            nd += 1
-            i += 1
-        if nd == 0 or nd > 12 or (i < n and not (buf[i] == 32 or buf[i] == 9)):
+        i, g = _head_line(buf, i, n, pow10, props, k)
+        if i < 0 or (i < n and buf[i] != 10):
             return -1
         gdb[k] = g
-        for c in range(15):
-            i = _skip_ws(buf, i, n)
-            v, i, ok = _number(buf, i, n, pow10)
-            if not ok:
-                return -1
-            props[k, c] = v
-        i = _skip_ws(buf, i, n)
-        if i < n and buf[i] != 10:
-            return -1
         i += 1
     return 0
 
@@ -312,15 +353,9 @@ def _scan_counts(buf, m, counts, pow10):
     n = buf.shape[0]
     i = 0
     for k in range(m):
-        c = 0
-        while True:
-            i = _skip_ws(buf, i, n)
-            if i >= n or buf[i] == 10:
-                break
-            v, i, ok = _number(buf, i, n, pow10)
-            if not ok:
-                return -1
-            c += 1
+        i, c = _numbers_line(buf, i, n, pow10)
+        if i < 0:
+            return -1
         counts[k] = c
         i += 1
     return 0
@@ -334,109 +369,94 @@ def _line_end(buf, i, n):
 
 
 @njit(cache=True, nogil=True)
+def _is_space(c):
+    # what bytes.strip() removes
+    return c == 32 or c == 9 or c == 10 or c == 13 or c == 11 or c == 12
+
+
+@njit(cache=True, nogil=True)
+def _two_fields(buf, a, b, spans, k, j):
+    """The line buf[a:b] stripped and split at its one tab into two stripped fields, as
+    ``line.strip().split(b"\t")`` with each part stripped: their bounds into spans[k, j:j+4];
+    False when the line does not hold exactly two fields."""
+    while a < b and _is_space(buf[a]):
+        a += 1
+    while b > a and _is_space(buf[b - 1]):
+        b -= 1
+    t = -1
+    for i in range(a, b):
+        if buf[i] == 9:
+            if t >= 0:
+                return False
+            t = i
+    if t < 0:
+        return False
+    e = t
+    while e > a and _is_space(buf[e - 1]):
+        e -= 1
+    s = t + 1
+    while s < b and _is_space(buf[s]):
+        s += 1
+    spans[k, j] = a
+    spans[k, j + 1] = e
+    spans[k, j + 2] = s
+    spans[k, j + 3] = b
+    return True
+
+
+@njit(cache=True, nogil=True)
 def _count_atoms(buf, starts, ends, ns):
     """The atom count (first line) of every file; -1 when one is not a positive integer."""
     for k in range(starts.shape[0]):
         n = ends[k]
-        i = _skip_ws(buf, starts[k], n)
-        v = 0
-        nd = 0
-        while i < n and 48 <= buf[i] <= 57:
-            v = v * 10 + (buf[i] - 48)
-            nd += 1
-            i += 1
-            if nd > 9:
-                return -1
+        v, i = _uint(buf, _skip_ws(buf, starts[k], n), n, 9)
         i = _skip_ws(buf, i, n)
-        if nd == 0 or v < 1 or (i < n and buf[i] != 10):
+        if v < 1 or (i < n and buf[i] != 10):
             return -1
         ns[k] = v
     return 0
 
 
 @njit(cache=True, nogil=True)
-def _scan_files(buf, starts, ends, ns, zlut, pow10, gdb, props, numbers, xyzq, nfreq, spans):
+def _scan_files(buf, starts, ends, ns, zlut, pow10, gdb, props, numbers, xyz, q, nfreq, spans):
     """Every file of a batch in one pass: header, atoms, frequency count; ``spans[k]`` gets the
-    byte ranges of the frequency, SMILES and InChI lines.  0 when every file fits."""
+    byte range of the frequency line and those of the two SMILES and two InChI strings.  0 when
+    every file fits."""
     a = 0
     for k in range(starts.shape[0]):
         n = ends[k]
         i = _line_end(buf, starts[k], n) + 1          # past the atom-count line
-        # property line
-        i = _skip_ws(buf, i, n)
-        if i + 3 >= n or buf[i] != 103 or buf[i + 1] != 100 or buf[i + 2] != 98:
-            return -1
-        i += 3
-        if not (buf[i] == 32 or buf[i] == 9):
-            return -1
-        i = _skip_ws(buf, i, n)
-        g = 0
-        nd = 0
-        while i < n and 48 <= buf[i] <= 57:
-            g = g * 10 + (buf[i] - 48)
-            nd += 1
-            i += 1
-        if nd == 0 or nd > 12 or (i < n and not (buf[i] == 32 or buf[i] == 9)):
+        i, g = _head_line(buf, i, n, pow10, props, k)
+        if i < 0 or i >= n or buf[i] != 10:
             return -1
         gdb[k] = g
-        for c in range(15):
-            i = _skip_ws(buf, i, n)
-            v, i, ok = _number(buf, i, n, pow10)
-            if not ok:
-                return -1
-            props[k, c] = v
-        i = _skip_ws(buf, i, n)
-        if i >= n or buf[i] != 10:
-            return -1
         i += 1
-        # atom lines
         for _ in range(ns[k]):
-            i = _skip_ws(buf, i, n)
-            if i + 1 >= n:
-                return -1
-            z = zlut[buf[i]]
-            if z == 0 or not (buf[i + 1] == 32 or buf[i + 1] == 9):
-                return -1
-            numbers[a] = z
-            i += 1
-            for c4 in range(4):
-                i = _skip_ws(buf, i, n)
-                v, i, ok = _number(buf, i, n, pow10)
-                if not ok:
-                    return -1
-                xyzq[a, c4] = v
-            i = _skip_ws(buf, i, n)
-            if i >= n or buf[i] != 10:
+            i = _atom_line(buf, i, n, zlut, pow10, numbers, xyz, q, a)
+            if i < 0 or i >= n or buf[i] != 10:
                 return -1
             i += 1
             a += 1
-        # frequencies
         spans[k, 0] = i
-        c = 0
-        while True:
-            i = _skip_ws(buf, i, n)
-            if i >= n or buf[i] == 10:
-                break
-            v, i, ok = _number(buf, i, n, pow10)
-            if not ok:
-                return -1
-            c += 1
-        if i >= n:
+        i, c = _numbers_line(buf, i, n, pow10)
+        if i < 0 or i >= n:
             return -1
         spans[k, 1] = i
         nfreq[k] = c
         i += 1
-        # SMILES and InChI lines (their content is checked in Python)
-        spans[k, 2] = i
-        i = _line_end(buf, i, n)
-        spans[k, 3] = i
-        if i >= n:
+        e = _line_end(buf, i, n)                      # SMILES line
+        if e >= n or not _two_fields(buf, i, e, spans, k, 2):
             return -1
-        i += 1
-        spans[k, 4] = i
-        i = _line_end(buf, i, n)
-        spans[k, 5] = i
+        i = e + 1
+        e = _line_end(buf, i, n)                      # InChI line (the file may end here)
+        if not _two_fields(buf, i, e, spans, k, 6):
+            return -1
     return 0
+
+
+_INFO_KEYS = ("gdb_index",) + PROPERTIES + ("n_frequencies", "frequencies", "linear",
+                                            "smiles_gdb", "smiles_relaxed", "inchi_gdb",
+                                            "inchi_relaxed")
 
 
 def _parse_compiled(blobs: Sequence[bytes]):
@@ -454,42 +474,40 @@ def _parse_compiled(blobs: Sequence[bytes]):
     gdb = np.empty(m, dtype=np.int64)
     props = np.empty((m, 15))
     numbers = np.empty(n_total, dtype=np.int64)
-    xyzq = np.empty((n_total, 4))
+    xyz = np.empty((n_total, 3))
+    q = np.empty(n_total)
     nfreq = np.empty(m, dtype=np.int64)
-    spans = np.empty((m, 6), dtype=np.int64)
-    if _scan_files(buf, starts, ends, ns, _ZLUT, _POW10, gdb, props, numbers, xyzq, nfreq,
+    spans = np.empty((m, 10), dtype=np.int64)
+    if _scan_files(buf, starts, ends, ns, _ZLUT, _POW10, gdb, props, numbers, xyz, q, nfreq,
                    spans) != 0:
         return None
     ok = (ns < 2) | (nfreq == 3 * ns - 6) | (nfreq == 3 * ns - 5)
     if not ok.all():
         raise NotParsed
+    # ASCII (the whole release): byte offsets are character offsets, so decode the batch once
+    text = data.decode("ascii") if data.isascii() else None
     out = []
     props_l, gdb_l, ns_l, nf_l, sp = props.tolist(), gdb.tolist(), ns.tolist(), nfreq.tolist(), \
         spans.tolist()
     a0 = 0
-    try:
-        for k in range(m):
-            n, nf = ns_l[k], nf_l[k]
-            f0, f1, s0, s1, i0, i1 = sp[k]
-            smiles = data[s0:s1].strip().split(b"\t")
-            inchi = data[i0:i1].strip().split(b"\t")
-            if len(smiles) != 2 or len(inchi) != 2:
-                raise NotParsed
-            text = b" ".join(data[f0:f1].split())
-            if b"*^" in text:
-                text = text.replace(b"*^", b"e")
-            info: dict[str, Any] = {"gdb_index": gdb_l[k]}
-            info.update(zip(PROPERTIES, props_l[k]))
-            info.update({"n_frequencies": nf, "frequencies": text.decode("ascii"),
-                         "linear": nf == 3 * n - 5 and n > 2,
-                         "smiles_gdb": smiles[0].strip().decode("utf-8"),
-                         "smiles_relaxed": smiles[1].strip().decode("utf-8"),
-                         "inchi_gdb": inchi[0].strip().decode("utf-8"),
-                         "inchi_relaxed": inchi[1].strip().decode("utf-8")})
-            block = xyzq[a0:a0 + n]
-            out.append({"numbers": numbers[a0:a0 + n], "positions": block[:, :3],
-                        "charges": block[:, 3], "info": info})
-            a0 += n
-    except UnicodeDecodeError:
-        raise NotParsed from None
+    for k in range(m):
+        n, nf = ns_l[k], nf_l[k]
+        f0, f1, s0, s1, s2, s3, i0, i1, i2, i3 = sp[k]
+        if text is not None:
+            freq = " ".join(text[f0:f1].split())
+            strings = (text[s0:s1], text[s2:s3], text[i0:i1], text[i2:i3])
+        else:
+            try:
+                freq = " ".join(data[f0:f1].decode("ascii").split())
+                strings = tuple(data[x:y].decode("utf-8") for x, y in
+                                ((s0, s1), (s2, s3), (i0, i1), (i2, i3)))
+            except UnicodeDecodeError:
+                raise NotParsed from None
+        if "*^" in freq:
+            freq = freq.replace("*^", "e")
+        info = dict(zip(_INFO_KEYS, (gdb_l[k], *props_l[k], nf, freq,
+                                     nf == 3 * n - 5 and n > 2, *strings)))
+        out.append({"numbers": numbers[a0:a0 + n], "positions": xyz[a0:a0 + n],
+                    "charges": q[a0:a0 + n], "info": info})
+        a0 += n
     return out
