@@ -25,7 +25,7 @@ QUIET_PLUGIN_NAME = "gmp-pipeline-quiet-task-logs"
 MAX_SLOTS = 256
 
 #: keys of the pipeline's tasks (pipeline.py submits them under these prefixes)
-TASK_KEY_PREFIXES = ("gmp-task-", "gmp-assemble-")
+TASK_KEY_PREFIXES = ("gmp-task-", "gmp-assemble-", "gmp-count-")
 #: functions the pipeline runs on every worker with ``client.run``
 RUN_FUNCTIONS = {"warm_worker", "_where"}
 

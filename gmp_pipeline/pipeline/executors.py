@@ -29,6 +29,10 @@ class InProcessExecutor:
     def run_everywhere(self, fn: Callable, *args) -> None:
         fn(*args)
 
+    def share(self, obj: Any, *, name: str) -> Any:
+        """``obj`` itself (see :meth:`DaskExecutor.share`)."""
+        return obj
+
     def map_unordered(self, fn: Callable, args: Sequence[tuple], *, name: str,
                       ids: Sequence[int] | None = None,
                       priorities: Sequence[int] | None = None) -> Iterator[Any]:
@@ -68,6 +72,16 @@ class DaskExecutor:
             raise GMPError(f"no Dask worker joined within 10 minutes: {exc}") from exc
         self.client.run(fn, *args)
 
+    def share(self, obj: Any, *, name: str) -> Any:
+        """A future of ``obj`` to pass (as a whole argument) to many jobs of
+        :meth:`map_unordered`: ``obj`` is pickled once, into one task of the graph, instead of
+        once into every job (a reader of a large source carries an index that grows with it:
+        pickled into each of N tasks, the driver and the scheduler held N copies).  A task, not
+        scattered data, so that the scheduler can recompute it on a worker that joins after
+        the holders are gone.  Release it with ``del`` when the jobs are done."""
+        return self.client.submit(_same, obj, key=f"gmp-{name}-{os.urandom(4).hex()}",
+                                  pure=False)
+
     def map_unordered(self, fn: Callable, args: Sequence[tuple], *, name: str,
                       ids: Sequence[int] | None = None,
                       priorities: Sequence[int] | None = None) -> Iterator[Any]:
@@ -87,6 +101,10 @@ class DaskExecutor:
         except BaseException:  # an error, Ctrl-C, or a consumer that stopped early
             self.client.cancel(futures)
             raise
+
+
+def _same(obj):
+    return obj
 
 
 def executor_for(client) -> InProcessExecutor | DaskExecutor:

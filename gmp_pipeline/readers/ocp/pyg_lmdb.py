@@ -88,20 +88,37 @@ class LegacyLMDBReader(OCPReader):
             yield i, (attrs, dialect)
 
     def n_atoms(self) -> np.ndarray:
+        counts = self.cheap_n_atoms()
+        if counts is None:      # no size table: every record is decoded, here
+            self._counts = self.n_atoms_range(0, len(self))
+            counts = self._counts.copy()
+        return counts
+
+    def cheap_n_atoms(self):
+        """From fairchem's ``metadata.npz`` (or counts this process already made), else None:
+        a legacy LMDB as downloaded has no size table, so every record must be decoded."""
         self._setup()
         counts = self.__dict__.get("_counts")
         if counts is None:
             counts = self._metadata_natoms()
             if counts is None:
-                counts = np.zeros(len(self), dtype=np.int64)
-                for i in range(len(self)):
-                    try:
-                        attrs, _ = self._decode(i)
-                        counts[i] = self._natoms(i, attrs)
-                    except SourceError as err:
-                        self._bad_record(i, err)
+                return None
             self._counts = counts
         return counts.copy()
+
+    def n_atoms_range(self, start: int, stop: int) -> np.ndarray:
+        """Decode records ``[start, stop)`` and count their atoms (a bad one counts 0 with
+        ``skip_bad_records``)."""
+        self._setup()
+        start, stop = self._check_range(start, stop)
+        counts = np.zeros(stop - start, dtype=np.int64)
+        for i in range(start, stop):
+            try:
+                attrs, _ = self._decode(i)
+                counts[i - start] = self._natoms(i, attrs)
+            except SourceError as err:
+                self._bad_record(i, err)
+        return counts
 
     def _metadata_natoms(self):
         """natoms from fairchem's ``metadata.npz`` next to the LMDB files, when it fits."""
