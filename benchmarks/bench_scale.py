@@ -119,36 +119,48 @@ def generate(workdir: Path, n: int, small: int) -> tuple[Path, Path, float]:
 
 # -- 2. featurizing through the CLI, with the driver's and the workers' peak RSS ----------------
 
-def _hwm(pid: int) -> int | None:
-    """Peak resident set (VmHWM) of process ``pid`` in bytes, None once it is gone."""
+def _mem(pid: int) -> tuple[int, int] | None:
+    """(peak RSS ``VmHWM``, anonymous RSS now ``RssAnon``) of process ``pid`` in bytes, None
+    once it is gone.  The difference is mostly file-backed pages: the LMDB source is mapped
+    read-only, so a worker's RSS includes the pages of the records it read (page cache the
+    kernel reclaims under pressure), while ``RssAnon`` is the memory the process allocated."""
+    hwm = anon = 0
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
+                    hwm = int(line.split()[1]) * 1024
+                elif line.startswith("RssAnon:"):
+                    anon = int(line.split()[1]) * 1024
     except OSError:
         return None
-    return None
+    return hwm, anon
 
 
 class PeakSampler(threading.Thread):
-    """Samples the peak RSS of a process and of each of its descendants every 0.2 s."""
+    """Samples the peak RSS and the peak anonymous RSS of a process and of each of its
+    descendants every 0.2 s."""
 
     def __init__(self, pid: int):
         super().__init__(daemon=True)
-        self.pid, self.driver, self.children = pid, 0, {}
+        self.pid, self.driver, self.driver_anon = pid, 0, 0
+        self.children: dict[int, int] = {}
+        self.children_anon: dict[int, int] = {}
         self.stop = threading.Event()
 
     def run(self):
         import psutil
 
         while not self.stop.is_set():
-            self.driver = max(self.driver, _hwm(self.pid) or 0)
+            m = _mem(self.pid)
+            if m:
+                self.driver, self.driver_anon = max(self.driver, m[0]), max(self.driver_anon, m[1])
             try:
                 for c in psutil.Process(self.pid).children(recursive=True):
-                    h = _hwm(c.pid)
-                    if h:
-                        self.children[c.pid] = max(self.children.get(c.pid, 0), h)
+                    m = _mem(c.pid)
+                    if m:
+                        self.children[c.pid] = max(self.children.get(c.pid, 0), m[0])
+                        self.children_anon[c.pid] = max(self.children_anon.get(c.pid, 0), m[1])
             except psutil.Error:
                 pass
             self.stop.wait(0.2)
@@ -187,7 +199,9 @@ def featurize(src: Path, store: Path, *, derivatives: bool, derivative_atoms: st
     sampler.join()
     text = "\n".join(lines)
     out = {"rc": rc, "wall": time.perf_counter() - t0, "driver_mb": sampler.driver / 2**20,
-           "worker_mb": max(sampler.children.values(), default=0) / 2**20, "log": text}
+           "driver_anon_mb": sampler.driver_anon / 2**20,
+           "worker_mb": max(sampler.children.values(), default=0) / 2**20,
+           "worker_anon_mb": max(sampler.children_anon.values(), default=0) / 2**20, "log": text}
     m = re.search(r"time: cluster ([\d.]+) s, plan ([\d.]+) s, warmup ([\d.]+) s, featurize "
                   r"([\d.]+) s, assemble ([\d.]+) s, total ([\d.]+) s", text)
     if m:
@@ -371,10 +385,12 @@ def _main(args, workdir: Path, say) -> int:
         f"({'counts read from the store cache' if res['counts_from_cache'] else 'plan of the interrupted run reused'})")
 
     say("")
-    say("peak RSS (VmHWM; worker = the largest process under the driver):")
+    say("peak RSS (VmHWM; worker = the largest process under the driver; in brackets the peak "
+        "anonymous RSS, without the read-only mapped LMDB pages and shared libraries):")
     for k, r in runs.items():
-        say(f"  {k:<26} {r['structures']:>7} structures: driver {r['driver_mb']:6.0f} MB, "
-            f"worker {r['worker_mb']:6.0f} MB")
+        say(f"  {k:<26} {r['structures']:>7} structures: driver {r['driver_mb']:6.0f} MB "
+            f"({r['driver_anon_mb']:4.0f}), worker {r['worker_mb']:6.0f} MB "
+            f"({r['worker_anon_mb']:4.0f})")
     d_small, d_big = res["driver_mb"], r_all["driver_mb"]
     say(f"  driver, features-only, {args.slice} -> {args.n} structures "
         f"({args.n / args.slice:.0f}x): {d_small:.0f} -> {d_big:.0f} MB "
