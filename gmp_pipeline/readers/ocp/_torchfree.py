@@ -76,31 +76,40 @@ class _Storage:
         self.array: np.ndarray | None = None
 
 
+class _LegacyStreamUnpickler(pickle.Unpickler):
+    """One pickle of a legacy torch.save stream: only torch storage classes, storages by
+    persistent id (collected in ``storages``).  A module-level class: defining it per storage
+    cost a sixth of the time of counting a record's atoms."""
+
+    def __init__(self, f, storages: dict):
+        super().__init__(f)
+        self.storages = storages
+
+    def find_class(self, module, name):
+        if module == "torch" and name in STORAGE_DTYPES:
+            return _StorageType(name)
+        raise RefusedGlobal(module, name)
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+            raise DecodeError(f"unexpected persistent id {pid!r:.80}")
+        stype, key, numel = pid[1], str(pid[2]), pid[4]   # pid[3]: location
+        if not isinstance(stype, _StorageType):
+            raise DecodeError(f"storage type {stype!r:.60} is not a torch storage class")
+        if len(pid) > 5 and pid[5] is not None:
+            raise DecodeError("storage views (pre-1.0 torch files) are not supported")
+        if key not in self.storages:
+            self.storages[key] = _Storage(stype, int(numel))
+        return self.storages[key]
+
+
 def load_legacy_storage(data: bytes) -> np.ndarray:
     """``torch.storage._load_from_bytes``: parse a legacy torch.save stream holding one storage."""
     f = io.BytesIO(data)
     storages: dict[str, _Storage] = {}
 
-    class Inner(pickle.Unpickler):
-        def find_class(self, module, name):
-            if module == "torch" and name in STORAGE_DTYPES:
-                return _StorageType(name)
-            raise RefusedGlobal(module, name)
-
-        def persistent_load(self, pid):
-            if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
-                raise DecodeError(f"unexpected persistent id {pid!r:.80}")
-            stype, key, numel = pid[1], str(pid[2]), pid[4]   # pid[3]: location
-            if not isinstance(stype, _StorageType):
-                raise DecodeError(f"storage type {stype!r:.60} is not a torch storage class")
-            if len(pid) > 5 and pid[5] is not None:
-                raise DecodeError("storage views (pre-1.0 torch files) are not supported")
-            if key not in storages:
-                storages[key] = _Storage(stype, int(numel))
-            return storages[key]
-
     def plain_load():
-        return Inner(f).load()
+        return _LegacyStreamUnpickler(f, storages).load()
 
     try:
         magic = plain_load()
