@@ -189,3 +189,39 @@ def test_a_bad_record_while_counting_is_one_error_naming_file_record_field(tmp_p
     r = open_reader("ocp", d, skip_bad_records=True)
     got, _ = atom_counts(r, str(tmp_path / "s2.zarr"), InProcessExecutor())
     assert list(got) == [3, 3, 0, 3]
+
+
+def test_the_reader_is_pickled_once_per_phase_not_once_per_task(tmp_path, legacy_lmdb,
+                                                               dask_address, monkeypatch):
+    """The driver used to pickle the reader into every task (a reader's index grows with its
+    source: the full QM9's driver peaked at 1.9 GB); now once per phase (count, warm-up,
+    featurize), and at most 16 tasks are in flight however many the run has."""
+    from distributed import Client
+
+    from gmp_pipeline import GMPFeaturizer
+    from gmp_pipeline.pipeline import executors, featurize_to_store
+    from gmp_pipeline.readers.base import Reader
+
+    d, sizes = legacy_lmdb
+    pickled = []
+    orig = Reader.__getstate__
+
+    def counting(self):
+        pickled.append(1)
+        return orig(self)
+
+    monkeypatch.setattr(LegacyLMDBReader, "__getstate__", counting)
+    in_flight = []
+    orig_window = executors.DaskExecutor._window
+    monkeypatch.setattr(executors.DaskExecutor, "_window",
+                        lambda self: in_flight.append(1) or 3)
+    fz = GMPFeaturizer(orders=[0], sigmas=[0.4], psp="QE-kjpaw")
+    with Client(dask_address) as client:
+        s = featurize_to_store(open_reader("ocp", d), tmp_path / "o.zarr", fz,
+                               derivatives=False, progress=False, client=client, chunk_size=40)
+        tasks = {k for k in client.run_on_scheduler(
+            lambda dask_scheduler: list(dask_scheduler.tasks))}
+    assert s.n_tasks == 33 and s.tasks_computed == 33
+    assert len(pickled) <= 6, len(pickled)     # before: once per task, 33 more
+    assert in_flight and orig_window is not None
+    assert not any(k.startswith("gmp-task-") for k in tasks)    # all released
