@@ -267,6 +267,54 @@ def unpickle(data: bytes):
     return _finish(obj)
 
 
+class TensorShape:
+    """What a tensor decodes to with :func:`unpickle_shapes`: its shape only."""
+
+    __slots__ = ("shape",)
+
+    def __init__(self, shape):
+        self.shape = tuple(int(n) for n in shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+def _tensor_shape(storage, storage_offset, size, *rest):
+    if not isinstance(size, (tuple, list)) or not all(isinstance(n, int) and n >= 0
+                                                      for n in size):
+        raise DecodeError(f"inconsistent tensor size {size!r:.60}")
+    return TensorShape(size)
+
+
+def _storage_unread(data):
+    return None
+
+
+#: as :data:`ALLOWED`, but tensors become their shape and storages are not parsed
+SHAPES_ALLOWED = {**ALLOWED,
+                  ("torch._utils", "_rebuild_tensor_v2"): _tensor_shape,
+                  ("torch._utils", "_rebuild_tensor_v3"): _tensor_shape,
+                  ("torch.storage", "_load_from_bytes"): _storage_unread}
+
+
+class ShapesUnpickler(RestrictedUnpickler):
+    """:class:`RestrictedUnpickler` that leaves tensor data unread (for counting atoms)."""
+
+    def find_class(self, module, name):
+        try:
+            return SHAPES_ALLOWED[(module, name)]
+        except KeyError:
+            raise RefusedGlobal(module, name) from None
+
+
+def unpickle_shapes(data: bytes):
+    """Like :func:`unpickle`, with every torch tensor a :class:`TensorShape` (its storage is
+    neither parsed nor copied): a record's atom count at a fraction of the cost of decoding it.
+    Same whitelist of globals."""
+    return _finish(ShapesUnpickler(io.BytesIO(data)).load())
+
+
 def _finish(obj, _depth=0):
     if isinstance(obj, _NDArray):
         return obj.array
