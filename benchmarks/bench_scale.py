@@ -215,12 +215,16 @@ def featurize(src: Path, store: Path, *, derivatives: bool, derivative_atoms: st
     if m:
         out["count_seconds"] = float(m.group(3))
     out["counts_from_cache"] = "counted by an earlier run" in text
+    m = re.search(r"worker time summed over tasks: (.*)", text)
+    if m:
+        out["stages"] = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+) s", m.group(1))}
+    out["load"] = os.getloadavg()[0]
     return out
 
 
 def in_driver_count(src: Path) -> float:
-    """Seconds the driver took to plan before item 5: ``reader.n_atoms()`` decoding every
-    record in one process (a fresh one, so nothing is cached)."""
+    """Seconds ``reader.n_atoms()`` takes in one process (a fresh one, nothing cached): what the
+    driver did before counting moved to the cluster (with this version's decoder)."""
     code = ("import time, sys; from gmp_pipeline.readers import open_reader; "
             f"r = open_reader('ocp', {str(src)!r}); len(r); t = time.perf_counter(); "
             "r.n_atoms(); print(time.perf_counter() - t)")
@@ -339,7 +343,8 @@ def _main(args, workdir: Path, say) -> int:
     from gmp_pipeline import __version__
 
     t_all = time.perf_counter()
-    say(f"bench_scale: gmp-pipeline {__version__}, {os.cpu_count()} cores, --n {args.n} "
+    say(f"bench_scale: gmp-pipeline {__version__}, {os.cpu_count()} cores, load average "
+        f"{os.getloadavg()[0]:.1f}, --n {args.n} "
         f"--slice {args.slice}, workdir {workdir}, {time.strftime('%Y-%m-%d %H:%M')}")
     big, small, gen_s = generate(workdir, args.n, args.slice)
     src_bytes = sum(f.stat().st_size for f in big.glob("*.lmdb"))
@@ -374,8 +379,9 @@ def _main(args, workdir: Path, say) -> int:
     say("")
     say("planning (atom counts of a source without a size table):")
     r_all = runs["features, all"]
-    say(f"  before (the driver decodes every record, reader.n_atoms()): {driver_count:.1f} s for "
-        f"{args.n} records ({driver_count / args.n * 1e3:.2f} ms a record)")
+    say(f"  in one process (what the driver did before: reader.n_atoms(), this version's "
+        f"decoder): {driver_count:.1f} s for {args.n} records "
+        f"({driver_count / args.n * 1e3:.2f} ms a record)")
     say(f"  now, counted on {n_workers} workers: plan {r_all['plan']:.1f} s for {args.n} records "
         f"(count {r_all.get('count_seconds', float('nan')):.1f} s)")
     inter = runs["features, slice (resumed)"]["interrupted"]
@@ -391,6 +397,15 @@ def _main(args, workdir: Path, say) -> int:
         say(f"  {k:<26} {r['structures']:>7} structures: driver {r['driver_mb']:6.0f} MB "
             f"({r['driver_anon_mb']:4.0f}), worker {r['worker_mb']:6.0f} MB "
             f"({r['worker_anon_mb']:4.0f})")
+    from gmp_pipeline.config import knob
+
+    w_small, w_big = res["worker_anon_mb"], r_all["worker_anon_mb"]
+    say(f"  worker, features-only, {args.slice} -> {args.n} structures: anonymous {w_small:.0f} -> "
+        f"{w_big:.0f} MB ({w_big / max(w_small, 1):.2f}x); a task holds at most "
+        f"{knob('pipeline.max-task-atoms'):,} atoms (pipeline.max-task-atoms)")
+    say("  (a store of at most pipeline.local-assembly-bytes, 256 MiB uncompressed, is assembled "
+        "in the driver's threads, reading the staged files memory-mapped; a larger one on the "
+        "workers)")
     d_small, d_big = res["driver_mb"], r_all["driver_mb"]
     say(f"  driver, features-only, {args.slice} -> {args.n} structures "
         f"({args.n / args.slice:.0f}x): {d_small:.0f} -> {d_big:.0f} MB "
@@ -402,11 +417,22 @@ def _main(args, workdir: Path, say) -> int:
         f"(one core, this process, {kernel['features']:,.0f} atoms/s features only, "
         f"{kernel['derivatives']:,.0f} with derivatives) x {n_workers}:")
     for k, r in runs.items():
-        base = kernel["derivatives" if k.startswith("derivatives") else "features"] * n_workers
+        one = kernel["derivatives" if k.startswith("derivatives") else "features"]
+        base = one * n_workers
         rate = r["atoms"] / r["featurize"]
         rate_total = r["atoms"] / r["total"]
         say(f"  {k:<26} {rate:9,.0f} atoms/s = {rate / base:.2f} of the bare kernel; whole run "
-            f"{r['total']:.0f} s ({rate_total:,.0f} atoms/s = {rate_total / base:.2f})")
+            f"{r['total']:.0f} s ({rate_total:,.0f} atoms/s = {rate_total / base:.2f}); load "
+            f"average {r['load']:.1f}")
+        st = r.get("stages") or {}
+        if st.get("featurize"):
+            busy = sum(st.values())
+            say(f"  {'':<26} in the tasks (wall time summed over tasks, {busy:.0f} s): "
+                + ", ".join(f"{name} {100 * v / busy:.0f} %" for name, v in st.items())
+                + f"; the kernel in the tasks {r['atoms'] / st['featurize']:,.0f} atoms/s = "
+                f"{r['atoms'] / st['featurize'] / one:.2f} of the bare kernel on one core")
+    say("  (the bare kernel is CPU time in an otherwise idle process; the runs are wall time on "
+        "a machine shared with other jobs: see the load averages)")
 
     say("")
     say("store on disk:")
