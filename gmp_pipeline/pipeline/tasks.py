@@ -1,6 +1,7 @@
 """What runs on a worker: one frozen :class:`TaskSpec` in, its staged arrays and ``meta`` out.
 
-A task reads its own slice of the source (the reader is pickled into the spec), featurizes
+A task reads its own slice of the source (the reader is shipped to each worker once, beside the
+specs), featurizes
 each structure, streams the ``pairs/dfeatures`` rows into its reserved region of the store and
 stages everything else in its own directory (:mod:`gmp_pipeline.store.staging`).
 """
@@ -24,7 +25,10 @@ class TaskSpec:
     """Everything one task needs, shipped to the worker as one object.
 
     ``store``: absolute path; ``task``: its id in the plan; ``[start, stop)``: structure range;
-    ``reader``: the (pickled) source reader; ``feature_config``: ``GMPFeaturizer.config()``;
+    ``reader``: the source reader, or None when the run ships it to the workers once and
+    passes it beside the spec (``run_task(spec, shared_reader)``: the pipeline does, since a
+    reader pickled into every spec made the driver's memory grow with the source);
+    ``feature_config``: ``GMPFeaturizer.config()``;
     ``pair_base`` / ``pair_capacity``: the chunk-aligned rows of ``pairs/dfeatures`` reserved
     for it (0 without derivatives); ``derivative_atoms``: ``"all"`` or ``"free"`` (only the
     pairs whose neighbour is a free atom are stored).
