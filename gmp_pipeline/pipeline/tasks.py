@@ -1,9 +1,8 @@
 """What runs on a worker: one frozen :class:`TaskSpec` in, its staged arrays and ``meta`` out.
 
 A task reads its own slice of the source (the reader is shipped to each worker once, beside the
-specs), featurizes
-each structure, streams the ``pairs/dfeatures`` rows into its reserved region of the store and
-stages everything else in its own directory (:mod:`gmp_pipeline.store.staging`).
+specs), featurizes each structure, streams the ``pairs/dfeatures`` rows into its reserved region
+of the store and stages everything else in its own directory (:mod:`gmp_pipeline.store.staging`).
 """
 from __future__ import annotations
 
