@@ -166,16 +166,25 @@ class PeakSampler(threading.Thread):
             self.stop.wait(0.2)
 
 
+#: the CLI, as a user runs it
+CLI = "from gmp_pipeline.cli import main; main()"
+#: the CLI stopped as by a Ctrl-C right after the atom counts are saved in the store and before
+#: the plan is (deterministic, where a real SIGINT sent on reading the log line raced the run)
+CLI_STOPPED_AFTER_COUNTING = (
+    "import gmp_pipeline.pipeline.run as run\n"
+    "def stop(*args, **kwargs):\n"
+    "    raise KeyboardInterrupt\n"
+    "run.plan_tasks = stop\n" + CLI)
+
+
 def featurize(src: Path, store: Path, *, derivatives: bool, derivative_atoms: str = "all",
-              workers: int | None = None, interrupt_after: str | None = None) -> dict:
+              workers: int | None = None, stop_after_counting: bool = False) -> dict:
     """Run ``gmp-pipeline featurize ocp SRC -o STORE`` in a fresh process; its figures.
 
-    ``interrupt_after``: send the driver SIGINT once a line containing this text appears (an
-    interrupted run, to be resumed)."""
-    import signal
-
-    cmd = [sys.executable, "-c", "from gmp_pipeline.cli import main; main()", "featurize", "ocp",
-           str(src), "-o", str(store), "--no-progress",
+    ``stop_after_counting``: the run is interrupted once the atom counts are saved (to be
+    resumed)."""
+    cmd = [sys.executable, "-c", CLI_STOPPED_AFTER_COUNTING if stop_after_counting else CLI,
+           "featurize", "ocp", str(src), "-o", str(store), "--no-progress",
            "--derivatives" if derivatives else "--no-derivatives"]
     if derivatives:
         cmd += ["--derivative-atoms", derivative_atoms]
@@ -188,12 +197,7 @@ def featurize(src: Path, store: Path, *, derivatives: bool, derivative_atoms: st
                             env=env)
     sampler = PeakSampler(proc.pid)
     sampler.start()
-    lines = []
-    for line in proc.stdout:
-        lines.append(line.rstrip("\n"))
-        if interrupt_after and interrupt_after in line:
-            proc.send_signal(signal.SIGINT)
-            interrupt_after = None
+    lines = [line.rstrip("\n") for line in proc.stdout]
     rc = proc.wait()
     sampler.stop.set()
     sampler.join()
@@ -354,10 +358,10 @@ def _main(args, workdir: Path, say) -> int:
     for p in workdir.glob("*.zarr"):
         shutil.rmtree(p, ignore_errors=True)
     runs = {}
-    # features-only at two sizes; the small one is interrupted once planned, then resumed
+    # features-only at two sizes; the small one is interrupted once counted, then resumed
     st_small = workdir / "features_small.zarr"
     first = featurize(small, st_small, derivatives=False, workers=args.workers,
-                      interrupt_after="counted ")
+                      stop_after_counting=True)
     runs["features, slice (resumed)"] = featurize(small, st_small, derivatives=False,
                                                   workers=args.workers)
     runs["features, slice (resumed)"]["interrupted"] = first
@@ -387,7 +391,7 @@ def _main(args, workdir: Path, say) -> int:
     inter = runs["features, slice (resumed)"]["interrupted"]
     res = runs["features, slice (resumed)"]
     say(f"  slice of {args.slice}: counted in {inter.get('count_seconds', float('nan')):.1f} s, "
-        f"interrupted (Ctrl-C) right after, resumed: plan {res['plan']:.2f} s "
+        f"interrupted right after (as by a Ctrl-C), resumed: plan {res['plan']:.2f} s "
         f"({'counts read from the store cache' if res['counts_from_cache'] else 'plan of the interrupted run reused'})")
 
     say("")

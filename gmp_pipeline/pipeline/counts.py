@@ -129,8 +129,8 @@ def atom_counts(reader, store: str, executor, *, progress: bool = False,
     reused = sum(1 for a, b in ranges if _range_file(store, a, b).is_file())
     where = "in this process" if executor.in_process else f"on {executor.n_workers} workers"
     log(f"counting the atoms of {n} records {where} (the source has no size table): "
-        f"{len(ranges)} tasks" + (f", {reused} already counted by an earlier run" if reused
-                                  else ""))
+        f"{len(ranges)} task{'' if len(ranges) == 1 else 's'}"
+        + (f", {reused} already counted by an earlier run" if reused else ""))
     bar = bar_factory(len(ranges), "count atoms") if bar_factory else None
     try:
         shared = executor.share(reader, name="reader")
