@@ -196,7 +196,8 @@ def featurize(source_kind, path, store, features_file, derivatives, derivative_a
                f"{summary.tasks_skipped} already done")
     click.echo(f"wrote {summary.store}: {counted(summary.n_structures, 'structure')}, {summary.n_atoms} "
                f"atoms, {summary.n_pairs} pairs")
-    click.echo(f"time: cluster {t_cluster:.2f} s, warmup {summary.warmup_seconds:.2f} s, featurize {summary.compute_seconds:.2f} s, "
+    click.echo(f"time: cluster {t_cluster:.2f} s, plan {summary.plan_seconds:.2f} s, warmup "
+               f"{summary.warmup_seconds:.2f} s, featurize {summary.compute_seconds:.2f} s, "
                f"assemble {summary.assemble_seconds:.2f} s, total "
                f"{time.perf_counter() - t0:.2f} s; {rate:.1f} structures/s, {arate:.0f} atoms/s")
     if summary.skipped_records:

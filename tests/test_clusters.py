@@ -139,24 +139,34 @@ def test_local_cluster_two_processes(tmp_path):
             assert client.gather(futures) == list(range(1, 21))
             pids = set(client.run(os.getpid).values())
             assert len(pids) == 2 and os.getpid() not in pids
-            # each worker process has its own numba cache directory
-            caches = client.run(lambda: os.environ.get("NUMBA_CACHE_DIR"))
-            assert len(set(caches.values())) == 2
-            assert all(c.startswith(str(tmp_path / "numba")) for c in caches.values())
-            import numba  # noqa: F401
-
-            dirs = client.run(lambda: __import__("numba").config.CACHE_DIR)
-            assert dirs == caches
-            # ... and malloc thresholds that keep freed memory for reuse (Linux/glibc)
+            # malloc thresholds that keep freed memory for reuse (Linux/glibc)
             if sys.platform.startswith("linux"):
                 from gmp_pipeline.clusters.workers import PLUGIN_NAME
 
                 set_ = client.run(lambda dask_worker: dask_worker.plugins[PLUGIN_NAME].malloc)
                 assert all(v == {"mmap-threshold": 32 << 20, "trim-threshold": 256 << 20}
                            for v in set_.values()), set_
-            # idempotent
-            prepare_workers(client)
-            assert client.run(lambda: os.environ.get("NUMBA_CACHE_DIR")) == caches
+                # idempotent, and reports what it applied
+                assert prepare_workers(client) == set_
+            # no per-worker numba cache directory any more: the kernels keep one per machine
+            assert set(client.run(lambda: os.environ.get("NUMBA_CACHE_DIR")).values()) == {
+                os.environ.get("NUMBA_CACHE_DIR")}
+    assert not (tmp_path / "numba").exists()
+
+
+def test_nanny_kill_warning_at_shutdown_is_not_shown(caplog):
+    import logging
+
+    with start_cluster("local", workers=1, quiet=True) as client:
+        client.submit(_inc, 1).result()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="distributed.nanny"):
+        nanny = logging.getLogger("distributed.nanny")
+        nanny.warning("Worker process still alive after 4.0 seconds, killing")
+        nanny.warning("Worker process still alive after %.1f seconds, killing", 3.2)
+        nanny.warning("Worker exceeded 95% memory budget. Restarting...")
+    assert [r.getMessage() for r in caplog.records if r.name == "distributed.nanny"] == [
+        "Worker exceeded 95% memory budget. Restarting..."]
 
 
 def test_connect_to_address():
@@ -230,8 +240,6 @@ def test_slurm_worker_job_runs_tasks(slurm, tmp_path):
         state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True,
                                text=True, timeout=30).stdout.strip()
         assert state == "RUNNING"
-        caches = client.run(lambda: os.environ.get("NUMBA_CACHE_DIR"))
-        assert all(c.startswith(str(tmp_path / "numba")) for c in caches.values())
     print(f"first SLURM worker ready after {ready:.1f} s")
     # closing the cluster cancels its jobs
     for _ in range(50):

@@ -21,11 +21,12 @@ from ..errors import ClusterError
 from . import config as _config  # noqa: F401  (loads gmp-pipeline.yaml into dask.config)
 from .config import flatten, load_cluster_config, normalize_cluster_config
 from .slurm import slurm_available
-from .workers import NumbaCachePlugin, prepare_workers
+from .workers import NumbaCachePlugin, WorkerSetupPlugin, prepare_workers, quiet_nanny_kill
 
 logger = logging.getLogger("gmp_pipeline.clusters")
 
-__all__ = ["ClusterError", "KINDS", "NumbaCachePlugin", "check_spec", "job_script",
+__all__ = ["ClusterError", "KINDS", "NumbaCachePlugin", "WorkerSetupPlugin", "check_spec",
+           "job_script",
            "prepare_workers", "scheduler_for", "slurm_available", "start_cluster"]
 
 KINDS = ("local", "slurm", "pbs", "sge", "lsf")
@@ -112,6 +113,11 @@ def start_cluster(spec: str, *, workers: int | None = None, cluster_config=None,
     """
     kind, value = _classify(spec)
     from distributed import Client
+
+    from .._signals import debug
+
+    if not debug():
+        quiet_nanny_kill()
 
     with contextlib.ExitStack() as stack:
         # closing a cluster logs what the user cannot act on ("Worker process still alive

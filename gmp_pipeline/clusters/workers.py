@@ -1,33 +1,25 @@
-"""Per-worker setup: each worker process gets its own numba cache directory (and malloc tuning).
+"""Per-worker setup: malloc tuning, quiet logs of the pipeline's own tasks, SIGINT.
 
-Several worker processes writing one numba cache at once corrupt its index and crash workers
-(numba issue 4807).  :class:`NumbaCachePlugin` runs in every worker process, current and
-future (adaptive scaling, replaced jobs), before any task: it points ``NUMBA_CACHE_DIR`` and
-``numba.config.CACHE_DIR`` at a sub-directory that no other live process uses.
-
-Sub-directories are *slots* ``<base>/slot-<n>`` claimed with an exclusive ``flock`` held for the
-worker's life, so a later run reuses the compiled kernels of an earlier one instead of
-compiling again, while two live processes never share a slot.  Where the file system does not
-support locks, the worker falls back to a private directory inside its local directory.
+:class:`WorkerSetupPlugin` runs in every worker process, current and future (adaptive scaling,
+replaced jobs), before any task.  Worker processes used to get a numba cache directory each
+(a ``NUMBA_CACHE_DIR`` slot): the kernels now keep one cache per machine whatever
+``NUMBA_CACHE_DIR`` says, with a lock around the first compile (:mod:`gmp_pipeline._numba_cache`),
+so the slots went.
 """
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import sys
-from pathlib import Path
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-PLUGIN_NAME = "gmp-pipeline-numba-cache"
+PLUGIN_NAME = "gmp-pipeline-worker-setup"
 QUIET_PLUGIN_NAME = "gmp-pipeline-quiet-task-logs"
-MAX_SLOTS = 256
 
 #: keys of the pipeline's tasks (pipeline.py submits them under these prefixes)
-TASK_KEY_PREFIXES = ("gmp-task-", "gmp-assemble-")
+TASK_KEY_PREFIXES = ("gmp-task-", "gmp-assemble-", "gmp-count-")
 #: functions the pipeline runs on every worker with ``client.run``
-RUN_FUNCTIONS = {"warm_worker", "_where"}
+RUN_FUNCTIONS = {"warm_worker", "_applied"}
 
 
 class QuietTaskFailures(logging.Filter):
@@ -69,6 +61,31 @@ def quiet_task_failures() -> None:
             log.addFilter(QuietTaskFailures())
 
 
+class QuietNannyKill(logging.Filter):
+    """Drop the nanny's ``Worker process still alive after 4.0 seconds, killing``.
+
+    A worker process that takes more than 4 s to exit when its cluster closes (a loaded
+    machine; a worker that still frees a large heap) is killed by its nanny, which says so at
+    WARNING.  Nothing is lost (the run is over: every result is on disk) and the user can do
+    nothing about it; seen at the end of a CLI run on the full QM9, printed after the run's own
+    summary because the nanny finishes closing after the muted shutdown of
+    :func:`~gmp_pipeline.clusters.start_cluster`.  A worker killed for its memory is still
+    reported (another message)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage() if record.args else str(record.msg)
+        return not (msg.startswith("Worker process still alive after")
+                    and msg.endswith("killing"))
+
+
+def quiet_nanny_kill() -> None:
+    """Install :class:`QuietNannyKill` on this process's ``distributed.nanny`` logger (where a
+    local or batch cluster's nannies log: the driver for ``local``, each job for batch)."""
+    log = logging.getLogger("distributed.nanny")
+    if not any(isinstance(f, QuietNannyKill) for f in log.filters):
+        log.addFilter(QuietNannyKill())
+
+
 class QuietTaskFailuresPlugin(WorkerPlugin):
     """Runs :func:`quiet_task_failures` in every worker process (current and future)."""
 
@@ -79,18 +96,6 @@ class QuietTaskFailuresPlugin(WorkerPlugin):
         quiet_task_failures()
 
 
-def default_cache_base() -> str:
-    import dask
-
-    base = dask.config.get("gmp-pipeline.cluster.numba-cache-dir", None)
-    if base:
-        return os.path.expanduser(os.path.expandvars(str(base)))
-    env = os.environ.get("NUMBA_CACHE_DIR")
-    if env:
-        return env
-    return os.path.join(os.path.expanduser("~"), ".cache", "gmp-pipeline", "numba")
-
-
 _M_TRIM_THRESHOLD = -1   # mallopt parameters, from glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
 
@@ -98,7 +103,7 @@ _M_MMAP_THRESHOLD = -3
 def tune_malloc(mmap_threshold: int | None = None, trim_threshold: int | None = None) -> dict:
     """Set glibc's malloc thresholds of this process (None: leave that one as it is).
 
-    Workers get the values of config ``gmp-pipeline.cluster.malloc`` (see NumbaCachePlugin).
+    Workers get the values of config ``gmp-pipeline.cluster.malloc`` (see WorkerSetupPlugin).
 
     Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also pins the mmap
     threshold at 128 KiB, so every large temporary array (the kernels' per-structure scratch
@@ -125,28 +130,14 @@ def tune_malloc(mmap_threshold: int | None = None, trim_threshold: int | None = 
     return done
 
 
-def _set_numba_cache(path: str) -> None:
-    os.environ["NUMBA_CACHE_DIR"] = path
-    numba = sys.modules.get("numba")
-    if numba is None:
-        try:
-            import numba  # noqa: F811
-        except ImportError:  # pragma: no cover - numba is a dependency
-            return
-    numba.config.CACHE_DIR = path
-
-
-class NumbaCachePlugin(WorkerPlugin):
-    """Give the worker process its own numba cache directory (see module docstring)."""
+class WorkerSetupPlugin(WorkerPlugin):
+    """Tune malloc in every worker process (config ``gmp-pipeline.cluster.malloc``, read where
+    the run is configured, see :func:`tune_malloc`)."""
 
     idempotent = True
     name = PLUGIN_NAME
 
-    def __init__(self, base: str | None = None):
-        # None: decided on the worker, so that the worker's own environment and home count
-        self.base = base
-        self._lock = None
-        self.cache_dir = None
+    def __init__(self):
         # read where the run is configured (the driver), so a --cluster-config file counts on
         # batch-job workers, which do not share the driver's dask.config
         import dask
@@ -154,51 +145,14 @@ class NumbaCachePlugin(WorkerPlugin):
         self.malloc_config = dict(dask.config.get("gmp-pipeline.cluster.malloc", None) or {})
         self.malloc = {}
 
-    def _claim_slot(self, base: Path):
-        import fcntl
-
-        host = socket.gethostname().split(".")[0] or "host"
-        root = base / host      # node-local slots even when base is on a shared file system
-        root.mkdir(parents=True, exist_ok=True)
-        for n in range(MAX_SLOTS):
-            slot = root / f"slot-{n}"
-            fd = os.open(str(root / f"slot-{n}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            except OSError:
-                os.close(fd)
-                return None     # no locking here (some network file systems)
-            slot.mkdir(exist_ok=True)
-            self._lock = fd
-            return slot
-        return None
-
     def setup(self, worker):
-        path = None
-        try:
-            base = Path(self.base or default_cache_base())
-            path = self._claim_slot(base)
-        except OSError:
-            path = None
-        if path is None:
-            path = Path(worker.local_directory) / "numba-cache"
-            path.mkdir(parents=True, exist_ok=True)
-        self.cache_dir = str(path)
-        _set_numba_cache(self.cache_dir)
         if self.malloc_config:
             self.malloc = tune_malloc(self.malloc_config.get("mmap-threshold"),
                                       self.malloc_config.get("trim-threshold"))
 
-    def teardown(self, worker):
-        if self._lock is not None:
-            try:
-                os.close(self._lock)
-            except OSError:
-                pass
-            self._lock = None
+
+#: the former name (it also gave each worker a numba cache directory)
+NumbaCachePlugin = WorkerSetupPlugin
 
 
 SIGINT_PLUGIN_NAME = "gmp-pipeline-ignore-sigint"
@@ -227,19 +181,14 @@ class IgnoreSigintPlugin(WorkerPlugin):
 def prepare_workers(client, cache_dir: str | None = None, *, ignore_sigint: bool = False) -> dict:
     """Set up every worker of *client* (now and those that join later) for GMP tasks.
 
-    Gives each worker process its own numba cache directory under *cache_dir* (default: config
-    ``gmp-pipeline.cluster.numba-cache-dir``, else the worker's ``$NUMBA_CACHE_DIR``, else
-    ``~/.cache/gmp-pipeline/numba``).  Distributed's ``Compute Failed`` / ``Run Failed``
-    blocks of the pipeline's own tasks are dropped (:class:`QuietTaskFailures`; not with
-    ``--debug``).  *ignore_sigint*: worker processes ignore SIGINT (only for processes this
-    run started, see :class:`IgnoreSigintPlugin`).  Safe to call more than once.  Returns
-    ``{worker address: cache directory}`` for the workers connected now.
+    malloc is tuned (:class:`WorkerSetupPlugin`); distributed's ``Compute Failed`` /
+    ``Run Failed`` blocks of the pipeline's own tasks are dropped (:class:`QuietTaskFailures`;
+    not with ``--debug``).  *ignore_sigint*: worker processes ignore SIGINT (only for
+    processes this run started, see :class:`IgnoreSigintPlugin`).  *cache_dir* is ignored (it
+    set the per-worker numba cache directories of earlier versions).  Safe to call more than
+    once.  Returns ``{worker address: malloc settings applied}`` for the workers connected now.
     """
-    if cache_dir is None:
-        import dask
-
-        cache_dir = dask.config.get("gmp-pipeline.cluster.numba-cache-dir", None)
-    client.register_plugin(NumbaCachePlugin(cache_dir), name=PLUGIN_NAME)
+    client.register_plugin(WorkerSetupPlugin(), name=PLUGIN_NAME)
     from .._signals import debug
 
     if not debug():
@@ -248,9 +197,10 @@ def prepare_workers(client, cache_dir: str | None = None, *, ignore_sigint: bool
     if ignore_sigint:
         client.register_plugin(IgnoreSigintPlugin(), name=SIGINT_PLUGIN_NAME)
 
-    def _where():
-        return os.environ.get("NUMBA_CACHE_DIR")
+    def _applied(dask_worker):
+        plugin = dask_worker.plugins.get(PLUGIN_NAME)
+        return getattr(plugin, "malloc", {})
 
     if not client.scheduler_info().get("workers"):
         return {}
-    return client.run(_where, on_error="ignore")
+    return client.run(_applied, on_error="ignore")

@@ -31,6 +31,7 @@ from ..store.layout import array_specs, root_attrs
 from ..store.lock import store_lock
 from ..store.staging import StagedTasks
 from ..store.writer import StoreWriter, assemble_rows
+from .counts import atom_counts
 from .executors import InProcessExecutor, executor_for
 from .plan import plan_tasks
 from .tasks import TaskSpec, run_task, warm_worker
@@ -50,6 +51,11 @@ class RunSummary:
     n_structures: int = 0
     n_atoms: int = 0
     n_pairs: int = 0
+    plan_seconds: float = 0.0       # counting atoms (when the source has no size table) and
+                                    # planning; 0 when the plan of an interrupted run is reused
+    count_source: str = ""          # where the atom counts came from: "table" (the reader's
+                                    # size table), "counted" (on the executor), "cache" (saved
+                                    # in the store by an interrupted run), "" (plan reused)
     warmup_seconds: float = 0.0     # compiling / loading the kernels on the workers
     compute_seconds: float = 0.0    # wall time of the featurization phase (this run)
     assemble_seconds: float = 0.0
@@ -185,12 +191,17 @@ def _run(reader, store, featurizer, derivatives, dtype, executor, chunk_size, ov
     # plan (or reuse the plan of the interrupted run, so task ids keep their meaning)
     plan = writer.load_plan()
     if plan is None:
-        n_atoms = np.asarray(reader.n_atoms(), dtype=np.int64)
+        t_plan = time.perf_counter()
+        n_atoms, how = atom_counts(reader, store, executor, log=log,
+                                   bar_factory=lambda n, desc: _progress(n, 0, desc, progress))
+        summary.count_source = how["source"]
         if n_atoms.size != len(reader):
             raise StoreError(f"reader reports {len(reader)} structures but {n_atoms.size} "
                              "atom counts")
         plan = writer.save_plan(n_atoms, plan_tasks(n_atoms, n_workers=executor.n_workers,
                                                     chunk_size=chunk_size))
+        del n_atoms
+        summary.plan_seconds = time.perf_counter() - t_plan
     elif chunk_size is not None:
         log("resuming with the task plan of the interrupted run (--chunk-size is ignored)")
     writer.create_planned(plan)
@@ -205,26 +216,27 @@ def _run(reader, store, featurizer, derivatives, dtype, executor, chunk_size, ov
         log(f"planned {counted(len(tasks), 'task')} over "
             f"{counted(plan['n_structures'], 'structure')} ({counted(plan['n_atoms'], 'atom')})")
 
-    # stage: one frozen spec per task, run wherever the executor runs things
+    # stage: one frozen spec per task (made as the executor asks for it: a run of a million
+    # tasks keeps no list of them), run wherever the executor runs things
     config = featurizer.config()
     pair_base = writer.pair_base(plan)
-    specs = [TaskSpec(store=store, task=t, start=tasks[t][0], stop=tasks[t][1], reader=reader,
-                      feature_config=config, derivatives=derivatives, dtype=dtype,
-                      schema=schema, pair_base=pair_base[t],
-                      pair_capacity=pair_base[t + 1] - pair_base[t],
-                      derivative_atoms=derivative_atoms) for t in todo]
+
+    def spec(t: int) -> TaskSpec:
+        return TaskSpec(store=store, task=t, start=tasks[t][0], stop=tasks[t][1], reader=None,
+                        feature_config=config, derivatives=derivatives, dtype=dtype,
+                        schema=schema, pair_base=pair_base[t],
+                        pair_capacity=pair_base[t + 1] - pair_base[t],
+                        derivative_atoms=derivative_atoms)
+
     t0 = time.perf_counter()
-    metas_new = _compute(specs, executor, len(tasks), progress, summary)
+    done = _compute(todo, spec, reader, executor, len(tasks), progress, summary)
     summary.compute_seconds = time.perf_counter() - t0 - summary.warmup_seconds
-    if metas_new:
-        stages: dict[str, float] = {}
-        for m in metas_new:
-            for k, v in (m.get("stage_seconds") or {}).items():
-                stages[k] = stages.get(k, 0.0) + float(v)
-        log("worker time summed over tasks: " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()))
-    summary.tasks_computed = len(metas_new)
-    summary.structures_computed = sum(m["n_structures"] for m in metas_new)
-    summary.atoms_computed = sum(m["n_atoms"] for m in metas_new)
+    if done["stages"]:
+        log("worker time summed over tasks: " + ", ".join(f"{k} {v:.2f} s"
+                                                         for k, v in done["stages"].items()))
+    summary.tasks_computed = done["tasks"]
+    summary.structures_computed = done["structures"]
+    summary.atoms_computed = done["atoms"]
 
     # assemble: small stores in this process's threads (a Dask round trip per job would cost
     # more than the work), large ones on the executor
@@ -255,29 +267,38 @@ def _run(reader, store, featurizer, derivatives, dtype, executor, chunk_size, ov
     return summary
 
 
-def _compute(specs: list[TaskSpec], executor, n_tasks: int, progress, summary) -> list[dict]:
-    metas: list[dict] = []
-    if specs:
-        t_warm = time.perf_counter()
-        first = specs[0]
-        executor.run_everywhere(warm_worker, first.feature_config, first.reader, first.start,
-                                first.derivatives)
-        summary.warmup_seconds = time.perf_counter() - t_warm
-    bar = _progress(n_tasks, n_tasks - len(specs), "featurize", progress)
+def _compute(todo: list[int], spec: Callable[[int], TaskSpec], reader, executor, n_tasks: int,
+             progress, summary) -> dict:
+    """Run the tasks ``todo`` (``spec(t)`` makes the spec of task t); what they did, summed
+    (the tasks' metas are on disk, in the staging area: none is kept here)."""
+    done = {"tasks": 0, "structures": 0, "atoms": 0, "stages": {}}
+    if not todo:
+        return done
+    t_warm = time.perf_counter()
+    first = spec(todo[0])
+    executor.run_everywhere(warm_worker, first.feature_config, reader, first.start,
+                            first.derivatives)
+    summary.warmup_seconds = time.perf_counter() - t_warm
+    shared = executor.share(reader, name="reader")   # pickled once, not into every task
+    bar = _progress(n_tasks, n_tasks - len(todo), "featurize", progress)
     t0 = time.perf_counter()
-    n_struct = 0
+    stages = done["stages"]
     try:
-        for meta in executor.map_unordered(run_task, [(s,) for s in specs], name="task",
-                                           ids=[s.task for s in specs],
-                                           priorities=[-s.task for s in specs]):
-            metas.append(meta)
-            n_struct += meta["n_structures"]
+        for meta in executor.map_unordered(run_task, ((spec(t), shared) for t in todo),
+                                           name="task", ids=todo,
+                                           priorities=[-t for t in todo]):
+            done["tasks"] += 1
+            done["structures"] += int(meta["n_structures"])
+            done["atoms"] += int(meta["n_atoms"])
+            for k, v in (meta.get("stage_seconds") or {}).items():
+                stages[k] = stages.get(k, 0.0) + float(v)
             bar.update(1)
-            rate = n_struct / max(time.perf_counter() - t0, 1e-9)
+            rate = done["structures"] / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix_str(f"{rate:.1f} structures/s", refresh=False)
-        return metas
+        return done
     finally:
         bar.close()
+        del shared
 
 
 __all__ = ["RunSummary", "check_source", "featurize_to_store", "store_attrs", "reader_schema"]

@@ -1,8 +1,8 @@
 """What runs on a worker: one frozen :class:`TaskSpec` in, its staged arrays and ``meta`` out.
 
-A task reads its own slice of the source (the reader is pickled into the spec), featurizes
-each structure, streams the ``pairs/dfeatures`` rows into its reserved region of the store and
-stages everything else in its own directory (:mod:`gmp_pipeline.store.staging`).
+A task reads its own slice of the source (the reader is shipped to each worker once, beside the
+specs), featurizes each structure, streams the ``pairs/dfeatures`` rows into its reserved region
+of the store and stages everything else in its own directory (:mod:`gmp_pipeline.store.staging`).
 """
 from __future__ import annotations
 
@@ -24,7 +24,10 @@ class TaskSpec:
     """Everything one task needs, shipped to the worker as one object.
 
     ``store``: absolute path; ``task``: its id in the plan; ``[start, stop)``: structure range;
-    ``reader``: the (pickled) source reader; ``feature_config``: ``GMPFeaturizer.config()``;
+    ``reader``: the source reader, or None when the run ships it to the workers once and
+    passes it beside the spec (``run_task(spec, shared_reader)``: the pipeline does, since a
+    reader pickled into every spec made the driver's memory grow with the source);
+    ``feature_config``: ``GMPFeaturizer.config()``;
     ``pair_base`` / ``pair_capacity``: the chunk-aligned rows of ``pairs/dfeatures`` reserved
     for it (0 without derivatives); ``derivative_atoms``: ``"all"`` or ``"free"`` (only the
     pairs whose neighbour is a free atom are stored).
@@ -92,8 +95,23 @@ def _warm_zarr() -> None:
             arr[:]
 
 
-def run_task(spec: TaskSpec) -> dict:
+def task_reader(shared):
+    """This task's own copy of a reader shared by the tasks of a process (the one the run
+    shipped once, :meth:`~.executors.DaskExecutor.share`): the state a pickled copy would have
+    (open handles and caches dropped, an empty ``skipped``), made without pickling, so tasks
+    running in threads of one worker never share a file position or a list of skipped
+    records, and the index the copy refers to stays shared."""
+    reader = object.__new__(type(shared))
+    reader.__setstate__(shared.__getstate__())
+    reader.skipped = []
+    return reader
+
+
+def run_task(spec: TaskSpec, shared_reader=None) -> dict:
     """Featurize structures ``[spec.start, spec.stop)`` and stage them as task ``spec.task``.
+
+    ``shared_reader``: the reader, when ``spec.reader`` is None (the run ships the reader to
+    the workers once rather than inside every spec).
 
     ``pairs/dfeatures`` rows go straight into the store at ``[pair_base, pair_base +
     pair_capacity)``, the chunk-aligned region the plan reserved for this task; everything else
@@ -102,7 +120,8 @@ def run_task(spec: TaskSpec) -> dict:
     """
     t0 = time.perf_counter()
     started = time.time()
-    reader, start, stop = spec.reader, spec.start, spec.stop
+    reader = spec.reader if shared_reader is None else task_reader(shared_reader)
+    start, stop = spec.start, spec.stop
     fz = get_featurizer(spec.feature_config)
     n_skipped_before = len(reader.skipped)
     structures = list(reader.read(start, stop))

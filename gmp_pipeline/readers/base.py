@@ -6,7 +6,9 @@ A reader describes one source dataset.  It must
 * be cheap to construct and to pickle: it stores paths and options only and opens files lazily,
   once per process (``__getstate__`` drops open handles);
 * know its length and every structure's atom count (:meth:`Reader.n_atoms`) without reading
-  positions, so the pipeline can plan tasks balanced by atoms;
+  positions, so the pipeline can plan tasks balanced by atoms; a reader whose source has no
+  size table returns None from :meth:`Reader.cheap_n_atoms` and counts any range of records
+  with :meth:`Reader.n_atoms_range`, which the pipeline runs in parallel on the cluster;
 * read any index range ``[start, stop)`` independently (:meth:`Reader.read`), yielding
   :class:`~gmp_pipeline.structure.Structure` objects whose ``source_index`` is the position in
   the source;
@@ -109,6 +111,21 @@ class Reader(abc.ABC):
     @abc.abstractmethod
     def n_atoms(self) -> np.ndarray:
         """(len(self),) int64 atom counts, computed without reading positions where possible."""
+
+    def cheap_n_atoms(self) -> np.ndarray | None:
+        """The atom counts when a size table gives them without decoding every record, else
+        None (then the pipeline counts them with :meth:`n_atoms_range` in parallel tasks on the
+        cluster, :mod:`gmp_pipeline.pipeline.counts`).  Default: :meth:`n_atoms`, for the
+        readers whose counts always come from an index or a header."""
+        return self.n_atoms()
+
+    def n_atoms_range(self, start: int, stop: int) -> np.ndarray:
+        """(stop - start,) int64 atom counts of records ``[start, stop)``; called in a worker
+        task (on an unpickled reader) when :meth:`cheap_n_atoms` is None.  A bad record counts
+        0 atoms with ``skip_bad_records`` (its task reports it when featurizing), else raises
+        :class:`~gmp_pipeline.errors.SourceError`.  Default: a slice of :meth:`n_atoms`."""
+        start, stop = self._check_range(start, stop)
+        return np.asarray(self.n_atoms(), dtype=np.int64)[start:stop]
 
     @abc.abstractmethod
     def read(self, start: int = 0, stop: int | None = None) -> Iterator[Structure]:

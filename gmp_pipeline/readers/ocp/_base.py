@@ -94,7 +94,7 @@ class OCPReader(Reader):
     Common options: ``format``, ``energy_unit`` (explicit conversion from eV), ``skip_bad_records``.
     """
 
-    _transient = ("_counts",)
+    _transient = ("_counts", "_envs")
     dialect = "?"
 
     name = "ocp"
@@ -150,7 +150,16 @@ class OCPReader(Reader):
         return int(self._starts[-1])
 
     def _env(self, f: int):
-        return open_lmdb(self._files[f])
+        """The LMDB environment of file ``f``, looked up once per reader and process (the
+        process-wide lookup resolves the real path: two system calls a record)."""
+        envs = self.__dict__.get("_envs")
+        pid = os.getpid()
+        if envs is None or envs[0] != pid:
+            envs = self._envs = (pid, {})
+        env = envs[1].get(f)
+        if env is None:
+            env = envs[1][f] = open_lmdb(self._files[f])
+        return env
 
     @property
     def units(self) -> dict[str, str]:  # type: ignore[override]

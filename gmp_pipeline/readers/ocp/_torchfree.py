@@ -76,31 +76,40 @@ class _Storage:
         self.array: np.ndarray | None = None
 
 
+class _LegacyStreamUnpickler(pickle.Unpickler):
+    """One pickle of a legacy torch.save stream: only torch storage classes, storages by
+    persistent id (collected in ``storages``).  A module-level class: defining it per storage
+    cost a sixth of the time of counting a record's atoms."""
+
+    def __init__(self, f, storages: dict):
+        super().__init__(f)
+        self.storages = storages
+
+    def find_class(self, module, name):
+        if module == "torch" and name in STORAGE_DTYPES:
+            return _StorageType(name)
+        raise RefusedGlobal(module, name)
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+            raise DecodeError(f"unexpected persistent id {pid!r:.80}")
+        stype, key, numel = pid[1], str(pid[2]), pid[4]   # pid[3]: location
+        if not isinstance(stype, _StorageType):
+            raise DecodeError(f"storage type {stype!r:.60} is not a torch storage class")
+        if len(pid) > 5 and pid[5] is not None:
+            raise DecodeError("storage views (pre-1.0 torch files) are not supported")
+        if key not in self.storages:
+            self.storages[key] = _Storage(stype, int(numel))
+        return self.storages[key]
+
+
 def load_legacy_storage(data: bytes) -> np.ndarray:
     """``torch.storage._load_from_bytes``: parse a legacy torch.save stream holding one storage."""
     f = io.BytesIO(data)
     storages: dict[str, _Storage] = {}
 
-    class Inner(pickle.Unpickler):
-        def find_class(self, module, name):
-            if module == "torch" and name in STORAGE_DTYPES:
-                return _StorageType(name)
-            raise RefusedGlobal(module, name)
-
-        def persistent_load(self, pid):
-            if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
-                raise DecodeError(f"unexpected persistent id {pid!r:.80}")
-            stype, key, numel = pid[1], str(pid[2]), pid[4]   # pid[3]: location
-            if not isinstance(stype, _StorageType):
-                raise DecodeError(f"storage type {stype!r:.60} is not a torch storage class")
-            if len(pid) > 5 and pid[5] is not None:
-                raise DecodeError("storage views (pre-1.0 torch files) are not supported")
-            if key not in storages:
-                storages[key] = _Storage(stype, int(numel))
-            return storages[key]
-
     def plain_load():
-        return Inner(f).load()
+        return _LegacyStreamUnpickler(f, storages).load()
 
     try:
         magic = plain_load()
@@ -256,6 +265,54 @@ def unpickle(data: bytes):
     """Unpickle ``data`` with :class:`RestrictedUnpickler`; numpy arrays come back as arrays."""
     obj = RestrictedUnpickler(io.BytesIO(data)).load()
     return _finish(obj)
+
+
+class TensorShape:
+    """What a tensor decodes to with :func:`unpickle_shapes`: its shape only."""
+
+    __slots__ = ("shape",)
+
+    def __init__(self, shape):
+        self.shape = tuple(int(n) for n in shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+def _tensor_shape(storage, storage_offset, size, *rest):
+    if not isinstance(size, (tuple, list)) or not all(isinstance(n, int) and n >= 0
+                                                      for n in size):
+        raise DecodeError(f"inconsistent tensor size {size!r:.60}")
+    return TensorShape(size)
+
+
+def _storage_unread(data):
+    return None
+
+
+#: as :data:`ALLOWED`, but tensors become their shape and storages are not parsed
+SHAPES_ALLOWED = {**ALLOWED,
+                  ("torch._utils", "_rebuild_tensor_v2"): _tensor_shape,
+                  ("torch._utils", "_rebuild_tensor_v3"): _tensor_shape,
+                  ("torch.storage", "_load_from_bytes"): _storage_unread}
+
+
+class ShapesUnpickler(RestrictedUnpickler):
+    """:class:`RestrictedUnpickler` that leaves tensor data unread (for counting atoms)."""
+
+    def find_class(self, module, name):
+        try:
+            return SHAPES_ALLOWED[(module, name)]
+        except KeyError:
+            raise RefusedGlobal(module, name) from None
+
+
+def unpickle_shapes(data: bytes):
+    """Like :func:`unpickle`, with every torch tensor a :class:`TensorShape` (its storage is
+    neither parsed nor copied): a record's atom count at a fraction of the cost of decoding it.
+    Same whitelist of globals."""
+    return _finish(ShapesUnpickler(io.BytesIO(data)).load())
 
 
 def _finish(obj, _depth=0):

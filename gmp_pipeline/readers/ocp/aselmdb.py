@@ -108,16 +108,29 @@ class AseLMDBReader(OCPReader):
     def n_atoms(self) -> np.ndarray:
         self._setup()
         counts = self.__dict__.get("_counts")
-        if counts is None:
-            counts = np.zeros(len(self), dtype=np.int64)
-            for i in range(len(self)):
-                try:
-                    row = self._row(i)
-                    counts[i] = np.asarray(row.get("numbers", [])).size
-                except SourceError as err:
-                    self._bad_record(i, err)
-            self._counts = counts
+        if counts is None:      # no size table: every row is decoded, here
+            counts = self._counts = self.n_atoms_range(0, len(self))
         return counts.copy()
+
+    def cheap_n_atoms(self):
+        """None (an ``.aselmdb`` keeps no table of atom counts) unless this process already
+        counted them: the pipeline counts ranges of rows on the cluster instead."""
+        self._setup()
+        counts = self.__dict__.get("_counts")
+        return None if counts is None else counts.copy()
+
+    def n_atoms_range(self, start: int, stop: int) -> np.ndarray:
+        """Decode rows ``[start, stop)`` and count their atoms (a bad one counts 0 with
+        ``skip_bad_records``)."""
+        self._setup()
+        start, stop = self._check_range(start, stop)
+        counts = np.zeros(stop - start, dtype=np.int64)
+        for i in range(start, stop):
+            try:
+                counts[i - start] = np.asarray(self._row(i).get("numbers", [])).size
+            except SourceError as err:
+                self._bad_record(i, err)
+        return counts
 
     def _make_schema(self) -> tuple[Schema, dict[str, Any]]:
         self._setup()

@@ -62,15 +62,18 @@ class LegacyLMDBReader(OCPReader):
             sizes.append(int(n))
         return files, sizes
 
-    def _decode(self, i: int) -> tuple[dict, str]:
+    def _decode(self, i: int, shapes_only: bool = False) -> tuple[dict, str]:
+        """(attributes, dialect) of record ``i``; ``shapes_only``: tensors as their
+        :class:`~._torchfree.TensorShape` (not read), enough to count atoms."""
         f, k = self._locate(i)
         path = self._files[f]
         with self._env(f).begin() as txn:
             raw = txn.get(str(k).encode("ascii"))
         if raw is None:
             raise SourceError("key is missing", path=path, record=k, field="key")
+        decode = _torchfree.unpickle_shapes if shapes_only else _torchfree.unpickle
         try:
-            return _torchfree.data_attributes(_torchfree.unpickle(bytes(raw)))
+            return _torchfree.data_attributes(decode(bytes(raw)))
         except _torchfree.RefusedGlobal as exc:
             raise SourceError(str(exc), path=path, record=k,
                               field=f"pickle global {exc.module}.{exc.name}") from None
@@ -88,20 +91,40 @@ class LegacyLMDBReader(OCPReader):
             yield i, (attrs, dialect)
 
     def n_atoms(self) -> np.ndarray:
+        counts = self.cheap_n_atoms()
+        if counts is None:      # no size table: every record is decoded, here
+            self._counts = self.n_atoms_range(0, len(self))
+            counts = self._counts.copy()
+        return counts
+
+    def cheap_n_atoms(self):
+        """From fairchem's ``metadata.npz`` (or counts this process already made), else None:
+        a legacy LMDB as downloaded has no size table, so every record must be decoded."""
         self._setup()
         counts = self.__dict__.get("_counts")
         if counts is None:
             counts = self._metadata_natoms()
             if counts is None:
-                counts = np.zeros(len(self), dtype=np.int64)
-                for i in range(len(self)):
-                    try:
-                        attrs, _ = self._decode(i)
-                        counts[i] = self._natoms(i, attrs)
-                    except SourceError as err:
-                        self._bad_record(i, err)
+                return None
             self._counts = counts
         return counts.copy()
+
+    def n_atoms_range(self, start: int, stop: int) -> np.ndarray:
+        """Decode records ``[start, stop)`` and count their atoms (a bad one counts 0 with
+        ``skip_bad_records``)."""
+        self._setup()
+        start, stop = self._check_range(start, stop)
+        counts = np.zeros(stop - start, dtype=np.int64)
+        for i in range(start, stop):
+            try:
+                attrs, _ = self._decode(i, shapes_only=True)
+                n = self._natoms(i, attrs)
+                if n is None:                   # natoms only as a tensor: read it
+                    n = self._natoms(i, self._decode(i)[0])
+                counts[i - start] = n
+            except SourceError as err:
+                self._bad_record(i, err)
+        return counts
 
     def _metadata_natoms(self):
         """natoms from fairchem's ``metadata.npz`` next to the LMDB files, when it fits."""
@@ -118,11 +141,16 @@ class LegacyLMDBReader(OCPReader):
             return None
         return nat if nat.shape == (len(self),) else None
 
-    def _natoms(self, i, attrs) -> int:
+    def _natoms(self, i, attrs) -> int | None:
+        """The atom count of record ``i`` from its attributes (None if only a tensor not read,
+        :meth:`_decode` with ``shapes_only``, would tell)."""
         f, k = self._locate(i)
         if "atomic_numbers" in attrs:
-            return int(np.asarray(attrs["atomic_numbers"]).size)
+            z = attrs["atomic_numbers"]
+            return z.size if isinstance(z, _torchfree.TensorShape) else int(np.asarray(z).size)
         if "natoms" in attrs:
+            if isinstance(attrs["natoms"], _torchfree.TensorShape):
+                return None
             return as_scalar(attrs["natoms"], path=self._files[f], record=k, field="natoms",
                              kind="int")
         raise SourceError("missing key", path=self._files[f], record=k, field="atomic_numbers")

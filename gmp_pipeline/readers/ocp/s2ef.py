@@ -45,7 +45,7 @@ class S2EFExtxyzReader(OCPReader):
 
     format_name = "OC20 S2EF extxyz + txt shards"
     dialect = "extended XYZ (OC20 S2EF columns)"
-    _transient = ("_counts", "_stream")
+    _transient = ("_counts", "_stream", "_envs")
 
     def __init__(self, path, *, energy_target: str = "total", require_txt: bool = False,
                  **options):
