@@ -99,6 +99,19 @@ class OCPReader(Reader):
 
     name = "ocp"
 
+    def _count_records(self, start: int, stop: int, count_one) -> np.ndarray:
+        """``count_one(i)`` (the atoms of record i) for records ``[start, stop)``; a record whose
+        decoding fails is a bad record and counts 0 with ``skip_bad_records``."""
+        self._setup()
+        start, stop = self._check_range(start, stop)
+        counts = np.zeros(stop - start, dtype=np.int64)
+        for i in range(start, stop):
+            try:
+                counts[i - start] = count_one(i)
+            except SourceError as err:
+                self._bad_record(i, err)
+        return counts
+
     @classmethod
     def open(cls, path, **options) -> "OCPReader":
         """The reader of the format ``path`` holds (or ``format=`` names)."""

@@ -122,15 +122,8 @@ class AseLMDBReader(OCPReader):
     def n_atoms_range(self, start: int, stop: int) -> np.ndarray:
         """Decode rows ``[start, stop)`` and count their atoms (a bad one counts 0 with
         ``skip_bad_records``)."""
-        self._setup()
-        start, stop = self._check_range(start, stop)
-        counts = np.zeros(stop - start, dtype=np.int64)
-        for i in range(start, stop):
-            try:
-                counts[i - start] = np.asarray(self._row(i).get("numbers", [])).size
-            except SourceError as err:
-                self._bad_record(i, err)
-        return counts
+        return self._count_records(
+            start, stop, lambda i: np.asarray(self._row(i).get("numbers", [])).size)
 
     def _make_schema(self) -> tuple[Schema, dict[str, Any]]:
         self._setup()

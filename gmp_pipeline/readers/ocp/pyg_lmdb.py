@@ -112,19 +112,13 @@ class LegacyLMDBReader(OCPReader):
     def n_atoms_range(self, start: int, stop: int) -> np.ndarray:
         """Decode records ``[start, stop)`` and count their atoms (a bad one counts 0 with
         ``skip_bad_records``)."""
-        self._setup()
-        start, stop = self._check_range(start, stop)
-        counts = np.zeros(stop - start, dtype=np.int64)
-        for i in range(start, stop):
-            try:
-                attrs, _ = self._decode(i, shapes_only=True)
-                n = self._natoms(i, attrs)
-                if n is None:                   # natoms only as a tensor: read it
-                    n = self._natoms(i, self._decode(i)[0])
-                counts[i - start] = n
-            except SourceError as err:
-                self._bad_record(i, err)
-        return counts
+        def count_one(i):
+            n = self._natoms(i, self._decode(i, shapes_only=True)[0])
+            if n is None:                       # natoms only as a tensor: read it
+                n = self._natoms(i, self._decode(i)[0])
+            return n
+
+        return self._count_records(start, stop, count_one)
 
     def _metadata_natoms(self):
         """natoms from fairchem's ``metadata.npz`` next to the LMDB files, when it fits."""
