@@ -38,83 +38,99 @@ from numba import njit
 '''
 
 
-def _moments_lines(n: int, indent: str) -> list[str]:
-    """Per-term powers: xk = E (lambda x)^k, yk = (lambda y)^k, zk = (lambda z)^k, k <= n; terms
-    whose cutoff class is above ``cls`` get E = 0."""
-    L = [f"{indent}e = tE[t] if tc[t] <= cls else 0.0", f"{indent}ux = tux[t]", f"{indent}uy = tuy[t]",
-         f"{indent}uz = tuz[t]"]
-    L.append(f"{indent}x0 = e")
+def _powers(n: int, indent: str, src: str = "v") -> list[str]:
+    """x1..xn, y1..yn, z1..zn: powers of the image's displacement d (not lambda d)."""
+    L = []
     if n >= 1:
-        L += [f"{indent}x1 = ux * e", f"{indent}y1 = uy", f"{indent}z1 = uz"]
+        L += [f"{indent}x1 = {src}x[k]", f"{indent}y1 = {src}y[k]", f"{indent}z1 = {src}z[k]"]
     for k in range(2, n + 1):
-        L += [f"{indent}x{k} = ux * x{k - 1}", f"{indent}y{k} = uy * y{k - 1}", f"{indent}z{k} = uz * z{k - 1}"]
+        L += [f"{indent}x{k} = x1 * x{k - 1}", f"{indent}y{k} = y1 * y{k - 1}", f"{indent}z{k} = z1 * z{k - 1}"]
     return L
 
 
-def _product(p: int, q: int, s: int) -> str:
-    parts = [f"x{p}"]
-    if q:
-        parts.append(f"y{q}")
-    if s:
-        parts.append(f"z{s}")
-    return " * ".join(parts)
+def _product(p: int, q: int, s: int, first: str | None = None) -> str:
+    parts = ([first] if first else []) + ([f"x{p}"] if p else []) + ([f"y{q}"] if q else []) \
+        + ([f"z{s}"] if s else [])
+    return " * ".join(parts) if parts else "1.0"
+
+
+def _wacc(K: int) -> str:
+    """Per-image weights of one sigma: W[n, img] = sum over the image's terms admitted by the
+    cutoff class of order n of E lambda^n, and (deriv) W[K+1+n, img] the same with lambda^(n+1)."""
+    L = ["@njit(cache=True, fastmath=True)",
+         f"def wacc_{K}(nrun, rinfo, rlam, cls, tc, tE, W, deriv):"]
+    L += [f"    c{n} = cls[{n}]" for n in range(K + 1)]
+    L += ["    for r in range(nrun):", "        p = rinfo[r, 0]", "        L = rinfo[r, 1]",
+          "        a = rinfo[r, 2]", "        l1 = rlam[r]"]
+    L += [f"        l{j} = l1 * l{j - 1}" for j in range(2, K + 2)]
+    L += ["        vE = tE[p:p + L]", "        vc = tc[p:p + L]"]
+    L += [f"        A{n} = W[{n}, a:a + L]" for n in range(K + 1)]
+
+    def body(ind, with_b):
+        B = [f"{ind}e = vE[k]", f"{ind}t = vc[k]"]
+        B += [f"{ind}w{n} = e if t <= c{n} else 0.0" for n in range(K + 1)]
+        B += [f"{ind}A{n}[k] += " + (f"w{n} * l{n}" if n else "w0") for n in range(K + 1)]
+        if with_b:
+            B += [f"{ind}B{n}[k] += w{n} * l{n + 1}" for n in range(K + 1)]
+        return B
+    L.append("        if deriv:")
+    L += [f"            B{n} = W[{K + 1 + n}, a:a + L]" for n in range(K + 1)]
+    L.append("            for k in range(L):")
+    L += body("                ", True)
+    L.append("        else:")
+    L.append("            for k in range(L):")
+    L += body("                ", False)
+    return "\n".join(L) + "\n"
 
 
 def _grad(n: int) -> str:
     monos = monomials_of_degree(n)
     lows = monomials_of_degree(n - 1) if n >= 1 else []
     L = ["@njit(cache=True, fastmath=True)",
-         f"def grad_{n}(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):"]
+         f"def grad_{n}(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):"]
     L += [f"    c{k} = uc[{k}]" for k in range(len(monos))]
     for k in range(len(lows)):
-        L += [f"    ax{k} = dx[{k}]", f"    ay{k} = dy[{k}]", f"    az{k} = dz[{k}]"]
-    L.append("    for t in range(end):")
-    L += _moments_lines(n, "        ")
-    L.append("        U = " + " + ".join(f"c{k} * {_product(*m)}" for k, m in enumerate(monos)))
+        L += [f"    ax{k} = px[{k}]", f"    ay{k} = py[{k}]", f"    az{k} = pz[{k}]"]
+    L.append("    for k in range(end):")
+    ind = "        "
+    L += [f"{ind}dx = sx[k]", f"{ind}dy = sy[k]", f"{ind}dz = sz[k]"]
+    L += [ln.replace("sx[k]", "dx").replace("sy[k]", "dy").replace("sz[k]", "dz") for ln in _powers(n, ind, "s")]
+    L.append(f"{ind}P = " + " + ".join(f"c{k} * {_product(*m)}" for k, m in enumerate(monos)))
+    L.append(f"{ind}Bm = m2a * wb[k] * P")
     if lows:
-        L.append("        lm = tl[t]")
+        L.append(f"{ind}A = wa[k]")
         for k, m in enumerate(lows):
-            L.append(f"        p{k} = {_product(*m)}")
+            L.append(f"{ind}q{k} = {_product(*m)}")
         for a in "xyz":
-            L.append(f"        U{a} = " + " + ".join(f"a{a}{k} * p{k}" for k in range(len(lows))))
-        L += ["        Um = m2a * U",
-              "        G[row, t] = Um * ux + lm * Ux",
-              "        G[row + 1, t] = Um * uy + lm * Uy",
-              "        G[row + 2, t] = Um * uz + lm * Uz"]
+            L.append(f"{ind}P{a} = " + " + ".join(f"a{a}{k} * q{k}" for k in range(len(lows))))
+        L += [f"{ind}G[row, k] = Bm * dx + A * Px", f"{ind}G[row + 1, k] = Bm * dy + A * Py",
+              f"{ind}G[row + 2, k] = Bm * dz + A * Pz"]
     else:
-        L += ["        Um = m2a * U",
-              "        G[row, t] = Um * ux",
-              "        G[row + 1, t] = Um * uy",
-              "        G[row + 2, t] = Um * uz"]
+        L += [f"{ind}G[row, k] = Bm * dx", f"{ind}G[row + 1, k] = Bm * dy", f"{ind}G[row + 2, k] = Bm * dz"]
     return "\n".join(L) + "\n"
 
 
 def _featall(K: int) -> str:
-    """Moments of every order 0..K in one pass; order n counts the terms with tc <= cls[n]."""
+    """Moments of every degree 0..K in one pass over the images: out[off_n + k] = sum over images
+    of W[n, img] d^(k-th monomial of degree n)."""
     names = []
     for n in range(K + 1):
         off = sum(len(monomials_of_degree(d)) for d in range(n))
         names += [(n, off + k, m) for k, m in enumerate(monomials_of_degree(n))]
     L = ["@njit(cache=True, fastmath=True)",
-         f"def featall_{K}(end, cls, tc, tE, tux, tuy, tuz, out):"]
-    L += [f"    c{n} = cls[{n}]" for n in range(K + 1)]
+         f"def featall_{K}(end, sx, sy, sz, W, out):"]
     L += [f"    m{i} = 0.0" for _, i, _ in names]
-    L.append("    for t in range(end):")
-    L += ["        e = tE[t]", "        k = tc[t]", "        ux = tux[t]", "        uy = tuy[t]",
-          "        uz = tuz[t]"]
-    L += [f"        w{n} = e if k <= c{n} else 0.0" for n in range(K + 1)]
-    if K >= 1:
-        L += ["        x1 = ux", "        y1 = uy", "        z1 = uz"]
-    for k in range(2, K + 1):
-        L += [f"        x{k} = ux * x{k - 1}", f"        y{k} = uy * y{k - 1}", f"        z{k} = uz * z{k - 1}"]
+    L.append("    for k in range(end):")
+    ind = "        "
+    L += _powers(K, ind, "s")
+    L += [f"{ind}w{n} = W[{n}, k]" for n in range(K + 1)]
     for n, i, (p, q, r) in names:
-        parts = [f"w{n}"] + ([f"x{p}"] if p else []) + ([f"y{q}"] if q else []) + ([f"z{r}"] if r else [])
-        L.append(f"        m{i} += " + " * ".join(parts))
+        L.append(f"{ind}m{i} += " + _product(p, q, r, first=f"w{n}"))
     L += [f"    out[{i}] = m{i}" for _, i, _ in names]
     return "\n".join(L) + "\n"
 
 
-GRAD_ARGS = "end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row"
+GRAD_ARGS = "end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row"
 
 
 def _grad_upto(K: int) -> str:
@@ -136,10 +152,14 @@ def generate() -> str:
         parts.append(_featall(K))
         parts.append("")
     for K in range(MAX_ORDER + 1):
+        parts.append(_wacc(K))
+        parts.append("")
+    for K in range(MAX_ORDER + 1):
         parts.append(_grad_upto(K))
         parts.append("")
     parts.append("#: by largest order K: the moment loop of orders 0..K, the gradient loops of orders <= K")
     parts.append("FEATALL = (" + ", ".join(f"featall_{K}" for K in range(MAX_ORDER + 1)) + ")")
+    parts.append("WACC = (" + ", ".join(f"wacc_{K}" for K in range(MAX_ORDER + 1)) + ")")
     parts.append("GRAD_UPTO = (" + ", ".join(f"grad_upto_{K}" for K in range(MAX_ORDER + 1)) + ")")
     return "\n\n".join(p.rstrip("\n") for p in parts if p) + "\n"
 

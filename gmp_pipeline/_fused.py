@@ -4,92 +4,86 @@ from . import _numba_cache  # registers the kernel cache locator before anything
 from numba import njit
 
 @njit(cache=True, fastmath=True)
-def grad_0(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_0(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
-    for t in range(end):
-        e = tE[t] if tc[t] <= cls else 0.0
-        ux = tux[t]
-        uy = tuy[t]
-        uz = tuz[t]
-        x0 = e
-        U = c0 * x0
-        Um = m2a * U
-        G[row, t] = Um * ux
-        G[row + 1, t] = Um * uy
-        G[row + 2, t] = Um * uz
+    for k in range(end):
+        dx = sx[k]
+        dy = sy[k]
+        dz = sz[k]
+        P = c0 * 1.0
+        Bm = m2a * wb[k] * P
+        G[row, k] = Bm * dx
+        G[row + 1, k] = Bm * dy
+        G[row + 2, k] = Bm * dz
 
 @njit(cache=True, fastmath=True)
-def grad_1(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_1(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
-    ax0 = dx[0]
-    ay0 = dy[0]
-    az0 = dz[0]
-    for t in range(end):
-        e = tE[t] if tc[t] <= cls else 0.0
-        ux = tux[t]
-        uy = tuy[t]
-        uz = tuz[t]
-        x0 = e
-        x1 = ux * e
-        y1 = uy
-        z1 = uz
-        U = c0 * x1 + c1 * x0 * y1 + c2 * x0 * z1
-        lm = tl[t]
-        p0 = x0
-        Ux = ax0 * p0
-        Uy = ay0 * p0
-        Uz = az0 * p0
-        Um = m2a * U
-        G[row, t] = Um * ux + lm * Ux
-        G[row + 1, t] = Um * uy + lm * Uy
-        G[row + 2, t] = Um * uz + lm * Uz
+    ax0 = px[0]
+    ay0 = py[0]
+    az0 = pz[0]
+    for k in range(end):
+        dx = sx[k]
+        dy = sy[k]
+        dz = sz[k]
+        x1 = dx
+        y1 = dy
+        z1 = dz
+        P = c0 * x1 + c1 * y1 + c2 * z1
+        Bm = m2a * wb[k] * P
+        A = wa[k]
+        q0 = 1.0
+        Px = ax0 * q0
+        Py = ay0 * q0
+        Pz = az0 * q0
+        G[row, k] = Bm * dx + A * Px
+        G[row + 1, k] = Bm * dy + A * Py
+        G[row + 2, k] = Bm * dz + A * Pz
 
 @njit(cache=True, fastmath=True)
-def grad_2(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_2(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
     c3 = uc[3]
     c4 = uc[4]
     c5 = uc[5]
-    ax0 = dx[0]
-    ay0 = dy[0]
-    az0 = dz[0]
-    ax1 = dx[1]
-    ay1 = dy[1]
-    az1 = dz[1]
-    ax2 = dx[2]
-    ay2 = dy[2]
-    az2 = dz[2]
-    for t in range(end):
-        e = tE[t] if tc[t] <= cls else 0.0
-        ux = tux[t]
-        uy = tuy[t]
-        uz = tuz[t]
-        x0 = e
-        x1 = ux * e
-        y1 = uy
-        z1 = uz
-        x2 = ux * x1
-        y2 = uy * y1
-        z2 = uz * z1
-        U = c0 * x2 + c1 * x1 * y1 + c2 * x1 * z1 + c3 * x0 * y2 + c4 * x0 * y1 * z1 + c5 * x0 * z2
-        lm = tl[t]
-        p0 = x1
-        p1 = x0 * y1
-        p2 = x0 * z1
-        Ux = ax0 * p0 + ax1 * p1 + ax2 * p2
-        Uy = ay0 * p0 + ay1 * p1 + ay2 * p2
-        Uz = az0 * p0 + az1 * p1 + az2 * p2
-        Um = m2a * U
-        G[row, t] = Um * ux + lm * Ux
-        G[row + 1, t] = Um * uy + lm * Uy
-        G[row + 2, t] = Um * uz + lm * Uz
+    ax0 = px[0]
+    ay0 = py[0]
+    az0 = pz[0]
+    ax1 = px[1]
+    ay1 = py[1]
+    az1 = pz[1]
+    ax2 = px[2]
+    ay2 = py[2]
+    az2 = pz[2]
+    for k in range(end):
+        dx = sx[k]
+        dy = sy[k]
+        dz = sz[k]
+        x1 = dx
+        y1 = dy
+        z1 = dz
+        x2 = x1 * x1
+        y2 = y1 * y1
+        z2 = z1 * z1
+        P = c0 * x2 + c1 * x1 * y1 + c2 * x1 * z1 + c3 * y2 + c4 * y1 * z1 + c5 * z2
+        Bm = m2a * wb[k] * P
+        A = wa[k]
+        q0 = x1
+        q1 = y1
+        q2 = z1
+        Px = ax0 * q0 + ax1 * q1 + ax2 * q2
+        Py = ay0 * q0 + ay1 * q1 + ay2 * q2
+        Pz = az0 * q0 + az1 * q1 + az2 * q2
+        G[row, k] = Bm * dx + A * Px
+        G[row + 1, k] = Bm * dy + A * Py
+        G[row + 2, k] = Bm * dz + A * Pz
 
 @njit(cache=True, fastmath=True)
-def grad_3(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_3(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -100,57 +94,55 @@ def grad_3(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
     c7 = uc[7]
     c8 = uc[8]
     c9 = uc[9]
-    ax0 = dx[0]
-    ay0 = dy[0]
-    az0 = dz[0]
-    ax1 = dx[1]
-    ay1 = dy[1]
-    az1 = dz[1]
-    ax2 = dx[2]
-    ay2 = dy[2]
-    az2 = dz[2]
-    ax3 = dx[3]
-    ay3 = dy[3]
-    az3 = dz[3]
-    ax4 = dx[4]
-    ay4 = dy[4]
-    az4 = dz[4]
-    ax5 = dx[5]
-    ay5 = dy[5]
-    az5 = dz[5]
-    for t in range(end):
-        e = tE[t] if tc[t] <= cls else 0.0
-        ux = tux[t]
-        uy = tuy[t]
-        uz = tuz[t]
-        x0 = e
-        x1 = ux * e
-        y1 = uy
-        z1 = uz
-        x2 = ux * x1
-        y2 = uy * y1
-        z2 = uz * z1
-        x3 = ux * x2
-        y3 = uy * y2
-        z3 = uz * z2
-        U = c0 * x3 + c1 * x2 * y1 + c2 * x2 * z1 + c3 * x1 * y2 + c4 * x1 * y1 * z1 + c5 * x1 * z2 + c6 * x0 * y3 + c7 * x0 * y2 * z1 + c8 * x0 * y1 * z2 + c9 * x0 * z3
-        lm = tl[t]
-        p0 = x2
-        p1 = x1 * y1
-        p2 = x1 * z1
-        p3 = x0 * y2
-        p4 = x0 * y1 * z1
-        p5 = x0 * z2
-        Ux = ax0 * p0 + ax1 * p1 + ax2 * p2 + ax3 * p3 + ax4 * p4 + ax5 * p5
-        Uy = ay0 * p0 + ay1 * p1 + ay2 * p2 + ay3 * p3 + ay4 * p4 + ay5 * p5
-        Uz = az0 * p0 + az1 * p1 + az2 * p2 + az3 * p3 + az4 * p4 + az5 * p5
-        Um = m2a * U
-        G[row, t] = Um * ux + lm * Ux
-        G[row + 1, t] = Um * uy + lm * Uy
-        G[row + 2, t] = Um * uz + lm * Uz
+    ax0 = px[0]
+    ay0 = py[0]
+    az0 = pz[0]
+    ax1 = px[1]
+    ay1 = py[1]
+    az1 = pz[1]
+    ax2 = px[2]
+    ay2 = py[2]
+    az2 = pz[2]
+    ax3 = px[3]
+    ay3 = py[3]
+    az3 = pz[3]
+    ax4 = px[4]
+    ay4 = py[4]
+    az4 = pz[4]
+    ax5 = px[5]
+    ay5 = py[5]
+    az5 = pz[5]
+    for k in range(end):
+        dx = sx[k]
+        dy = sy[k]
+        dz = sz[k]
+        x1 = dx
+        y1 = dy
+        z1 = dz
+        x2 = x1 * x1
+        y2 = y1 * y1
+        z2 = z1 * z1
+        x3 = x1 * x2
+        y3 = y1 * y2
+        z3 = z1 * z2
+        P = c0 * x3 + c1 * x2 * y1 + c2 * x2 * z1 + c3 * x1 * y2 + c4 * x1 * y1 * z1 + c5 * x1 * z2 + c6 * y3 + c7 * y2 * z1 + c8 * y1 * z2 + c9 * z3
+        Bm = m2a * wb[k] * P
+        A = wa[k]
+        q0 = x2
+        q1 = x1 * y1
+        q2 = x1 * z1
+        q3 = y2
+        q4 = y1 * z1
+        q5 = z2
+        Px = ax0 * q0 + ax1 * q1 + ax2 * q2 + ax3 * q3 + ax4 * q4 + ax5 * q5
+        Py = ay0 * q0 + ay1 * q1 + ay2 * q2 + ay3 * q3 + ay4 * q4 + ay5 * q5
+        Pz = az0 * q0 + az1 * q1 + az2 * q2 + az3 * q3 + az4 * q4 + az5 * q5
+        G[row, k] = Bm * dx + A * Px
+        G[row + 1, k] = Bm * dy + A * Py
+        G[row + 2, k] = Bm * dz + A * Pz
 
 @njit(cache=True, fastmath=True)
-def grad_4(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_4(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -166,76 +158,74 @@ def grad_4(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
     c12 = uc[12]
     c13 = uc[13]
     c14 = uc[14]
-    ax0 = dx[0]
-    ay0 = dy[0]
-    az0 = dz[0]
-    ax1 = dx[1]
-    ay1 = dy[1]
-    az1 = dz[1]
-    ax2 = dx[2]
-    ay2 = dy[2]
-    az2 = dz[2]
-    ax3 = dx[3]
-    ay3 = dy[3]
-    az3 = dz[3]
-    ax4 = dx[4]
-    ay4 = dy[4]
-    az4 = dz[4]
-    ax5 = dx[5]
-    ay5 = dy[5]
-    az5 = dz[5]
-    ax6 = dx[6]
-    ay6 = dy[6]
-    az6 = dz[6]
-    ax7 = dx[7]
-    ay7 = dy[7]
-    az7 = dz[7]
-    ax8 = dx[8]
-    ay8 = dy[8]
-    az8 = dz[8]
-    ax9 = dx[9]
-    ay9 = dy[9]
-    az9 = dz[9]
-    for t in range(end):
-        e = tE[t] if tc[t] <= cls else 0.0
-        ux = tux[t]
-        uy = tuy[t]
-        uz = tuz[t]
-        x0 = e
-        x1 = ux * e
-        y1 = uy
-        z1 = uz
-        x2 = ux * x1
-        y2 = uy * y1
-        z2 = uz * z1
-        x3 = ux * x2
-        y3 = uy * y2
-        z3 = uz * z2
-        x4 = ux * x3
-        y4 = uy * y3
-        z4 = uz * z3
-        U = c0 * x4 + c1 * x3 * y1 + c2 * x3 * z1 + c3 * x2 * y2 + c4 * x2 * y1 * z1 + c5 * x2 * z2 + c6 * x1 * y3 + c7 * x1 * y2 * z1 + c8 * x1 * y1 * z2 + c9 * x1 * z3 + c10 * x0 * y4 + c11 * x0 * y3 * z1 + c12 * x0 * y2 * z2 + c13 * x0 * y1 * z3 + c14 * x0 * z4
-        lm = tl[t]
-        p0 = x3
-        p1 = x2 * y1
-        p2 = x2 * z1
-        p3 = x1 * y2
-        p4 = x1 * y1 * z1
-        p5 = x1 * z2
-        p6 = x0 * y3
-        p7 = x0 * y2 * z1
-        p8 = x0 * y1 * z2
-        p9 = x0 * z3
-        Ux = ax0 * p0 + ax1 * p1 + ax2 * p2 + ax3 * p3 + ax4 * p4 + ax5 * p5 + ax6 * p6 + ax7 * p7 + ax8 * p8 + ax9 * p9
-        Uy = ay0 * p0 + ay1 * p1 + ay2 * p2 + ay3 * p3 + ay4 * p4 + ay5 * p5 + ay6 * p6 + ay7 * p7 + ay8 * p8 + ay9 * p9
-        Uz = az0 * p0 + az1 * p1 + az2 * p2 + az3 * p3 + az4 * p4 + az5 * p5 + az6 * p6 + az7 * p7 + az8 * p8 + az9 * p9
-        Um = m2a * U
-        G[row, t] = Um * ux + lm * Ux
-        G[row + 1, t] = Um * uy + lm * Uy
-        G[row + 2, t] = Um * uz + lm * Uz
+    ax0 = px[0]
+    ay0 = py[0]
+    az0 = pz[0]
+    ax1 = px[1]
+    ay1 = py[1]
+    az1 = pz[1]
+    ax2 = px[2]
+    ay2 = py[2]
+    az2 = pz[2]
+    ax3 = px[3]
+    ay3 = py[3]
+    az3 = pz[3]
+    ax4 = px[4]
+    ay4 = py[4]
+    az4 = pz[4]
+    ax5 = px[5]
+    ay5 = py[5]
+    az5 = pz[5]
+    ax6 = px[6]
+    ay6 = py[6]
+    az6 = pz[6]
+    ax7 = px[7]
+    ay7 = py[7]
+    az7 = pz[7]
+    ax8 = px[8]
+    ay8 = py[8]
+    az8 = pz[8]
+    ax9 = px[9]
+    ay9 = py[9]
+    az9 = pz[9]
+    for k in range(end):
+        dx = sx[k]
+        dy = sy[k]
+        dz = sz[k]
+        x1 = dx
+        y1 = dy
+        z1 = dz
+        x2 = x1 * x1
+        y2 = y1 * y1
+        z2 = z1 * z1
+        x3 = x1 * x2
+        y3 = y1 * y2
+        z3 = z1 * z2
+        x4 = x1 * x3
+        y4 = y1 * y3
+        z4 = z1 * z3
+        P = c0 * x4 + c1 * x3 * y1 + c2 * x3 * z1 + c3 * x2 * y2 + c4 * x2 * y1 * z1 + c5 * x2 * z2 + c6 * x1 * y3 + c7 * x1 * y2 * z1 + c8 * x1 * y1 * z2 + c9 * x1 * z3 + c10 * y4 + c11 * y3 * z1 + c12 * y2 * z2 + c13 * y1 * z3 + c14 * z4
+        Bm = m2a * wb[k] * P
+        A = wa[k]
+        q0 = x3
+        q1 = x2 * y1
+        q2 = x2 * z1
+        q3 = x1 * y2
+        q4 = x1 * y1 * z1
+        q5 = x1 * z2
+        q6 = y3
+        q7 = y2 * z1
+        q8 = y1 * z2
+        q9 = z3
+        Px = ax0 * q0 + ax1 * q1 + ax2 * q2 + ax3 * q3 + ax4 * q4 + ax5 * q5 + ax6 * q6 + ax7 * q7 + ax8 * q8 + ax9 * q9
+        Py = ay0 * q0 + ay1 * q1 + ay2 * q2 + ay3 * q3 + ay4 * q4 + ay5 * q5 + ay6 * q6 + ay7 * q7 + ay8 * q8 + ay9 * q9
+        Pz = az0 * q0 + az1 * q1 + az2 * q2 + az3 * q3 + az4 * q4 + az5 * q5 + az6 * q6 + az7 * q7 + az8 * q8 + az9 * q9
+        G[row, k] = Bm * dx + A * Px
+        G[row + 1, k] = Bm * dy + A * Py
+        G[row + 2, k] = Bm * dz + A * Pz
 
 @njit(cache=True, fastmath=True)
-def grad_5(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_5(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -257,99 +247,97 @@ def grad_5(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
     c18 = uc[18]
     c19 = uc[19]
     c20 = uc[20]
-    ax0 = dx[0]
-    ay0 = dy[0]
-    az0 = dz[0]
-    ax1 = dx[1]
-    ay1 = dy[1]
-    az1 = dz[1]
-    ax2 = dx[2]
-    ay2 = dy[2]
-    az2 = dz[2]
-    ax3 = dx[3]
-    ay3 = dy[3]
-    az3 = dz[3]
-    ax4 = dx[4]
-    ay4 = dy[4]
-    az4 = dz[4]
-    ax5 = dx[5]
-    ay5 = dy[5]
-    az5 = dz[5]
-    ax6 = dx[6]
-    ay6 = dy[6]
-    az6 = dz[6]
-    ax7 = dx[7]
-    ay7 = dy[7]
-    az7 = dz[7]
-    ax8 = dx[8]
-    ay8 = dy[8]
-    az8 = dz[8]
-    ax9 = dx[9]
-    ay9 = dy[9]
-    az9 = dz[9]
-    ax10 = dx[10]
-    ay10 = dy[10]
-    az10 = dz[10]
-    ax11 = dx[11]
-    ay11 = dy[11]
-    az11 = dz[11]
-    ax12 = dx[12]
-    ay12 = dy[12]
-    az12 = dz[12]
-    ax13 = dx[13]
-    ay13 = dy[13]
-    az13 = dz[13]
-    ax14 = dx[14]
-    ay14 = dy[14]
-    az14 = dz[14]
-    for t in range(end):
-        e = tE[t] if tc[t] <= cls else 0.0
-        ux = tux[t]
-        uy = tuy[t]
-        uz = tuz[t]
-        x0 = e
-        x1 = ux * e
-        y1 = uy
-        z1 = uz
-        x2 = ux * x1
-        y2 = uy * y1
-        z2 = uz * z1
-        x3 = ux * x2
-        y3 = uy * y2
-        z3 = uz * z2
-        x4 = ux * x3
-        y4 = uy * y3
-        z4 = uz * z3
-        x5 = ux * x4
-        y5 = uy * y4
-        z5 = uz * z4
-        U = c0 * x5 + c1 * x4 * y1 + c2 * x4 * z1 + c3 * x3 * y2 + c4 * x3 * y1 * z1 + c5 * x3 * z2 + c6 * x2 * y3 + c7 * x2 * y2 * z1 + c8 * x2 * y1 * z2 + c9 * x2 * z3 + c10 * x1 * y4 + c11 * x1 * y3 * z1 + c12 * x1 * y2 * z2 + c13 * x1 * y1 * z3 + c14 * x1 * z4 + c15 * x0 * y5 + c16 * x0 * y4 * z1 + c17 * x0 * y3 * z2 + c18 * x0 * y2 * z3 + c19 * x0 * y1 * z4 + c20 * x0 * z5
-        lm = tl[t]
-        p0 = x4
-        p1 = x3 * y1
-        p2 = x3 * z1
-        p3 = x2 * y2
-        p4 = x2 * y1 * z1
-        p5 = x2 * z2
-        p6 = x1 * y3
-        p7 = x1 * y2 * z1
-        p8 = x1 * y1 * z2
-        p9 = x1 * z3
-        p10 = x0 * y4
-        p11 = x0 * y3 * z1
-        p12 = x0 * y2 * z2
-        p13 = x0 * y1 * z3
-        p14 = x0 * z4
-        Ux = ax0 * p0 + ax1 * p1 + ax2 * p2 + ax3 * p3 + ax4 * p4 + ax5 * p5 + ax6 * p6 + ax7 * p7 + ax8 * p8 + ax9 * p9 + ax10 * p10 + ax11 * p11 + ax12 * p12 + ax13 * p13 + ax14 * p14
-        Uy = ay0 * p0 + ay1 * p1 + ay2 * p2 + ay3 * p3 + ay4 * p4 + ay5 * p5 + ay6 * p6 + ay7 * p7 + ay8 * p8 + ay9 * p9 + ay10 * p10 + ay11 * p11 + ay12 * p12 + ay13 * p13 + ay14 * p14
-        Uz = az0 * p0 + az1 * p1 + az2 * p2 + az3 * p3 + az4 * p4 + az5 * p5 + az6 * p6 + az7 * p7 + az8 * p8 + az9 * p9 + az10 * p10 + az11 * p11 + az12 * p12 + az13 * p13 + az14 * p14
-        Um = m2a * U
-        G[row, t] = Um * ux + lm * Ux
-        G[row + 1, t] = Um * uy + lm * Uy
-        G[row + 2, t] = Um * uz + lm * Uz
+    ax0 = px[0]
+    ay0 = py[0]
+    az0 = pz[0]
+    ax1 = px[1]
+    ay1 = py[1]
+    az1 = pz[1]
+    ax2 = px[2]
+    ay2 = py[2]
+    az2 = pz[2]
+    ax3 = px[3]
+    ay3 = py[3]
+    az3 = pz[3]
+    ax4 = px[4]
+    ay4 = py[4]
+    az4 = pz[4]
+    ax5 = px[5]
+    ay5 = py[5]
+    az5 = pz[5]
+    ax6 = px[6]
+    ay6 = py[6]
+    az6 = pz[6]
+    ax7 = px[7]
+    ay7 = py[7]
+    az7 = pz[7]
+    ax8 = px[8]
+    ay8 = py[8]
+    az8 = pz[8]
+    ax9 = px[9]
+    ay9 = py[9]
+    az9 = pz[9]
+    ax10 = px[10]
+    ay10 = py[10]
+    az10 = pz[10]
+    ax11 = px[11]
+    ay11 = py[11]
+    az11 = pz[11]
+    ax12 = px[12]
+    ay12 = py[12]
+    az12 = pz[12]
+    ax13 = px[13]
+    ay13 = py[13]
+    az13 = pz[13]
+    ax14 = px[14]
+    ay14 = py[14]
+    az14 = pz[14]
+    for k in range(end):
+        dx = sx[k]
+        dy = sy[k]
+        dz = sz[k]
+        x1 = dx
+        y1 = dy
+        z1 = dz
+        x2 = x1 * x1
+        y2 = y1 * y1
+        z2 = z1 * z1
+        x3 = x1 * x2
+        y3 = y1 * y2
+        z3 = z1 * z2
+        x4 = x1 * x3
+        y4 = y1 * y3
+        z4 = z1 * z3
+        x5 = x1 * x4
+        y5 = y1 * y4
+        z5 = z1 * z4
+        P = c0 * x5 + c1 * x4 * y1 + c2 * x4 * z1 + c3 * x3 * y2 + c4 * x3 * y1 * z1 + c5 * x3 * z2 + c6 * x2 * y3 + c7 * x2 * y2 * z1 + c8 * x2 * y1 * z2 + c9 * x2 * z3 + c10 * x1 * y4 + c11 * x1 * y3 * z1 + c12 * x1 * y2 * z2 + c13 * x1 * y1 * z3 + c14 * x1 * z4 + c15 * y5 + c16 * y4 * z1 + c17 * y3 * z2 + c18 * y2 * z3 + c19 * y1 * z4 + c20 * z5
+        Bm = m2a * wb[k] * P
+        A = wa[k]
+        q0 = x4
+        q1 = x3 * y1
+        q2 = x3 * z1
+        q3 = x2 * y2
+        q4 = x2 * y1 * z1
+        q5 = x2 * z2
+        q6 = x1 * y3
+        q7 = x1 * y2 * z1
+        q8 = x1 * y1 * z2
+        q9 = x1 * z3
+        q10 = y4
+        q11 = y3 * z1
+        q12 = y2 * z2
+        q13 = y1 * z3
+        q14 = z4
+        Px = ax0 * q0 + ax1 * q1 + ax2 * q2 + ax3 * q3 + ax4 * q4 + ax5 * q5 + ax6 * q6 + ax7 * q7 + ax8 * q8 + ax9 * q9 + ax10 * q10 + ax11 * q11 + ax12 * q12 + ax13 * q13 + ax14 * q14
+        Py = ay0 * q0 + ay1 * q1 + ay2 * q2 + ay3 * q3 + ay4 * q4 + ay5 * q5 + ay6 * q6 + ay7 * q7 + ay8 * q8 + ay9 * q9 + ay10 * q10 + ay11 * q11 + ay12 * q12 + ay13 * q13 + ay14 * q14
+        Pz = az0 * q0 + az1 * q1 + az2 * q2 + az3 * q3 + az4 * q4 + az5 * q5 + az6 * q6 + az7 * q7 + az8 * q8 + az9 * q9 + az10 * q10 + az11 * q11 + az12 * q12 + az13 * q13 + az14 * q14
+        G[row, k] = Bm * dx + A * Px
+        G[row + 1, k] = Bm * dy + A * Py
+        G[row + 2, k] = Bm * dz + A * Pz
 
 @njit(cache=True, fastmath=True)
-def grad_6(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_6(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -378,126 +366,124 @@ def grad_6(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
     c25 = uc[25]
     c26 = uc[26]
     c27 = uc[27]
-    ax0 = dx[0]
-    ay0 = dy[0]
-    az0 = dz[0]
-    ax1 = dx[1]
-    ay1 = dy[1]
-    az1 = dz[1]
-    ax2 = dx[2]
-    ay2 = dy[2]
-    az2 = dz[2]
-    ax3 = dx[3]
-    ay3 = dy[3]
-    az3 = dz[3]
-    ax4 = dx[4]
-    ay4 = dy[4]
-    az4 = dz[4]
-    ax5 = dx[5]
-    ay5 = dy[5]
-    az5 = dz[5]
-    ax6 = dx[6]
-    ay6 = dy[6]
-    az6 = dz[6]
-    ax7 = dx[7]
-    ay7 = dy[7]
-    az7 = dz[7]
-    ax8 = dx[8]
-    ay8 = dy[8]
-    az8 = dz[8]
-    ax9 = dx[9]
-    ay9 = dy[9]
-    az9 = dz[9]
-    ax10 = dx[10]
-    ay10 = dy[10]
-    az10 = dz[10]
-    ax11 = dx[11]
-    ay11 = dy[11]
-    az11 = dz[11]
-    ax12 = dx[12]
-    ay12 = dy[12]
-    az12 = dz[12]
-    ax13 = dx[13]
-    ay13 = dy[13]
-    az13 = dz[13]
-    ax14 = dx[14]
-    ay14 = dy[14]
-    az14 = dz[14]
-    ax15 = dx[15]
-    ay15 = dy[15]
-    az15 = dz[15]
-    ax16 = dx[16]
-    ay16 = dy[16]
-    az16 = dz[16]
-    ax17 = dx[17]
-    ay17 = dy[17]
-    az17 = dz[17]
-    ax18 = dx[18]
-    ay18 = dy[18]
-    az18 = dz[18]
-    ax19 = dx[19]
-    ay19 = dy[19]
-    az19 = dz[19]
-    ax20 = dx[20]
-    ay20 = dy[20]
-    az20 = dz[20]
-    for t in range(end):
-        e = tE[t] if tc[t] <= cls else 0.0
-        ux = tux[t]
-        uy = tuy[t]
-        uz = tuz[t]
-        x0 = e
-        x1 = ux * e
-        y1 = uy
-        z1 = uz
-        x2 = ux * x1
-        y2 = uy * y1
-        z2 = uz * z1
-        x3 = ux * x2
-        y3 = uy * y2
-        z3 = uz * z2
-        x4 = ux * x3
-        y4 = uy * y3
-        z4 = uz * z3
-        x5 = ux * x4
-        y5 = uy * y4
-        z5 = uz * z4
-        x6 = ux * x5
-        y6 = uy * y5
-        z6 = uz * z5
-        U = c0 * x6 + c1 * x5 * y1 + c2 * x5 * z1 + c3 * x4 * y2 + c4 * x4 * y1 * z1 + c5 * x4 * z2 + c6 * x3 * y3 + c7 * x3 * y2 * z1 + c8 * x3 * y1 * z2 + c9 * x3 * z3 + c10 * x2 * y4 + c11 * x2 * y3 * z1 + c12 * x2 * y2 * z2 + c13 * x2 * y1 * z3 + c14 * x2 * z4 + c15 * x1 * y5 + c16 * x1 * y4 * z1 + c17 * x1 * y3 * z2 + c18 * x1 * y2 * z3 + c19 * x1 * y1 * z4 + c20 * x1 * z5 + c21 * x0 * y6 + c22 * x0 * y5 * z1 + c23 * x0 * y4 * z2 + c24 * x0 * y3 * z3 + c25 * x0 * y2 * z4 + c26 * x0 * y1 * z5 + c27 * x0 * z6
-        lm = tl[t]
-        p0 = x5
-        p1 = x4 * y1
-        p2 = x4 * z1
-        p3 = x3 * y2
-        p4 = x3 * y1 * z1
-        p5 = x3 * z2
-        p6 = x2 * y3
-        p7 = x2 * y2 * z1
-        p8 = x2 * y1 * z2
-        p9 = x2 * z3
-        p10 = x1 * y4
-        p11 = x1 * y3 * z1
-        p12 = x1 * y2 * z2
-        p13 = x1 * y1 * z3
-        p14 = x1 * z4
-        p15 = x0 * y5
-        p16 = x0 * y4 * z1
-        p17 = x0 * y3 * z2
-        p18 = x0 * y2 * z3
-        p19 = x0 * y1 * z4
-        p20 = x0 * z5
-        Ux = ax0 * p0 + ax1 * p1 + ax2 * p2 + ax3 * p3 + ax4 * p4 + ax5 * p5 + ax6 * p6 + ax7 * p7 + ax8 * p8 + ax9 * p9 + ax10 * p10 + ax11 * p11 + ax12 * p12 + ax13 * p13 + ax14 * p14 + ax15 * p15 + ax16 * p16 + ax17 * p17 + ax18 * p18 + ax19 * p19 + ax20 * p20
-        Uy = ay0 * p0 + ay1 * p1 + ay2 * p2 + ay3 * p3 + ay4 * p4 + ay5 * p5 + ay6 * p6 + ay7 * p7 + ay8 * p8 + ay9 * p9 + ay10 * p10 + ay11 * p11 + ay12 * p12 + ay13 * p13 + ay14 * p14 + ay15 * p15 + ay16 * p16 + ay17 * p17 + ay18 * p18 + ay19 * p19 + ay20 * p20
-        Uz = az0 * p0 + az1 * p1 + az2 * p2 + az3 * p3 + az4 * p4 + az5 * p5 + az6 * p6 + az7 * p7 + az8 * p8 + az9 * p9 + az10 * p10 + az11 * p11 + az12 * p12 + az13 * p13 + az14 * p14 + az15 * p15 + az16 * p16 + az17 * p17 + az18 * p18 + az19 * p19 + az20 * p20
-        Um = m2a * U
-        G[row, t] = Um * ux + lm * Ux
-        G[row + 1, t] = Um * uy + lm * Uy
-        G[row + 2, t] = Um * uz + lm * Uz
+    ax0 = px[0]
+    ay0 = py[0]
+    az0 = pz[0]
+    ax1 = px[1]
+    ay1 = py[1]
+    az1 = pz[1]
+    ax2 = px[2]
+    ay2 = py[2]
+    az2 = pz[2]
+    ax3 = px[3]
+    ay3 = py[3]
+    az3 = pz[3]
+    ax4 = px[4]
+    ay4 = py[4]
+    az4 = pz[4]
+    ax5 = px[5]
+    ay5 = py[5]
+    az5 = pz[5]
+    ax6 = px[6]
+    ay6 = py[6]
+    az6 = pz[6]
+    ax7 = px[7]
+    ay7 = py[7]
+    az7 = pz[7]
+    ax8 = px[8]
+    ay8 = py[8]
+    az8 = pz[8]
+    ax9 = px[9]
+    ay9 = py[9]
+    az9 = pz[9]
+    ax10 = px[10]
+    ay10 = py[10]
+    az10 = pz[10]
+    ax11 = px[11]
+    ay11 = py[11]
+    az11 = pz[11]
+    ax12 = px[12]
+    ay12 = py[12]
+    az12 = pz[12]
+    ax13 = px[13]
+    ay13 = py[13]
+    az13 = pz[13]
+    ax14 = px[14]
+    ay14 = py[14]
+    az14 = pz[14]
+    ax15 = px[15]
+    ay15 = py[15]
+    az15 = pz[15]
+    ax16 = px[16]
+    ay16 = py[16]
+    az16 = pz[16]
+    ax17 = px[17]
+    ay17 = py[17]
+    az17 = pz[17]
+    ax18 = px[18]
+    ay18 = py[18]
+    az18 = pz[18]
+    ax19 = px[19]
+    ay19 = py[19]
+    az19 = pz[19]
+    ax20 = px[20]
+    ay20 = py[20]
+    az20 = pz[20]
+    for k in range(end):
+        dx = sx[k]
+        dy = sy[k]
+        dz = sz[k]
+        x1 = dx
+        y1 = dy
+        z1 = dz
+        x2 = x1 * x1
+        y2 = y1 * y1
+        z2 = z1 * z1
+        x3 = x1 * x2
+        y3 = y1 * y2
+        z3 = z1 * z2
+        x4 = x1 * x3
+        y4 = y1 * y3
+        z4 = z1 * z3
+        x5 = x1 * x4
+        y5 = y1 * y4
+        z5 = z1 * z4
+        x6 = x1 * x5
+        y6 = y1 * y5
+        z6 = z1 * z5
+        P = c0 * x6 + c1 * x5 * y1 + c2 * x5 * z1 + c3 * x4 * y2 + c4 * x4 * y1 * z1 + c5 * x4 * z2 + c6 * x3 * y3 + c7 * x3 * y2 * z1 + c8 * x3 * y1 * z2 + c9 * x3 * z3 + c10 * x2 * y4 + c11 * x2 * y3 * z1 + c12 * x2 * y2 * z2 + c13 * x2 * y1 * z3 + c14 * x2 * z4 + c15 * x1 * y5 + c16 * x1 * y4 * z1 + c17 * x1 * y3 * z2 + c18 * x1 * y2 * z3 + c19 * x1 * y1 * z4 + c20 * x1 * z5 + c21 * y6 + c22 * y5 * z1 + c23 * y4 * z2 + c24 * y3 * z3 + c25 * y2 * z4 + c26 * y1 * z5 + c27 * z6
+        Bm = m2a * wb[k] * P
+        A = wa[k]
+        q0 = x5
+        q1 = x4 * y1
+        q2 = x4 * z1
+        q3 = x3 * y2
+        q4 = x3 * y1 * z1
+        q5 = x3 * z2
+        q6 = x2 * y3
+        q7 = x2 * y2 * z1
+        q8 = x2 * y1 * z2
+        q9 = x2 * z3
+        q10 = x1 * y4
+        q11 = x1 * y3 * z1
+        q12 = x1 * y2 * z2
+        q13 = x1 * y1 * z3
+        q14 = x1 * z4
+        q15 = y5
+        q16 = y4 * z1
+        q17 = y3 * z2
+        q18 = y2 * z3
+        q19 = y1 * z4
+        q20 = z5
+        Px = ax0 * q0 + ax1 * q1 + ax2 * q2 + ax3 * q3 + ax4 * q4 + ax5 * q5 + ax6 * q6 + ax7 * q7 + ax8 * q8 + ax9 * q9 + ax10 * q10 + ax11 * q11 + ax12 * q12 + ax13 * q13 + ax14 * q14 + ax15 * q15 + ax16 * q16 + ax17 * q17 + ax18 * q18 + ax19 * q19 + ax20 * q20
+        Py = ay0 * q0 + ay1 * q1 + ay2 * q2 + ay3 * q3 + ay4 * q4 + ay5 * q5 + ay6 * q6 + ay7 * q7 + ay8 * q8 + ay9 * q9 + ay10 * q10 + ay11 * q11 + ay12 * q12 + ay13 * q13 + ay14 * q14 + ay15 * q15 + ay16 * q16 + ay17 * q17 + ay18 * q18 + ay19 * q19 + ay20 * q20
+        Pz = az0 * q0 + az1 * q1 + az2 * q2 + az3 * q3 + az4 * q4 + az5 * q5 + az6 * q6 + az7 * q7 + az8 * q8 + az9 * q9 + az10 * q10 + az11 * q11 + az12 * q12 + az13 * q13 + az14 * q14 + az15 * q15 + az16 * q16 + az17 * q17 + az18 * q18 + az19 * q19 + az20 * q20
+        G[row, k] = Bm * dx + A * Px
+        G[row + 1, k] = Bm * dy + A * Py
+        G[row + 2, k] = Bm * dz + A * Pz
 
 @njit(cache=True, fastmath=True)
-def grad_7(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_7(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -534,157 +520,155 @@ def grad_7(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
     c33 = uc[33]
     c34 = uc[34]
     c35 = uc[35]
-    ax0 = dx[0]
-    ay0 = dy[0]
-    az0 = dz[0]
-    ax1 = dx[1]
-    ay1 = dy[1]
-    az1 = dz[1]
-    ax2 = dx[2]
-    ay2 = dy[2]
-    az2 = dz[2]
-    ax3 = dx[3]
-    ay3 = dy[3]
-    az3 = dz[3]
-    ax4 = dx[4]
-    ay4 = dy[4]
-    az4 = dz[4]
-    ax5 = dx[5]
-    ay5 = dy[5]
-    az5 = dz[5]
-    ax6 = dx[6]
-    ay6 = dy[6]
-    az6 = dz[6]
-    ax7 = dx[7]
-    ay7 = dy[7]
-    az7 = dz[7]
-    ax8 = dx[8]
-    ay8 = dy[8]
-    az8 = dz[8]
-    ax9 = dx[9]
-    ay9 = dy[9]
-    az9 = dz[9]
-    ax10 = dx[10]
-    ay10 = dy[10]
-    az10 = dz[10]
-    ax11 = dx[11]
-    ay11 = dy[11]
-    az11 = dz[11]
-    ax12 = dx[12]
-    ay12 = dy[12]
-    az12 = dz[12]
-    ax13 = dx[13]
-    ay13 = dy[13]
-    az13 = dz[13]
-    ax14 = dx[14]
-    ay14 = dy[14]
-    az14 = dz[14]
-    ax15 = dx[15]
-    ay15 = dy[15]
-    az15 = dz[15]
-    ax16 = dx[16]
-    ay16 = dy[16]
-    az16 = dz[16]
-    ax17 = dx[17]
-    ay17 = dy[17]
-    az17 = dz[17]
-    ax18 = dx[18]
-    ay18 = dy[18]
-    az18 = dz[18]
-    ax19 = dx[19]
-    ay19 = dy[19]
-    az19 = dz[19]
-    ax20 = dx[20]
-    ay20 = dy[20]
-    az20 = dz[20]
-    ax21 = dx[21]
-    ay21 = dy[21]
-    az21 = dz[21]
-    ax22 = dx[22]
-    ay22 = dy[22]
-    az22 = dz[22]
-    ax23 = dx[23]
-    ay23 = dy[23]
-    az23 = dz[23]
-    ax24 = dx[24]
-    ay24 = dy[24]
-    az24 = dz[24]
-    ax25 = dx[25]
-    ay25 = dy[25]
-    az25 = dz[25]
-    ax26 = dx[26]
-    ay26 = dy[26]
-    az26 = dz[26]
-    ax27 = dx[27]
-    ay27 = dy[27]
-    az27 = dz[27]
-    for t in range(end):
-        e = tE[t] if tc[t] <= cls else 0.0
-        ux = tux[t]
-        uy = tuy[t]
-        uz = tuz[t]
-        x0 = e
-        x1 = ux * e
-        y1 = uy
-        z1 = uz
-        x2 = ux * x1
-        y2 = uy * y1
-        z2 = uz * z1
-        x3 = ux * x2
-        y3 = uy * y2
-        z3 = uz * z2
-        x4 = ux * x3
-        y4 = uy * y3
-        z4 = uz * z3
-        x5 = ux * x4
-        y5 = uy * y4
-        z5 = uz * z4
-        x6 = ux * x5
-        y6 = uy * y5
-        z6 = uz * z5
-        x7 = ux * x6
-        y7 = uy * y6
-        z7 = uz * z6
-        U = c0 * x7 + c1 * x6 * y1 + c2 * x6 * z1 + c3 * x5 * y2 + c4 * x5 * y1 * z1 + c5 * x5 * z2 + c6 * x4 * y3 + c7 * x4 * y2 * z1 + c8 * x4 * y1 * z2 + c9 * x4 * z3 + c10 * x3 * y4 + c11 * x3 * y3 * z1 + c12 * x3 * y2 * z2 + c13 * x3 * y1 * z3 + c14 * x3 * z4 + c15 * x2 * y5 + c16 * x2 * y4 * z1 + c17 * x2 * y3 * z2 + c18 * x2 * y2 * z3 + c19 * x2 * y1 * z4 + c20 * x2 * z5 + c21 * x1 * y6 + c22 * x1 * y5 * z1 + c23 * x1 * y4 * z2 + c24 * x1 * y3 * z3 + c25 * x1 * y2 * z4 + c26 * x1 * y1 * z5 + c27 * x1 * z6 + c28 * x0 * y7 + c29 * x0 * y6 * z1 + c30 * x0 * y5 * z2 + c31 * x0 * y4 * z3 + c32 * x0 * y3 * z4 + c33 * x0 * y2 * z5 + c34 * x0 * y1 * z6 + c35 * x0 * z7
-        lm = tl[t]
-        p0 = x6
-        p1 = x5 * y1
-        p2 = x5 * z1
-        p3 = x4 * y2
-        p4 = x4 * y1 * z1
-        p5 = x4 * z2
-        p6 = x3 * y3
-        p7 = x3 * y2 * z1
-        p8 = x3 * y1 * z2
-        p9 = x3 * z3
-        p10 = x2 * y4
-        p11 = x2 * y3 * z1
-        p12 = x2 * y2 * z2
-        p13 = x2 * y1 * z3
-        p14 = x2 * z4
-        p15 = x1 * y5
-        p16 = x1 * y4 * z1
-        p17 = x1 * y3 * z2
-        p18 = x1 * y2 * z3
-        p19 = x1 * y1 * z4
-        p20 = x1 * z5
-        p21 = x0 * y6
-        p22 = x0 * y5 * z1
-        p23 = x0 * y4 * z2
-        p24 = x0 * y3 * z3
-        p25 = x0 * y2 * z4
-        p26 = x0 * y1 * z5
-        p27 = x0 * z6
-        Ux = ax0 * p0 + ax1 * p1 + ax2 * p2 + ax3 * p3 + ax4 * p4 + ax5 * p5 + ax6 * p6 + ax7 * p7 + ax8 * p8 + ax9 * p9 + ax10 * p10 + ax11 * p11 + ax12 * p12 + ax13 * p13 + ax14 * p14 + ax15 * p15 + ax16 * p16 + ax17 * p17 + ax18 * p18 + ax19 * p19 + ax20 * p20 + ax21 * p21 + ax22 * p22 + ax23 * p23 + ax24 * p24 + ax25 * p25 + ax26 * p26 + ax27 * p27
-        Uy = ay0 * p0 + ay1 * p1 + ay2 * p2 + ay3 * p3 + ay4 * p4 + ay5 * p5 + ay6 * p6 + ay7 * p7 + ay8 * p8 + ay9 * p9 + ay10 * p10 + ay11 * p11 + ay12 * p12 + ay13 * p13 + ay14 * p14 + ay15 * p15 + ay16 * p16 + ay17 * p17 + ay18 * p18 + ay19 * p19 + ay20 * p20 + ay21 * p21 + ay22 * p22 + ay23 * p23 + ay24 * p24 + ay25 * p25 + ay26 * p26 + ay27 * p27
-        Uz = az0 * p0 + az1 * p1 + az2 * p2 + az3 * p3 + az4 * p4 + az5 * p5 + az6 * p6 + az7 * p7 + az8 * p8 + az9 * p9 + az10 * p10 + az11 * p11 + az12 * p12 + az13 * p13 + az14 * p14 + az15 * p15 + az16 * p16 + az17 * p17 + az18 * p18 + az19 * p19 + az20 * p20 + az21 * p21 + az22 * p22 + az23 * p23 + az24 * p24 + az25 * p25 + az26 * p26 + az27 * p27
-        Um = m2a * U
-        G[row, t] = Um * ux + lm * Ux
-        G[row + 1, t] = Um * uy + lm * Uy
-        G[row + 2, t] = Um * uz + lm * Uz
+    ax0 = px[0]
+    ay0 = py[0]
+    az0 = pz[0]
+    ax1 = px[1]
+    ay1 = py[1]
+    az1 = pz[1]
+    ax2 = px[2]
+    ay2 = py[2]
+    az2 = pz[2]
+    ax3 = px[3]
+    ay3 = py[3]
+    az3 = pz[3]
+    ax4 = px[4]
+    ay4 = py[4]
+    az4 = pz[4]
+    ax5 = px[5]
+    ay5 = py[5]
+    az5 = pz[5]
+    ax6 = px[6]
+    ay6 = py[6]
+    az6 = pz[6]
+    ax7 = px[7]
+    ay7 = py[7]
+    az7 = pz[7]
+    ax8 = px[8]
+    ay8 = py[8]
+    az8 = pz[8]
+    ax9 = px[9]
+    ay9 = py[9]
+    az9 = pz[9]
+    ax10 = px[10]
+    ay10 = py[10]
+    az10 = pz[10]
+    ax11 = px[11]
+    ay11 = py[11]
+    az11 = pz[11]
+    ax12 = px[12]
+    ay12 = py[12]
+    az12 = pz[12]
+    ax13 = px[13]
+    ay13 = py[13]
+    az13 = pz[13]
+    ax14 = px[14]
+    ay14 = py[14]
+    az14 = pz[14]
+    ax15 = px[15]
+    ay15 = py[15]
+    az15 = pz[15]
+    ax16 = px[16]
+    ay16 = py[16]
+    az16 = pz[16]
+    ax17 = px[17]
+    ay17 = py[17]
+    az17 = pz[17]
+    ax18 = px[18]
+    ay18 = py[18]
+    az18 = pz[18]
+    ax19 = px[19]
+    ay19 = py[19]
+    az19 = pz[19]
+    ax20 = px[20]
+    ay20 = py[20]
+    az20 = pz[20]
+    ax21 = px[21]
+    ay21 = py[21]
+    az21 = pz[21]
+    ax22 = px[22]
+    ay22 = py[22]
+    az22 = pz[22]
+    ax23 = px[23]
+    ay23 = py[23]
+    az23 = pz[23]
+    ax24 = px[24]
+    ay24 = py[24]
+    az24 = pz[24]
+    ax25 = px[25]
+    ay25 = py[25]
+    az25 = pz[25]
+    ax26 = px[26]
+    ay26 = py[26]
+    az26 = pz[26]
+    ax27 = px[27]
+    ay27 = py[27]
+    az27 = pz[27]
+    for k in range(end):
+        dx = sx[k]
+        dy = sy[k]
+        dz = sz[k]
+        x1 = dx
+        y1 = dy
+        z1 = dz
+        x2 = x1 * x1
+        y2 = y1 * y1
+        z2 = z1 * z1
+        x3 = x1 * x2
+        y3 = y1 * y2
+        z3 = z1 * z2
+        x4 = x1 * x3
+        y4 = y1 * y3
+        z4 = z1 * z3
+        x5 = x1 * x4
+        y5 = y1 * y4
+        z5 = z1 * z4
+        x6 = x1 * x5
+        y6 = y1 * y5
+        z6 = z1 * z5
+        x7 = x1 * x6
+        y7 = y1 * y6
+        z7 = z1 * z6
+        P = c0 * x7 + c1 * x6 * y1 + c2 * x6 * z1 + c3 * x5 * y2 + c4 * x5 * y1 * z1 + c5 * x5 * z2 + c6 * x4 * y3 + c7 * x4 * y2 * z1 + c8 * x4 * y1 * z2 + c9 * x4 * z3 + c10 * x3 * y4 + c11 * x3 * y3 * z1 + c12 * x3 * y2 * z2 + c13 * x3 * y1 * z3 + c14 * x3 * z4 + c15 * x2 * y5 + c16 * x2 * y4 * z1 + c17 * x2 * y3 * z2 + c18 * x2 * y2 * z3 + c19 * x2 * y1 * z4 + c20 * x2 * z5 + c21 * x1 * y6 + c22 * x1 * y5 * z1 + c23 * x1 * y4 * z2 + c24 * x1 * y3 * z3 + c25 * x1 * y2 * z4 + c26 * x1 * y1 * z5 + c27 * x1 * z6 + c28 * y7 + c29 * y6 * z1 + c30 * y5 * z2 + c31 * y4 * z3 + c32 * y3 * z4 + c33 * y2 * z5 + c34 * y1 * z6 + c35 * z7
+        Bm = m2a * wb[k] * P
+        A = wa[k]
+        q0 = x6
+        q1 = x5 * y1
+        q2 = x5 * z1
+        q3 = x4 * y2
+        q4 = x4 * y1 * z1
+        q5 = x4 * z2
+        q6 = x3 * y3
+        q7 = x3 * y2 * z1
+        q8 = x3 * y1 * z2
+        q9 = x3 * z3
+        q10 = x2 * y4
+        q11 = x2 * y3 * z1
+        q12 = x2 * y2 * z2
+        q13 = x2 * y1 * z3
+        q14 = x2 * z4
+        q15 = x1 * y5
+        q16 = x1 * y4 * z1
+        q17 = x1 * y3 * z2
+        q18 = x1 * y2 * z3
+        q19 = x1 * y1 * z4
+        q20 = x1 * z5
+        q21 = y6
+        q22 = y5 * z1
+        q23 = y4 * z2
+        q24 = y3 * z3
+        q25 = y2 * z4
+        q26 = y1 * z5
+        q27 = z6
+        Px = ax0 * q0 + ax1 * q1 + ax2 * q2 + ax3 * q3 + ax4 * q4 + ax5 * q5 + ax6 * q6 + ax7 * q7 + ax8 * q8 + ax9 * q9 + ax10 * q10 + ax11 * q11 + ax12 * q12 + ax13 * q13 + ax14 * q14 + ax15 * q15 + ax16 * q16 + ax17 * q17 + ax18 * q18 + ax19 * q19 + ax20 * q20 + ax21 * q21 + ax22 * q22 + ax23 * q23 + ax24 * q24 + ax25 * q25 + ax26 * q26 + ax27 * q27
+        Py = ay0 * q0 + ay1 * q1 + ay2 * q2 + ay3 * q3 + ay4 * q4 + ay5 * q5 + ay6 * q6 + ay7 * q7 + ay8 * q8 + ay9 * q9 + ay10 * q10 + ay11 * q11 + ay12 * q12 + ay13 * q13 + ay14 * q14 + ay15 * q15 + ay16 * q16 + ay17 * q17 + ay18 * q18 + ay19 * q19 + ay20 * q20 + ay21 * q21 + ay22 * q22 + ay23 * q23 + ay24 * q24 + ay25 * q25 + ay26 * q26 + ay27 * q27
+        Pz = az0 * q0 + az1 * q1 + az2 * q2 + az3 * q3 + az4 * q4 + az5 * q5 + az6 * q6 + az7 * q7 + az8 * q8 + az9 * q9 + az10 * q10 + az11 * q11 + az12 * q12 + az13 * q13 + az14 * q14 + az15 * q15 + az16 * q16 + az17 * q17 + az18 * q18 + az19 * q19 + az20 * q20 + az21 * q21 + az22 * q22 + az23 * q23 + az24 * q24 + az25 * q25 + az26 * q26 + az27 * q27
+        G[row, k] = Bm * dx + A * Px
+        G[row + 1, k] = Bm * dy + A * Py
+        G[row + 2, k] = Bm * dz + A * Pz
 
 @njit(cache=True, fastmath=True)
-def grad_8(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_8(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -730,192 +714,190 @@ def grad_8(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
     c42 = uc[42]
     c43 = uc[43]
     c44 = uc[44]
-    ax0 = dx[0]
-    ay0 = dy[0]
-    az0 = dz[0]
-    ax1 = dx[1]
-    ay1 = dy[1]
-    az1 = dz[1]
-    ax2 = dx[2]
-    ay2 = dy[2]
-    az2 = dz[2]
-    ax3 = dx[3]
-    ay3 = dy[3]
-    az3 = dz[3]
-    ax4 = dx[4]
-    ay4 = dy[4]
-    az4 = dz[4]
-    ax5 = dx[5]
-    ay5 = dy[5]
-    az5 = dz[5]
-    ax6 = dx[6]
-    ay6 = dy[6]
-    az6 = dz[6]
-    ax7 = dx[7]
-    ay7 = dy[7]
-    az7 = dz[7]
-    ax8 = dx[8]
-    ay8 = dy[8]
-    az8 = dz[8]
-    ax9 = dx[9]
-    ay9 = dy[9]
-    az9 = dz[9]
-    ax10 = dx[10]
-    ay10 = dy[10]
-    az10 = dz[10]
-    ax11 = dx[11]
-    ay11 = dy[11]
-    az11 = dz[11]
-    ax12 = dx[12]
-    ay12 = dy[12]
-    az12 = dz[12]
-    ax13 = dx[13]
-    ay13 = dy[13]
-    az13 = dz[13]
-    ax14 = dx[14]
-    ay14 = dy[14]
-    az14 = dz[14]
-    ax15 = dx[15]
-    ay15 = dy[15]
-    az15 = dz[15]
-    ax16 = dx[16]
-    ay16 = dy[16]
-    az16 = dz[16]
-    ax17 = dx[17]
-    ay17 = dy[17]
-    az17 = dz[17]
-    ax18 = dx[18]
-    ay18 = dy[18]
-    az18 = dz[18]
-    ax19 = dx[19]
-    ay19 = dy[19]
-    az19 = dz[19]
-    ax20 = dx[20]
-    ay20 = dy[20]
-    az20 = dz[20]
-    ax21 = dx[21]
-    ay21 = dy[21]
-    az21 = dz[21]
-    ax22 = dx[22]
-    ay22 = dy[22]
-    az22 = dz[22]
-    ax23 = dx[23]
-    ay23 = dy[23]
-    az23 = dz[23]
-    ax24 = dx[24]
-    ay24 = dy[24]
-    az24 = dz[24]
-    ax25 = dx[25]
-    ay25 = dy[25]
-    az25 = dz[25]
-    ax26 = dx[26]
-    ay26 = dy[26]
-    az26 = dz[26]
-    ax27 = dx[27]
-    ay27 = dy[27]
-    az27 = dz[27]
-    ax28 = dx[28]
-    ay28 = dy[28]
-    az28 = dz[28]
-    ax29 = dx[29]
-    ay29 = dy[29]
-    az29 = dz[29]
-    ax30 = dx[30]
-    ay30 = dy[30]
-    az30 = dz[30]
-    ax31 = dx[31]
-    ay31 = dy[31]
-    az31 = dz[31]
-    ax32 = dx[32]
-    ay32 = dy[32]
-    az32 = dz[32]
-    ax33 = dx[33]
-    ay33 = dy[33]
-    az33 = dz[33]
-    ax34 = dx[34]
-    ay34 = dy[34]
-    az34 = dz[34]
-    ax35 = dx[35]
-    ay35 = dy[35]
-    az35 = dz[35]
-    for t in range(end):
-        e = tE[t] if tc[t] <= cls else 0.0
-        ux = tux[t]
-        uy = tuy[t]
-        uz = tuz[t]
-        x0 = e
-        x1 = ux * e
-        y1 = uy
-        z1 = uz
-        x2 = ux * x1
-        y2 = uy * y1
-        z2 = uz * z1
-        x3 = ux * x2
-        y3 = uy * y2
-        z3 = uz * z2
-        x4 = ux * x3
-        y4 = uy * y3
-        z4 = uz * z3
-        x5 = ux * x4
-        y5 = uy * y4
-        z5 = uz * z4
-        x6 = ux * x5
-        y6 = uy * y5
-        z6 = uz * z5
-        x7 = ux * x6
-        y7 = uy * y6
-        z7 = uz * z6
-        x8 = ux * x7
-        y8 = uy * y7
-        z8 = uz * z7
-        U = c0 * x8 + c1 * x7 * y1 + c2 * x7 * z1 + c3 * x6 * y2 + c4 * x6 * y1 * z1 + c5 * x6 * z2 + c6 * x5 * y3 + c7 * x5 * y2 * z1 + c8 * x5 * y1 * z2 + c9 * x5 * z3 + c10 * x4 * y4 + c11 * x4 * y3 * z1 + c12 * x4 * y2 * z2 + c13 * x4 * y1 * z3 + c14 * x4 * z4 + c15 * x3 * y5 + c16 * x3 * y4 * z1 + c17 * x3 * y3 * z2 + c18 * x3 * y2 * z3 + c19 * x3 * y1 * z4 + c20 * x3 * z5 + c21 * x2 * y6 + c22 * x2 * y5 * z1 + c23 * x2 * y4 * z2 + c24 * x2 * y3 * z3 + c25 * x2 * y2 * z4 + c26 * x2 * y1 * z5 + c27 * x2 * z6 + c28 * x1 * y7 + c29 * x1 * y6 * z1 + c30 * x1 * y5 * z2 + c31 * x1 * y4 * z3 + c32 * x1 * y3 * z4 + c33 * x1 * y2 * z5 + c34 * x1 * y1 * z6 + c35 * x1 * z7 + c36 * x0 * y8 + c37 * x0 * y7 * z1 + c38 * x0 * y6 * z2 + c39 * x0 * y5 * z3 + c40 * x0 * y4 * z4 + c41 * x0 * y3 * z5 + c42 * x0 * y2 * z6 + c43 * x0 * y1 * z7 + c44 * x0 * z8
-        lm = tl[t]
-        p0 = x7
-        p1 = x6 * y1
-        p2 = x6 * z1
-        p3 = x5 * y2
-        p4 = x5 * y1 * z1
-        p5 = x5 * z2
-        p6 = x4 * y3
-        p7 = x4 * y2 * z1
-        p8 = x4 * y1 * z2
-        p9 = x4 * z3
-        p10 = x3 * y4
-        p11 = x3 * y3 * z1
-        p12 = x3 * y2 * z2
-        p13 = x3 * y1 * z3
-        p14 = x3 * z4
-        p15 = x2 * y5
-        p16 = x2 * y4 * z1
-        p17 = x2 * y3 * z2
-        p18 = x2 * y2 * z3
-        p19 = x2 * y1 * z4
-        p20 = x2 * z5
-        p21 = x1 * y6
-        p22 = x1 * y5 * z1
-        p23 = x1 * y4 * z2
-        p24 = x1 * y3 * z3
-        p25 = x1 * y2 * z4
-        p26 = x1 * y1 * z5
-        p27 = x1 * z6
-        p28 = x0 * y7
-        p29 = x0 * y6 * z1
-        p30 = x0 * y5 * z2
-        p31 = x0 * y4 * z3
-        p32 = x0 * y3 * z4
-        p33 = x0 * y2 * z5
-        p34 = x0 * y1 * z6
-        p35 = x0 * z7
-        Ux = ax0 * p0 + ax1 * p1 + ax2 * p2 + ax3 * p3 + ax4 * p4 + ax5 * p5 + ax6 * p6 + ax7 * p7 + ax8 * p8 + ax9 * p9 + ax10 * p10 + ax11 * p11 + ax12 * p12 + ax13 * p13 + ax14 * p14 + ax15 * p15 + ax16 * p16 + ax17 * p17 + ax18 * p18 + ax19 * p19 + ax20 * p20 + ax21 * p21 + ax22 * p22 + ax23 * p23 + ax24 * p24 + ax25 * p25 + ax26 * p26 + ax27 * p27 + ax28 * p28 + ax29 * p29 + ax30 * p30 + ax31 * p31 + ax32 * p32 + ax33 * p33 + ax34 * p34 + ax35 * p35
-        Uy = ay0 * p0 + ay1 * p1 + ay2 * p2 + ay3 * p3 + ay4 * p4 + ay5 * p5 + ay6 * p6 + ay7 * p7 + ay8 * p8 + ay9 * p9 + ay10 * p10 + ay11 * p11 + ay12 * p12 + ay13 * p13 + ay14 * p14 + ay15 * p15 + ay16 * p16 + ay17 * p17 + ay18 * p18 + ay19 * p19 + ay20 * p20 + ay21 * p21 + ay22 * p22 + ay23 * p23 + ay24 * p24 + ay25 * p25 + ay26 * p26 + ay27 * p27 + ay28 * p28 + ay29 * p29 + ay30 * p30 + ay31 * p31 + ay32 * p32 + ay33 * p33 + ay34 * p34 + ay35 * p35
-        Uz = az0 * p0 + az1 * p1 + az2 * p2 + az3 * p3 + az4 * p4 + az5 * p5 + az6 * p6 + az7 * p7 + az8 * p8 + az9 * p9 + az10 * p10 + az11 * p11 + az12 * p12 + az13 * p13 + az14 * p14 + az15 * p15 + az16 * p16 + az17 * p17 + az18 * p18 + az19 * p19 + az20 * p20 + az21 * p21 + az22 * p22 + az23 * p23 + az24 * p24 + az25 * p25 + az26 * p26 + az27 * p27 + az28 * p28 + az29 * p29 + az30 * p30 + az31 * p31 + az32 * p32 + az33 * p33 + az34 * p34 + az35 * p35
-        Um = m2a * U
-        G[row, t] = Um * ux + lm * Ux
-        G[row + 1, t] = Um * uy + lm * Uy
-        G[row + 2, t] = Um * uz + lm * Uz
+    ax0 = px[0]
+    ay0 = py[0]
+    az0 = pz[0]
+    ax1 = px[1]
+    ay1 = py[1]
+    az1 = pz[1]
+    ax2 = px[2]
+    ay2 = py[2]
+    az2 = pz[2]
+    ax3 = px[3]
+    ay3 = py[3]
+    az3 = pz[3]
+    ax4 = px[4]
+    ay4 = py[4]
+    az4 = pz[4]
+    ax5 = px[5]
+    ay5 = py[5]
+    az5 = pz[5]
+    ax6 = px[6]
+    ay6 = py[6]
+    az6 = pz[6]
+    ax7 = px[7]
+    ay7 = py[7]
+    az7 = pz[7]
+    ax8 = px[8]
+    ay8 = py[8]
+    az8 = pz[8]
+    ax9 = px[9]
+    ay9 = py[9]
+    az9 = pz[9]
+    ax10 = px[10]
+    ay10 = py[10]
+    az10 = pz[10]
+    ax11 = px[11]
+    ay11 = py[11]
+    az11 = pz[11]
+    ax12 = px[12]
+    ay12 = py[12]
+    az12 = pz[12]
+    ax13 = px[13]
+    ay13 = py[13]
+    az13 = pz[13]
+    ax14 = px[14]
+    ay14 = py[14]
+    az14 = pz[14]
+    ax15 = px[15]
+    ay15 = py[15]
+    az15 = pz[15]
+    ax16 = px[16]
+    ay16 = py[16]
+    az16 = pz[16]
+    ax17 = px[17]
+    ay17 = py[17]
+    az17 = pz[17]
+    ax18 = px[18]
+    ay18 = py[18]
+    az18 = pz[18]
+    ax19 = px[19]
+    ay19 = py[19]
+    az19 = pz[19]
+    ax20 = px[20]
+    ay20 = py[20]
+    az20 = pz[20]
+    ax21 = px[21]
+    ay21 = py[21]
+    az21 = pz[21]
+    ax22 = px[22]
+    ay22 = py[22]
+    az22 = pz[22]
+    ax23 = px[23]
+    ay23 = py[23]
+    az23 = pz[23]
+    ax24 = px[24]
+    ay24 = py[24]
+    az24 = pz[24]
+    ax25 = px[25]
+    ay25 = py[25]
+    az25 = pz[25]
+    ax26 = px[26]
+    ay26 = py[26]
+    az26 = pz[26]
+    ax27 = px[27]
+    ay27 = py[27]
+    az27 = pz[27]
+    ax28 = px[28]
+    ay28 = py[28]
+    az28 = pz[28]
+    ax29 = px[29]
+    ay29 = py[29]
+    az29 = pz[29]
+    ax30 = px[30]
+    ay30 = py[30]
+    az30 = pz[30]
+    ax31 = px[31]
+    ay31 = py[31]
+    az31 = pz[31]
+    ax32 = px[32]
+    ay32 = py[32]
+    az32 = pz[32]
+    ax33 = px[33]
+    ay33 = py[33]
+    az33 = pz[33]
+    ax34 = px[34]
+    ay34 = py[34]
+    az34 = pz[34]
+    ax35 = px[35]
+    ay35 = py[35]
+    az35 = pz[35]
+    for k in range(end):
+        dx = sx[k]
+        dy = sy[k]
+        dz = sz[k]
+        x1 = dx
+        y1 = dy
+        z1 = dz
+        x2 = x1 * x1
+        y2 = y1 * y1
+        z2 = z1 * z1
+        x3 = x1 * x2
+        y3 = y1 * y2
+        z3 = z1 * z2
+        x4 = x1 * x3
+        y4 = y1 * y3
+        z4 = z1 * z3
+        x5 = x1 * x4
+        y5 = y1 * y4
+        z5 = z1 * z4
+        x6 = x1 * x5
+        y6 = y1 * y5
+        z6 = z1 * z5
+        x7 = x1 * x6
+        y7 = y1 * y6
+        z7 = z1 * z6
+        x8 = x1 * x7
+        y8 = y1 * y7
+        z8 = z1 * z7
+        P = c0 * x8 + c1 * x7 * y1 + c2 * x7 * z1 + c3 * x6 * y2 + c4 * x6 * y1 * z1 + c5 * x6 * z2 + c6 * x5 * y3 + c7 * x5 * y2 * z1 + c8 * x5 * y1 * z2 + c9 * x5 * z3 + c10 * x4 * y4 + c11 * x4 * y3 * z1 + c12 * x4 * y2 * z2 + c13 * x4 * y1 * z3 + c14 * x4 * z4 + c15 * x3 * y5 + c16 * x3 * y4 * z1 + c17 * x3 * y3 * z2 + c18 * x3 * y2 * z3 + c19 * x3 * y1 * z4 + c20 * x3 * z5 + c21 * x2 * y6 + c22 * x2 * y5 * z1 + c23 * x2 * y4 * z2 + c24 * x2 * y3 * z3 + c25 * x2 * y2 * z4 + c26 * x2 * y1 * z5 + c27 * x2 * z6 + c28 * x1 * y7 + c29 * x1 * y6 * z1 + c30 * x1 * y5 * z2 + c31 * x1 * y4 * z3 + c32 * x1 * y3 * z4 + c33 * x1 * y2 * z5 + c34 * x1 * y1 * z6 + c35 * x1 * z7 + c36 * y8 + c37 * y7 * z1 + c38 * y6 * z2 + c39 * y5 * z3 + c40 * y4 * z4 + c41 * y3 * z5 + c42 * y2 * z6 + c43 * y1 * z7 + c44 * z8
+        Bm = m2a * wb[k] * P
+        A = wa[k]
+        q0 = x7
+        q1 = x6 * y1
+        q2 = x6 * z1
+        q3 = x5 * y2
+        q4 = x5 * y1 * z1
+        q5 = x5 * z2
+        q6 = x4 * y3
+        q7 = x4 * y2 * z1
+        q8 = x4 * y1 * z2
+        q9 = x4 * z3
+        q10 = x3 * y4
+        q11 = x3 * y3 * z1
+        q12 = x3 * y2 * z2
+        q13 = x3 * y1 * z3
+        q14 = x3 * z4
+        q15 = x2 * y5
+        q16 = x2 * y4 * z1
+        q17 = x2 * y3 * z2
+        q18 = x2 * y2 * z3
+        q19 = x2 * y1 * z4
+        q20 = x2 * z5
+        q21 = x1 * y6
+        q22 = x1 * y5 * z1
+        q23 = x1 * y4 * z2
+        q24 = x1 * y3 * z3
+        q25 = x1 * y2 * z4
+        q26 = x1 * y1 * z5
+        q27 = x1 * z6
+        q28 = y7
+        q29 = y6 * z1
+        q30 = y5 * z2
+        q31 = y4 * z3
+        q32 = y3 * z4
+        q33 = y2 * z5
+        q34 = y1 * z6
+        q35 = z7
+        Px = ax0 * q0 + ax1 * q1 + ax2 * q2 + ax3 * q3 + ax4 * q4 + ax5 * q5 + ax6 * q6 + ax7 * q7 + ax8 * q8 + ax9 * q9 + ax10 * q10 + ax11 * q11 + ax12 * q12 + ax13 * q13 + ax14 * q14 + ax15 * q15 + ax16 * q16 + ax17 * q17 + ax18 * q18 + ax19 * q19 + ax20 * q20 + ax21 * q21 + ax22 * q22 + ax23 * q23 + ax24 * q24 + ax25 * q25 + ax26 * q26 + ax27 * q27 + ax28 * q28 + ax29 * q29 + ax30 * q30 + ax31 * q31 + ax32 * q32 + ax33 * q33 + ax34 * q34 + ax35 * q35
+        Py = ay0 * q0 + ay1 * q1 + ay2 * q2 + ay3 * q3 + ay4 * q4 + ay5 * q5 + ay6 * q6 + ay7 * q7 + ay8 * q8 + ay9 * q9 + ay10 * q10 + ay11 * q11 + ay12 * q12 + ay13 * q13 + ay14 * q14 + ay15 * q15 + ay16 * q16 + ay17 * q17 + ay18 * q18 + ay19 * q19 + ay20 * q20 + ay21 * q21 + ay22 * q22 + ay23 * q23 + ay24 * q24 + ay25 * q25 + ay26 * q26 + ay27 * q27 + ay28 * q28 + ay29 * q29 + ay30 * q30 + ay31 * q31 + ay32 * q32 + ay33 * q33 + ay34 * q34 + ay35 * q35
+        Pz = az0 * q0 + az1 * q1 + az2 * q2 + az3 * q3 + az4 * q4 + az5 * q5 + az6 * q6 + az7 * q7 + az8 * q8 + az9 * q9 + az10 * q10 + az11 * q11 + az12 * q12 + az13 * q13 + az14 * q14 + az15 * q15 + az16 * q16 + az17 * q17 + az18 * q18 + az19 * q19 + az20 * q20 + az21 * q21 + az22 * q22 + az23 * q23 + az24 * q24 + az25 * q25 + az26 * q26 + az27 * q27 + az28 * q28 + az29 * q29 + az30 * q30 + az31 * q31 + az32 * q32 + az33 * q33 + az34 * q34 + az35 * q35
+        G[row, k] = Bm * dx + A * Px
+        G[row + 1, k] = Bm * dy + A * Py
+        G[row + 2, k] = Bm * dz + A * Pz
 
 @njit(cache=True, fastmath=True)
-def grad_9(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_9(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -971,262 +953,247 @@ def grad_9(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
     c52 = uc[52]
     c53 = uc[53]
     c54 = uc[54]
-    ax0 = dx[0]
-    ay0 = dy[0]
-    az0 = dz[0]
-    ax1 = dx[1]
-    ay1 = dy[1]
-    az1 = dz[1]
-    ax2 = dx[2]
-    ay2 = dy[2]
-    az2 = dz[2]
-    ax3 = dx[3]
-    ay3 = dy[3]
-    az3 = dz[3]
-    ax4 = dx[4]
-    ay4 = dy[4]
-    az4 = dz[4]
-    ax5 = dx[5]
-    ay5 = dy[5]
-    az5 = dz[5]
-    ax6 = dx[6]
-    ay6 = dy[6]
-    az6 = dz[6]
-    ax7 = dx[7]
-    ay7 = dy[7]
-    az7 = dz[7]
-    ax8 = dx[8]
-    ay8 = dy[8]
-    az8 = dz[8]
-    ax9 = dx[9]
-    ay9 = dy[9]
-    az9 = dz[9]
-    ax10 = dx[10]
-    ay10 = dy[10]
-    az10 = dz[10]
-    ax11 = dx[11]
-    ay11 = dy[11]
-    az11 = dz[11]
-    ax12 = dx[12]
-    ay12 = dy[12]
-    az12 = dz[12]
-    ax13 = dx[13]
-    ay13 = dy[13]
-    az13 = dz[13]
-    ax14 = dx[14]
-    ay14 = dy[14]
-    az14 = dz[14]
-    ax15 = dx[15]
-    ay15 = dy[15]
-    az15 = dz[15]
-    ax16 = dx[16]
-    ay16 = dy[16]
-    az16 = dz[16]
-    ax17 = dx[17]
-    ay17 = dy[17]
-    az17 = dz[17]
-    ax18 = dx[18]
-    ay18 = dy[18]
-    az18 = dz[18]
-    ax19 = dx[19]
-    ay19 = dy[19]
-    az19 = dz[19]
-    ax20 = dx[20]
-    ay20 = dy[20]
-    az20 = dz[20]
-    ax21 = dx[21]
-    ay21 = dy[21]
-    az21 = dz[21]
-    ax22 = dx[22]
-    ay22 = dy[22]
-    az22 = dz[22]
-    ax23 = dx[23]
-    ay23 = dy[23]
-    az23 = dz[23]
-    ax24 = dx[24]
-    ay24 = dy[24]
-    az24 = dz[24]
-    ax25 = dx[25]
-    ay25 = dy[25]
-    az25 = dz[25]
-    ax26 = dx[26]
-    ay26 = dy[26]
-    az26 = dz[26]
-    ax27 = dx[27]
-    ay27 = dy[27]
-    az27 = dz[27]
-    ax28 = dx[28]
-    ay28 = dy[28]
-    az28 = dz[28]
-    ax29 = dx[29]
-    ay29 = dy[29]
-    az29 = dz[29]
-    ax30 = dx[30]
-    ay30 = dy[30]
-    az30 = dz[30]
-    ax31 = dx[31]
-    ay31 = dy[31]
-    az31 = dz[31]
-    ax32 = dx[32]
-    ay32 = dy[32]
-    az32 = dz[32]
-    ax33 = dx[33]
-    ay33 = dy[33]
-    az33 = dz[33]
-    ax34 = dx[34]
-    ay34 = dy[34]
-    az34 = dz[34]
-    ax35 = dx[35]
-    ay35 = dy[35]
-    az35 = dz[35]
-    ax36 = dx[36]
-    ay36 = dy[36]
-    az36 = dz[36]
-    ax37 = dx[37]
-    ay37 = dy[37]
-    az37 = dz[37]
-    ax38 = dx[38]
-    ay38 = dy[38]
-    az38 = dz[38]
-    ax39 = dx[39]
-    ay39 = dy[39]
-    az39 = dz[39]
-    ax40 = dx[40]
-    ay40 = dy[40]
-    az40 = dz[40]
-    ax41 = dx[41]
-    ay41 = dy[41]
-    az41 = dz[41]
-    ax42 = dx[42]
-    ay42 = dy[42]
-    az42 = dz[42]
-    ax43 = dx[43]
-    ay43 = dy[43]
-    az43 = dz[43]
-    ax44 = dx[44]
-    ay44 = dy[44]
-    az44 = dz[44]
-    for t in range(end):
-        e = tE[t] if tc[t] <= cls else 0.0
-        ux = tux[t]
-        uy = tuy[t]
-        uz = tuz[t]
-        x0 = e
-        x1 = ux * e
-        y1 = uy
-        z1 = uz
-        x2 = ux * x1
-        y2 = uy * y1
-        z2 = uz * z1
-        x3 = ux * x2
-        y3 = uy * y2
-        z3 = uz * z2
-        x4 = ux * x3
-        y4 = uy * y3
-        z4 = uz * z3
-        x5 = ux * x4
-        y5 = uy * y4
-        z5 = uz * z4
-        x6 = ux * x5
-        y6 = uy * y5
-        z6 = uz * z5
-        x7 = ux * x6
-        y7 = uy * y6
-        z7 = uz * z6
-        x8 = ux * x7
-        y8 = uy * y7
-        z8 = uz * z7
-        x9 = ux * x8
-        y9 = uy * y8
-        z9 = uz * z8
-        U = c0 * x9 + c1 * x8 * y1 + c2 * x8 * z1 + c3 * x7 * y2 + c4 * x7 * y1 * z1 + c5 * x7 * z2 + c6 * x6 * y3 + c7 * x6 * y2 * z1 + c8 * x6 * y1 * z2 + c9 * x6 * z3 + c10 * x5 * y4 + c11 * x5 * y3 * z1 + c12 * x5 * y2 * z2 + c13 * x5 * y1 * z3 + c14 * x5 * z4 + c15 * x4 * y5 + c16 * x4 * y4 * z1 + c17 * x4 * y3 * z2 + c18 * x4 * y2 * z3 + c19 * x4 * y1 * z4 + c20 * x4 * z5 + c21 * x3 * y6 + c22 * x3 * y5 * z1 + c23 * x3 * y4 * z2 + c24 * x3 * y3 * z3 + c25 * x3 * y2 * z4 + c26 * x3 * y1 * z5 + c27 * x3 * z6 + c28 * x2 * y7 + c29 * x2 * y6 * z1 + c30 * x2 * y5 * z2 + c31 * x2 * y4 * z3 + c32 * x2 * y3 * z4 + c33 * x2 * y2 * z5 + c34 * x2 * y1 * z6 + c35 * x2 * z7 + c36 * x1 * y8 + c37 * x1 * y7 * z1 + c38 * x1 * y6 * z2 + c39 * x1 * y5 * z3 + c40 * x1 * y4 * z4 + c41 * x1 * y3 * z5 + c42 * x1 * y2 * z6 + c43 * x1 * y1 * z7 + c44 * x1 * z8 + c45 * x0 * y9 + c46 * x0 * y8 * z1 + c47 * x0 * y7 * z2 + c48 * x0 * y6 * z3 + c49 * x0 * y5 * z4 + c50 * x0 * y4 * z5 + c51 * x0 * y3 * z6 + c52 * x0 * y2 * z7 + c53 * x0 * y1 * z8 + c54 * x0 * z9
-        lm = tl[t]
-        p0 = x8
-        p1 = x7 * y1
-        p2 = x7 * z1
-        p3 = x6 * y2
-        p4 = x6 * y1 * z1
-        p5 = x6 * z2
-        p6 = x5 * y3
-        p7 = x5 * y2 * z1
-        p8 = x5 * y1 * z2
-        p9 = x5 * z3
-        p10 = x4 * y4
-        p11 = x4 * y3 * z1
-        p12 = x4 * y2 * z2
-        p13 = x4 * y1 * z3
-        p14 = x4 * z4
-        p15 = x3 * y5
-        p16 = x3 * y4 * z1
-        p17 = x3 * y3 * z2
-        p18 = x3 * y2 * z3
-        p19 = x3 * y1 * z4
-        p20 = x3 * z5
-        p21 = x2 * y6
-        p22 = x2 * y5 * z1
-        p23 = x2 * y4 * z2
-        p24 = x2 * y3 * z3
-        p25 = x2 * y2 * z4
-        p26 = x2 * y1 * z5
-        p27 = x2 * z6
-        p28 = x1 * y7
-        p29 = x1 * y6 * z1
-        p30 = x1 * y5 * z2
-        p31 = x1 * y4 * z3
-        p32 = x1 * y3 * z4
-        p33 = x1 * y2 * z5
-        p34 = x1 * y1 * z6
-        p35 = x1 * z7
-        p36 = x0 * y8
-        p37 = x0 * y7 * z1
-        p38 = x0 * y6 * z2
-        p39 = x0 * y5 * z3
-        p40 = x0 * y4 * z4
-        p41 = x0 * y3 * z5
-        p42 = x0 * y2 * z6
-        p43 = x0 * y1 * z7
-        p44 = x0 * z8
-        Ux = ax0 * p0 + ax1 * p1 + ax2 * p2 + ax3 * p3 + ax4 * p4 + ax5 * p5 + ax6 * p6 + ax7 * p7 + ax8 * p8 + ax9 * p9 + ax10 * p10 + ax11 * p11 + ax12 * p12 + ax13 * p13 + ax14 * p14 + ax15 * p15 + ax16 * p16 + ax17 * p17 + ax18 * p18 + ax19 * p19 + ax20 * p20 + ax21 * p21 + ax22 * p22 + ax23 * p23 + ax24 * p24 + ax25 * p25 + ax26 * p26 + ax27 * p27 + ax28 * p28 + ax29 * p29 + ax30 * p30 + ax31 * p31 + ax32 * p32 + ax33 * p33 + ax34 * p34 + ax35 * p35 + ax36 * p36 + ax37 * p37 + ax38 * p38 + ax39 * p39 + ax40 * p40 + ax41 * p41 + ax42 * p42 + ax43 * p43 + ax44 * p44
-        Uy = ay0 * p0 + ay1 * p1 + ay2 * p2 + ay3 * p3 + ay4 * p4 + ay5 * p5 + ay6 * p6 + ay7 * p7 + ay8 * p8 + ay9 * p9 + ay10 * p10 + ay11 * p11 + ay12 * p12 + ay13 * p13 + ay14 * p14 + ay15 * p15 + ay16 * p16 + ay17 * p17 + ay18 * p18 + ay19 * p19 + ay20 * p20 + ay21 * p21 + ay22 * p22 + ay23 * p23 + ay24 * p24 + ay25 * p25 + ay26 * p26 + ay27 * p27 + ay28 * p28 + ay29 * p29 + ay30 * p30 + ay31 * p31 + ay32 * p32 + ay33 * p33 + ay34 * p34 + ay35 * p35 + ay36 * p36 + ay37 * p37 + ay38 * p38 + ay39 * p39 + ay40 * p40 + ay41 * p41 + ay42 * p42 + ay43 * p43 + ay44 * p44
-        Uz = az0 * p0 + az1 * p1 + az2 * p2 + az3 * p3 + az4 * p4 + az5 * p5 + az6 * p6 + az7 * p7 + az8 * p8 + az9 * p9 + az10 * p10 + az11 * p11 + az12 * p12 + az13 * p13 + az14 * p14 + az15 * p15 + az16 * p16 + az17 * p17 + az18 * p18 + az19 * p19 + az20 * p20 + az21 * p21 + az22 * p22 + az23 * p23 + az24 * p24 + az25 * p25 + az26 * p26 + az27 * p27 + az28 * p28 + az29 * p29 + az30 * p30 + az31 * p31 + az32 * p32 + az33 * p33 + az34 * p34 + az35 * p35 + az36 * p36 + az37 * p37 + az38 * p38 + az39 * p39 + az40 * p40 + az41 * p41 + az42 * p42 + az43 * p43 + az44 * p44
-        Um = m2a * U
-        G[row, t] = Um * ux + lm * Ux
-        G[row + 1, t] = Um * uy + lm * Uy
-        G[row + 2, t] = Um * uz + lm * Uz
+    ax0 = px[0]
+    ay0 = py[0]
+    az0 = pz[0]
+    ax1 = px[1]
+    ay1 = py[1]
+    az1 = pz[1]
+    ax2 = px[2]
+    ay2 = py[2]
+    az2 = pz[2]
+    ax3 = px[3]
+    ay3 = py[3]
+    az3 = pz[3]
+    ax4 = px[4]
+    ay4 = py[4]
+    az4 = pz[4]
+    ax5 = px[5]
+    ay5 = py[5]
+    az5 = pz[5]
+    ax6 = px[6]
+    ay6 = py[6]
+    az6 = pz[6]
+    ax7 = px[7]
+    ay7 = py[7]
+    az7 = pz[7]
+    ax8 = px[8]
+    ay8 = py[8]
+    az8 = pz[8]
+    ax9 = px[9]
+    ay9 = py[9]
+    az9 = pz[9]
+    ax10 = px[10]
+    ay10 = py[10]
+    az10 = pz[10]
+    ax11 = px[11]
+    ay11 = py[11]
+    az11 = pz[11]
+    ax12 = px[12]
+    ay12 = py[12]
+    az12 = pz[12]
+    ax13 = px[13]
+    ay13 = py[13]
+    az13 = pz[13]
+    ax14 = px[14]
+    ay14 = py[14]
+    az14 = pz[14]
+    ax15 = px[15]
+    ay15 = py[15]
+    az15 = pz[15]
+    ax16 = px[16]
+    ay16 = py[16]
+    az16 = pz[16]
+    ax17 = px[17]
+    ay17 = py[17]
+    az17 = pz[17]
+    ax18 = px[18]
+    ay18 = py[18]
+    az18 = pz[18]
+    ax19 = px[19]
+    ay19 = py[19]
+    az19 = pz[19]
+    ax20 = px[20]
+    ay20 = py[20]
+    az20 = pz[20]
+    ax21 = px[21]
+    ay21 = py[21]
+    az21 = pz[21]
+    ax22 = px[22]
+    ay22 = py[22]
+    az22 = pz[22]
+    ax23 = px[23]
+    ay23 = py[23]
+    az23 = pz[23]
+    ax24 = px[24]
+    ay24 = py[24]
+    az24 = pz[24]
+    ax25 = px[25]
+    ay25 = py[25]
+    az25 = pz[25]
+    ax26 = px[26]
+    ay26 = py[26]
+    az26 = pz[26]
+    ax27 = px[27]
+    ay27 = py[27]
+    az27 = pz[27]
+    ax28 = px[28]
+    ay28 = py[28]
+    az28 = pz[28]
+    ax29 = px[29]
+    ay29 = py[29]
+    az29 = pz[29]
+    ax30 = px[30]
+    ay30 = py[30]
+    az30 = pz[30]
+    ax31 = px[31]
+    ay31 = py[31]
+    az31 = pz[31]
+    ax32 = px[32]
+    ay32 = py[32]
+    az32 = pz[32]
+    ax33 = px[33]
+    ay33 = py[33]
+    az33 = pz[33]
+    ax34 = px[34]
+    ay34 = py[34]
+    az34 = pz[34]
+    ax35 = px[35]
+    ay35 = py[35]
+    az35 = pz[35]
+    ax36 = px[36]
+    ay36 = py[36]
+    az36 = pz[36]
+    ax37 = px[37]
+    ay37 = py[37]
+    az37 = pz[37]
+    ax38 = px[38]
+    ay38 = py[38]
+    az38 = pz[38]
+    ax39 = px[39]
+    ay39 = py[39]
+    az39 = pz[39]
+    ax40 = px[40]
+    ay40 = py[40]
+    az40 = pz[40]
+    ax41 = px[41]
+    ay41 = py[41]
+    az41 = pz[41]
+    ax42 = px[42]
+    ay42 = py[42]
+    az42 = pz[42]
+    ax43 = px[43]
+    ay43 = py[43]
+    az43 = pz[43]
+    ax44 = px[44]
+    ay44 = py[44]
+    az44 = pz[44]
+    for k in range(end):
+        dx = sx[k]
+        dy = sy[k]
+        dz = sz[k]
+        x1 = dx
+        y1 = dy
+        z1 = dz
+        x2 = x1 * x1
+        y2 = y1 * y1
+        z2 = z1 * z1
+        x3 = x1 * x2
+        y3 = y1 * y2
+        z3 = z1 * z2
+        x4 = x1 * x3
+        y4 = y1 * y3
+        z4 = z1 * z3
+        x5 = x1 * x4
+        y5 = y1 * y4
+        z5 = z1 * z4
+        x6 = x1 * x5
+        y6 = y1 * y5
+        z6 = z1 * z5
+        x7 = x1 * x6
+        y7 = y1 * y6
+        z7 = z1 * z6
+        x8 = x1 * x7
+        y8 = y1 * y7
+        z8 = z1 * z7
+        x9 = x1 * x8
+        y9 = y1 * y8
+        z9 = z1 * z8
+        P = c0 * x9 + c1 * x8 * y1 + c2 * x8 * z1 + c3 * x7 * y2 + c4 * x7 * y1 * z1 + c5 * x7 * z2 + c6 * x6 * y3 + c7 * x6 * y2 * z1 + c8 * x6 * y1 * z2 + c9 * x6 * z3 + c10 * x5 * y4 + c11 * x5 * y3 * z1 + c12 * x5 * y2 * z2 + c13 * x5 * y1 * z3 + c14 * x5 * z4 + c15 * x4 * y5 + c16 * x4 * y4 * z1 + c17 * x4 * y3 * z2 + c18 * x4 * y2 * z3 + c19 * x4 * y1 * z4 + c20 * x4 * z5 + c21 * x3 * y6 + c22 * x3 * y5 * z1 + c23 * x3 * y4 * z2 + c24 * x3 * y3 * z3 + c25 * x3 * y2 * z4 + c26 * x3 * y1 * z5 + c27 * x3 * z6 + c28 * x2 * y7 + c29 * x2 * y6 * z1 + c30 * x2 * y5 * z2 + c31 * x2 * y4 * z3 + c32 * x2 * y3 * z4 + c33 * x2 * y2 * z5 + c34 * x2 * y1 * z6 + c35 * x2 * z7 + c36 * x1 * y8 + c37 * x1 * y7 * z1 + c38 * x1 * y6 * z2 + c39 * x1 * y5 * z3 + c40 * x1 * y4 * z4 + c41 * x1 * y3 * z5 + c42 * x1 * y2 * z6 + c43 * x1 * y1 * z7 + c44 * x1 * z8 + c45 * y9 + c46 * y8 * z1 + c47 * y7 * z2 + c48 * y6 * z3 + c49 * y5 * z4 + c50 * y4 * z5 + c51 * y3 * z6 + c52 * y2 * z7 + c53 * y1 * z8 + c54 * z9
+        Bm = m2a * wb[k] * P
+        A = wa[k]
+        q0 = x8
+        q1 = x7 * y1
+        q2 = x7 * z1
+        q3 = x6 * y2
+        q4 = x6 * y1 * z1
+        q5 = x6 * z2
+        q6 = x5 * y3
+        q7 = x5 * y2 * z1
+        q8 = x5 * y1 * z2
+        q9 = x5 * z3
+        q10 = x4 * y4
+        q11 = x4 * y3 * z1
+        q12 = x4 * y2 * z2
+        q13 = x4 * y1 * z3
+        q14 = x4 * z4
+        q15 = x3 * y5
+        q16 = x3 * y4 * z1
+        q17 = x3 * y3 * z2
+        q18 = x3 * y2 * z3
+        q19 = x3 * y1 * z4
+        q20 = x3 * z5
+        q21 = x2 * y6
+        q22 = x2 * y5 * z1
+        q23 = x2 * y4 * z2
+        q24 = x2 * y3 * z3
+        q25 = x2 * y2 * z4
+        q26 = x2 * y1 * z5
+        q27 = x2 * z6
+        q28 = x1 * y7
+        q29 = x1 * y6 * z1
+        q30 = x1 * y5 * z2
+        q31 = x1 * y4 * z3
+        q32 = x1 * y3 * z4
+        q33 = x1 * y2 * z5
+        q34 = x1 * y1 * z6
+        q35 = x1 * z7
+        q36 = y8
+        q37 = y7 * z1
+        q38 = y6 * z2
+        q39 = y5 * z3
+        q40 = y4 * z4
+        q41 = y3 * z5
+        q42 = y2 * z6
+        q43 = y1 * z7
+        q44 = z8
+        Px = ax0 * q0 + ax1 * q1 + ax2 * q2 + ax3 * q3 + ax4 * q4 + ax5 * q5 + ax6 * q6 + ax7 * q7 + ax8 * q8 + ax9 * q9 + ax10 * q10 + ax11 * q11 + ax12 * q12 + ax13 * q13 + ax14 * q14 + ax15 * q15 + ax16 * q16 + ax17 * q17 + ax18 * q18 + ax19 * q19 + ax20 * q20 + ax21 * q21 + ax22 * q22 + ax23 * q23 + ax24 * q24 + ax25 * q25 + ax26 * q26 + ax27 * q27 + ax28 * q28 + ax29 * q29 + ax30 * q30 + ax31 * q31 + ax32 * q32 + ax33 * q33 + ax34 * q34 + ax35 * q35 + ax36 * q36 + ax37 * q37 + ax38 * q38 + ax39 * q39 + ax40 * q40 + ax41 * q41 + ax42 * q42 + ax43 * q43 + ax44 * q44
+        Py = ay0 * q0 + ay1 * q1 + ay2 * q2 + ay3 * q3 + ay4 * q4 + ay5 * q5 + ay6 * q6 + ay7 * q7 + ay8 * q8 + ay9 * q9 + ay10 * q10 + ay11 * q11 + ay12 * q12 + ay13 * q13 + ay14 * q14 + ay15 * q15 + ay16 * q16 + ay17 * q17 + ay18 * q18 + ay19 * q19 + ay20 * q20 + ay21 * q21 + ay22 * q22 + ay23 * q23 + ay24 * q24 + ay25 * q25 + ay26 * q26 + ay27 * q27 + ay28 * q28 + ay29 * q29 + ay30 * q30 + ay31 * q31 + ay32 * q32 + ay33 * q33 + ay34 * q34 + ay35 * q35 + ay36 * q36 + ay37 * q37 + ay38 * q38 + ay39 * q39 + ay40 * q40 + ay41 * q41 + ay42 * q42 + ay43 * q43 + ay44 * q44
+        Pz = az0 * q0 + az1 * q1 + az2 * q2 + az3 * q3 + az4 * q4 + az5 * q5 + az6 * q6 + az7 * q7 + az8 * q8 + az9 * q9 + az10 * q10 + az11 * q11 + az12 * q12 + az13 * q13 + az14 * q14 + az15 * q15 + az16 * q16 + az17 * q17 + az18 * q18 + az19 * q19 + az20 * q20 + az21 * q21 + az22 * q22 + az23 * q23 + az24 * q24 + az25 * q25 + az26 * q26 + az27 * q27 + az28 * q28 + az29 * q29 + az30 * q30 + az31 * q31 + az32 * q32 + az33 * q33 + az34 * q34 + az35 * q35 + az36 * q36 + az37 * q37 + az38 * q38 + az39 * q39 + az40 * q40 + az41 * q41 + az42 * q42 + az43 * q43 + az44 * q44
+        G[row, k] = Bm * dx + A * Px
+        G[row + 1, k] = Bm * dy + A * Py
+        G[row + 2, k] = Bm * dz + A * Pz
 
 @njit(cache=True, fastmath=True)
-def featall_0(end, cls, tc, tE, tux, tuy, tuz, out):
-    c0 = cls[0]
+def featall_0(end, sx, sy, sz, W, out):
     m0 = 0.0
-    for t in range(end):
-        e = tE[t]
-        k = tc[t]
-        ux = tux[t]
-        uy = tuy[t]
-        uz = tuz[t]
-        w0 = e if k <= c0 else 0.0
+    for k in range(end):
+        w0 = W[0, k]
         m0 += w0
     out[0] = m0
 
 @njit(cache=True, fastmath=True)
-def featall_1(end, cls, tc, tE, tux, tuy, tuz, out):
-    c0 = cls[0]
-    c1 = cls[1]
+def featall_1(end, sx, sy, sz, W, out):
     m0 = 0.0
     m1 = 0.0
     m2 = 0.0
     m3 = 0.0
-    for t in range(end):
-        e = tE[t]
-        k = tc[t]
-        ux = tux[t]
-        uy = tuy[t]
-        uz = tuz[t]
-        w0 = e if k <= c0 else 0.0
-        w1 = e if k <= c1 else 0.0
-        x1 = ux
-        y1 = uy
-        z1 = uz
+    for k in range(end):
+        x1 = sx[k]
+        y1 = sy[k]
+        z1 = sz[k]
+        w0 = W[0, k]
+        w1 = W[1, k]
         m0 += w0
         m1 += w1 * x1
         m2 += w1 * y1
@@ -1237,10 +1204,7 @@ def featall_1(end, cls, tc, tE, tux, tuy, tuz, out):
     out[3] = m3
 
 @njit(cache=True, fastmath=True)
-def featall_2(end, cls, tc, tE, tux, tuy, tuz, out):
-    c0 = cls[0]
-    c1 = cls[1]
-    c2 = cls[2]
+def featall_2(end, sx, sy, sz, W, out):
     m0 = 0.0
     m1 = 0.0
     m2 = 0.0
@@ -1251,21 +1215,16 @@ def featall_2(end, cls, tc, tE, tux, tuy, tuz, out):
     m7 = 0.0
     m8 = 0.0
     m9 = 0.0
-    for t in range(end):
-        e = tE[t]
-        k = tc[t]
-        ux = tux[t]
-        uy = tuy[t]
-        uz = tuz[t]
-        w0 = e if k <= c0 else 0.0
-        w1 = e if k <= c1 else 0.0
-        w2 = e if k <= c2 else 0.0
-        x1 = ux
-        y1 = uy
-        z1 = uz
-        x2 = ux * x1
-        y2 = uy * y1
-        z2 = uz * z1
+    for k in range(end):
+        x1 = sx[k]
+        y1 = sy[k]
+        z1 = sz[k]
+        x2 = x1 * x1
+        y2 = y1 * y1
+        z2 = z1 * z1
+        w0 = W[0, k]
+        w1 = W[1, k]
+        w2 = W[2, k]
         m0 += w0
         m1 += w1 * x1
         m2 += w1 * y1
@@ -1288,11 +1247,7 @@ def featall_2(end, cls, tc, tE, tux, tuy, tuz, out):
     out[9] = m9
 
 @njit(cache=True, fastmath=True)
-def featall_3(end, cls, tc, tE, tux, tuy, tuz, out):
-    c0 = cls[0]
-    c1 = cls[1]
-    c2 = cls[2]
-    c3 = cls[3]
+def featall_3(end, sx, sy, sz, W, out):
     m0 = 0.0
     m1 = 0.0
     m2 = 0.0
@@ -1313,25 +1268,20 @@ def featall_3(end, cls, tc, tE, tux, tuy, tuz, out):
     m17 = 0.0
     m18 = 0.0
     m19 = 0.0
-    for t in range(end):
-        e = tE[t]
-        k = tc[t]
-        ux = tux[t]
-        uy = tuy[t]
-        uz = tuz[t]
-        w0 = e if k <= c0 else 0.0
-        w1 = e if k <= c1 else 0.0
-        w2 = e if k <= c2 else 0.0
-        w3 = e if k <= c3 else 0.0
-        x1 = ux
-        y1 = uy
-        z1 = uz
-        x2 = ux * x1
-        y2 = uy * y1
-        z2 = uz * z1
-        x3 = ux * x2
-        y3 = uy * y2
-        z3 = uz * z2
+    for k in range(end):
+        x1 = sx[k]
+        y1 = sy[k]
+        z1 = sz[k]
+        x2 = x1 * x1
+        y2 = y1 * y1
+        z2 = z1 * z1
+        x3 = x1 * x2
+        y3 = y1 * y2
+        z3 = z1 * z2
+        w0 = W[0, k]
+        w1 = W[1, k]
+        w2 = W[2, k]
+        w3 = W[3, k]
         m0 += w0
         m1 += w1 * x1
         m2 += w1 * y1
@@ -1374,12 +1324,7 @@ def featall_3(end, cls, tc, tE, tux, tuy, tuz, out):
     out[19] = m19
 
 @njit(cache=True, fastmath=True)
-def featall_4(end, cls, tc, tE, tux, tuy, tuz, out):
-    c0 = cls[0]
-    c1 = cls[1]
-    c2 = cls[2]
-    c3 = cls[3]
-    c4 = cls[4]
+def featall_4(end, sx, sy, sz, W, out):
     m0 = 0.0
     m1 = 0.0
     m2 = 0.0
@@ -1415,29 +1360,24 @@ def featall_4(end, cls, tc, tE, tux, tuy, tuz, out):
     m32 = 0.0
     m33 = 0.0
     m34 = 0.0
-    for t in range(end):
-        e = tE[t]
-        k = tc[t]
-        ux = tux[t]
-        uy = tuy[t]
-        uz = tuz[t]
-        w0 = e if k <= c0 else 0.0
-        w1 = e if k <= c1 else 0.0
-        w2 = e if k <= c2 else 0.0
-        w3 = e if k <= c3 else 0.0
-        w4 = e if k <= c4 else 0.0
-        x1 = ux
-        y1 = uy
-        z1 = uz
-        x2 = ux * x1
-        y2 = uy * y1
-        z2 = uz * z1
-        x3 = ux * x2
-        y3 = uy * y2
-        z3 = uz * z2
-        x4 = ux * x3
-        y4 = uy * y3
-        z4 = uz * z3
+    for k in range(end):
+        x1 = sx[k]
+        y1 = sy[k]
+        z1 = sz[k]
+        x2 = x1 * x1
+        y2 = y1 * y1
+        z2 = z1 * z1
+        x3 = x1 * x2
+        y3 = y1 * y2
+        z3 = z1 * z2
+        x4 = x1 * x3
+        y4 = y1 * y3
+        z4 = z1 * z3
+        w0 = W[0, k]
+        w1 = W[1, k]
+        w2 = W[2, k]
+        w3 = W[3, k]
+        w4 = W[4, k]
         m0 += w0
         m1 += w1 * x1
         m2 += w1 * y1
@@ -1510,13 +1450,7 @@ def featall_4(end, cls, tc, tE, tux, tuy, tuz, out):
     out[34] = m34
 
 @njit(cache=True, fastmath=True)
-def featall_5(end, cls, tc, tE, tux, tuy, tuz, out):
-    c0 = cls[0]
-    c1 = cls[1]
-    c2 = cls[2]
-    c3 = cls[3]
-    c4 = cls[4]
-    c5 = cls[5]
+def featall_5(end, sx, sy, sz, W, out):
     m0 = 0.0
     m1 = 0.0
     m2 = 0.0
@@ -1573,33 +1507,28 @@ def featall_5(end, cls, tc, tE, tux, tuy, tuz, out):
     m53 = 0.0
     m54 = 0.0
     m55 = 0.0
-    for t in range(end):
-        e = tE[t]
-        k = tc[t]
-        ux = tux[t]
-        uy = tuy[t]
-        uz = tuz[t]
-        w0 = e if k <= c0 else 0.0
-        w1 = e if k <= c1 else 0.0
-        w2 = e if k <= c2 else 0.0
-        w3 = e if k <= c3 else 0.0
-        w4 = e if k <= c4 else 0.0
-        w5 = e if k <= c5 else 0.0
-        x1 = ux
-        y1 = uy
-        z1 = uz
-        x2 = ux * x1
-        y2 = uy * y1
-        z2 = uz * z1
-        x3 = ux * x2
-        y3 = uy * y2
-        z3 = uz * z2
-        x4 = ux * x3
-        y4 = uy * y3
-        z4 = uz * z3
-        x5 = ux * x4
-        y5 = uy * y4
-        z5 = uz * z4
+    for k in range(end):
+        x1 = sx[k]
+        y1 = sy[k]
+        z1 = sz[k]
+        x2 = x1 * x1
+        y2 = y1 * y1
+        z2 = z1 * z1
+        x3 = x1 * x2
+        y3 = y1 * y2
+        z3 = z1 * z2
+        x4 = x1 * x3
+        y4 = y1 * y3
+        z4 = z1 * z3
+        x5 = x1 * x4
+        y5 = y1 * y4
+        z5 = z1 * z4
+        w0 = W[0, k]
+        w1 = W[1, k]
+        w2 = W[2, k]
+        w3 = W[3, k]
+        w4 = W[4, k]
+        w5 = W[5, k]
         m0 += w0
         m1 += w1 * x1
         m2 += w1 * y1
@@ -1714,14 +1643,7 @@ def featall_5(end, cls, tc, tE, tux, tuy, tuz, out):
     out[55] = m55
 
 @njit(cache=True, fastmath=True)
-def featall_6(end, cls, tc, tE, tux, tuy, tuz, out):
-    c0 = cls[0]
-    c1 = cls[1]
-    c2 = cls[2]
-    c3 = cls[3]
-    c4 = cls[4]
-    c5 = cls[5]
-    c6 = cls[6]
+def featall_6(end, sx, sy, sz, W, out):
     m0 = 0.0
     m1 = 0.0
     m2 = 0.0
@@ -1806,37 +1728,32 @@ def featall_6(end, cls, tc, tE, tux, tuy, tuz, out):
     m81 = 0.0
     m82 = 0.0
     m83 = 0.0
-    for t in range(end):
-        e = tE[t]
-        k = tc[t]
-        ux = tux[t]
-        uy = tuy[t]
-        uz = tuz[t]
-        w0 = e if k <= c0 else 0.0
-        w1 = e if k <= c1 else 0.0
-        w2 = e if k <= c2 else 0.0
-        w3 = e if k <= c3 else 0.0
-        w4 = e if k <= c4 else 0.0
-        w5 = e if k <= c5 else 0.0
-        w6 = e if k <= c6 else 0.0
-        x1 = ux
-        y1 = uy
-        z1 = uz
-        x2 = ux * x1
-        y2 = uy * y1
-        z2 = uz * z1
-        x3 = ux * x2
-        y3 = uy * y2
-        z3 = uz * z2
-        x4 = ux * x3
-        y4 = uy * y3
-        z4 = uz * z3
-        x5 = ux * x4
-        y5 = uy * y4
-        z5 = uz * z4
-        x6 = ux * x5
-        y6 = uy * y5
-        z6 = uz * z5
+    for k in range(end):
+        x1 = sx[k]
+        y1 = sy[k]
+        z1 = sz[k]
+        x2 = x1 * x1
+        y2 = y1 * y1
+        z2 = z1 * z1
+        x3 = x1 * x2
+        y3 = y1 * y2
+        z3 = z1 * z2
+        x4 = x1 * x3
+        y4 = y1 * y3
+        z4 = z1 * z3
+        x5 = x1 * x4
+        y5 = y1 * y4
+        z5 = z1 * z4
+        x6 = x1 * x5
+        y6 = y1 * y5
+        z6 = z1 * z5
+        w0 = W[0, k]
+        w1 = W[1, k]
+        w2 = W[2, k]
+        w3 = W[3, k]
+        w4 = W[4, k]
+        w5 = W[5, k]
+        w6 = W[6, k]
         m0 += w0
         m1 += w1 * x1
         m2 += w1 * y1
@@ -2007,15 +1924,7 @@ def featall_6(end, cls, tc, tE, tux, tuy, tuz, out):
     out[83] = m83
 
 @njit(cache=True, fastmath=True)
-def featall_7(end, cls, tc, tE, tux, tuy, tuz, out):
-    c0 = cls[0]
-    c1 = cls[1]
-    c2 = cls[2]
-    c3 = cls[3]
-    c4 = cls[4]
-    c5 = cls[5]
-    c6 = cls[6]
-    c7 = cls[7]
+def featall_7(end, sx, sy, sz, W, out):
     m0 = 0.0
     m1 = 0.0
     m2 = 0.0
@@ -2136,41 +2045,36 @@ def featall_7(end, cls, tc, tE, tux, tuy, tuz, out):
     m117 = 0.0
     m118 = 0.0
     m119 = 0.0
-    for t in range(end):
-        e = tE[t]
-        k = tc[t]
-        ux = tux[t]
-        uy = tuy[t]
-        uz = tuz[t]
-        w0 = e if k <= c0 else 0.0
-        w1 = e if k <= c1 else 0.0
-        w2 = e if k <= c2 else 0.0
-        w3 = e if k <= c3 else 0.0
-        w4 = e if k <= c4 else 0.0
-        w5 = e if k <= c5 else 0.0
-        w6 = e if k <= c6 else 0.0
-        w7 = e if k <= c7 else 0.0
-        x1 = ux
-        y1 = uy
-        z1 = uz
-        x2 = ux * x1
-        y2 = uy * y1
-        z2 = uz * z1
-        x3 = ux * x2
-        y3 = uy * y2
-        z3 = uz * z2
-        x4 = ux * x3
-        y4 = uy * y3
-        z4 = uz * z3
-        x5 = ux * x4
-        y5 = uy * y4
-        z5 = uz * z4
-        x6 = ux * x5
-        y6 = uy * y5
-        z6 = uz * z5
-        x7 = ux * x6
-        y7 = uy * y6
-        z7 = uz * z6
+    for k in range(end):
+        x1 = sx[k]
+        y1 = sy[k]
+        z1 = sz[k]
+        x2 = x1 * x1
+        y2 = y1 * y1
+        z2 = z1 * z1
+        x3 = x1 * x2
+        y3 = y1 * y2
+        z3 = z1 * z2
+        x4 = x1 * x3
+        y4 = y1 * y3
+        z4 = z1 * z3
+        x5 = x1 * x4
+        y5 = y1 * y4
+        z5 = z1 * z4
+        x6 = x1 * x5
+        y6 = y1 * y5
+        z6 = z1 * z5
+        x7 = x1 * x6
+        y7 = y1 * y6
+        z7 = z1 * z6
+        w0 = W[0, k]
+        w1 = W[1, k]
+        w2 = W[2, k]
+        w3 = W[3, k]
+        w4 = W[4, k]
+        w5 = W[5, k]
+        w6 = W[6, k]
+        w7 = W[7, k]
         m0 += w0
         m1 += w1 * x1
         m2 += w1 * y1
@@ -2413,16 +2317,7 @@ def featall_7(end, cls, tc, tE, tux, tuy, tuz, out):
     out[119] = m119
 
 @njit(cache=True, fastmath=True)
-def featall_8(end, cls, tc, tE, tux, tuy, tuz, out):
-    c0 = cls[0]
-    c1 = cls[1]
-    c2 = cls[2]
-    c3 = cls[3]
-    c4 = cls[4]
-    c5 = cls[5]
-    c6 = cls[6]
-    c7 = cls[7]
-    c8 = cls[8]
+def featall_8(end, sx, sy, sz, W, out):
     m0 = 0.0
     m1 = 0.0
     m2 = 0.0
@@ -2588,45 +2483,40 @@ def featall_8(end, cls, tc, tE, tux, tuy, tuz, out):
     m162 = 0.0
     m163 = 0.0
     m164 = 0.0
-    for t in range(end):
-        e = tE[t]
-        k = tc[t]
-        ux = tux[t]
-        uy = tuy[t]
-        uz = tuz[t]
-        w0 = e if k <= c0 else 0.0
-        w1 = e if k <= c1 else 0.0
-        w2 = e if k <= c2 else 0.0
-        w3 = e if k <= c3 else 0.0
-        w4 = e if k <= c4 else 0.0
-        w5 = e if k <= c5 else 0.0
-        w6 = e if k <= c6 else 0.0
-        w7 = e if k <= c7 else 0.0
-        w8 = e if k <= c8 else 0.0
-        x1 = ux
-        y1 = uy
-        z1 = uz
-        x2 = ux * x1
-        y2 = uy * y1
-        z2 = uz * z1
-        x3 = ux * x2
-        y3 = uy * y2
-        z3 = uz * z2
-        x4 = ux * x3
-        y4 = uy * y3
-        z4 = uz * z3
-        x5 = ux * x4
-        y5 = uy * y4
-        z5 = uz * z4
-        x6 = ux * x5
-        y6 = uy * y5
-        z6 = uz * z5
-        x7 = ux * x6
-        y7 = uy * y6
-        z7 = uz * z6
-        x8 = ux * x7
-        y8 = uy * y7
-        z8 = uz * z7
+    for k in range(end):
+        x1 = sx[k]
+        y1 = sy[k]
+        z1 = sz[k]
+        x2 = x1 * x1
+        y2 = y1 * y1
+        z2 = z1 * z1
+        x3 = x1 * x2
+        y3 = y1 * y2
+        z3 = z1 * z2
+        x4 = x1 * x3
+        y4 = y1 * y3
+        z4 = z1 * z3
+        x5 = x1 * x4
+        y5 = y1 * y4
+        z5 = z1 * z4
+        x6 = x1 * x5
+        y6 = y1 * y5
+        z6 = z1 * z5
+        x7 = x1 * x6
+        y7 = y1 * y6
+        z7 = z1 * z6
+        x8 = x1 * x7
+        y8 = y1 * y7
+        z8 = z1 * z7
+        w0 = W[0, k]
+        w1 = W[1, k]
+        w2 = W[2, k]
+        w3 = W[3, k]
+        w4 = W[4, k]
+        w5 = W[5, k]
+        w6 = W[6, k]
+        w7 = W[7, k]
+        w8 = W[8, k]
         m0 += w0
         m1 += w1 * x1
         m2 += w1 * y1
@@ -2959,17 +2849,7 @@ def featall_8(end, cls, tc, tE, tux, tuy, tuz, out):
     out[164] = m164
 
 @njit(cache=True, fastmath=True)
-def featall_9(end, cls, tc, tE, tux, tuy, tuz, out):
-    c0 = cls[0]
-    c1 = cls[1]
-    c2 = cls[2]
-    c3 = cls[3]
-    c4 = cls[4]
-    c5 = cls[5]
-    c6 = cls[6]
-    c7 = cls[7]
-    c8 = cls[8]
-    c9 = cls[9]
+def featall_9(end, sx, sy, sz, W, out):
     m0 = 0.0
     m1 = 0.0
     m2 = 0.0
@@ -3190,49 +3070,44 @@ def featall_9(end, cls, tc, tE, tux, tuy, tuz, out):
     m217 = 0.0
     m218 = 0.0
     m219 = 0.0
-    for t in range(end):
-        e = tE[t]
-        k = tc[t]
-        ux = tux[t]
-        uy = tuy[t]
-        uz = tuz[t]
-        w0 = e if k <= c0 else 0.0
-        w1 = e if k <= c1 else 0.0
-        w2 = e if k <= c2 else 0.0
-        w3 = e if k <= c3 else 0.0
-        w4 = e if k <= c4 else 0.0
-        w5 = e if k <= c5 else 0.0
-        w6 = e if k <= c6 else 0.0
-        w7 = e if k <= c7 else 0.0
-        w8 = e if k <= c8 else 0.0
-        w9 = e if k <= c9 else 0.0
-        x1 = ux
-        y1 = uy
-        z1 = uz
-        x2 = ux * x1
-        y2 = uy * y1
-        z2 = uz * z1
-        x3 = ux * x2
-        y3 = uy * y2
-        z3 = uz * z2
-        x4 = ux * x3
-        y4 = uy * y3
-        z4 = uz * z3
-        x5 = ux * x4
-        y5 = uy * y4
-        z5 = uz * z4
-        x6 = ux * x5
-        y6 = uy * y5
-        z6 = uz * z5
-        x7 = ux * x6
-        y7 = uy * y6
-        z7 = uz * z6
-        x8 = ux * x7
-        y8 = uy * y7
-        z8 = uz * z7
-        x9 = ux * x8
-        y9 = uy * y8
-        z9 = uz * z8
+    for k in range(end):
+        x1 = sx[k]
+        y1 = sy[k]
+        z1 = sz[k]
+        x2 = x1 * x1
+        y2 = y1 * y1
+        z2 = z1 * z1
+        x3 = x1 * x2
+        y3 = y1 * y2
+        z3 = z1 * z2
+        x4 = x1 * x3
+        y4 = y1 * y3
+        z4 = z1 * z3
+        x5 = x1 * x4
+        y5 = y1 * y4
+        z5 = z1 * z4
+        x6 = x1 * x5
+        y6 = y1 * y5
+        z6 = z1 * z5
+        x7 = x1 * x6
+        y7 = y1 * y6
+        z7 = z1 * z6
+        x8 = x1 * x7
+        y8 = y1 * y7
+        z8 = z1 * z7
+        x9 = x1 * x8
+        y9 = y1 * y8
+        z9 = z1 * z8
+        w0 = W[0, k]
+        w1 = W[1, k]
+        w2 = W[2, k]
+        w3 = W[3, k]
+        w4 = W[4, k]
+        w5 = W[5, k]
+        w6 = W[6, k]
+        w7 = W[7, k]
+        w8 = W[8, k]
+        w9 = W[9, k]
         m0 += w0
         m1 += w1 * x1
         m2 += w1 * y1
@@ -3674,148 +3549,815 @@ def featall_9(end, cls, tc, tE, tux, tuy, tuz, out):
     out[218] = m218
     out[219] = m219
 
-@njit(cache=True)
-def grad_upto_0(n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
-    if n == 0:
-        grad_0(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+@njit(cache=True, fastmath=True)
+def wacc_0(nrun, rinfo, rlam, cls, tc, tE, W, deriv):
+    c0 = cls[0]
+    for r in range(nrun):
+        p = rinfo[r, 0]
+        L = rinfo[r, 1]
+        a = rinfo[r, 2]
+        l1 = rlam[r]
+        vE = tE[p:p + L]
+        vc = tc[p:p + L]
+        A0 = W[0, a:a + L]
+        if deriv:
+            B0 = W[1, a:a + L]
+            for k in range(L):
+                e = vE[k]
+                t = vc[k]
+                w0 = e if t <= c0 else 0.0
+                A0[k] += w0
+                B0[k] += w0 * l1
+        else:
+            for k in range(L):
+                e = vE[k]
+                t = vc[k]
+                w0 = e if t <= c0 else 0.0
+                A0[k] += w0
+
+@njit(cache=True, fastmath=True)
+def wacc_1(nrun, rinfo, rlam, cls, tc, tE, W, deriv):
+    c0 = cls[0]
+    c1 = cls[1]
+    for r in range(nrun):
+        p = rinfo[r, 0]
+        L = rinfo[r, 1]
+        a = rinfo[r, 2]
+        l1 = rlam[r]
+        l2 = l1 * l1
+        vE = tE[p:p + L]
+        vc = tc[p:p + L]
+        A0 = W[0, a:a + L]
+        A1 = W[1, a:a + L]
+        if deriv:
+            B0 = W[2, a:a + L]
+            B1 = W[3, a:a + L]
+            for k in range(L):
+                e = vE[k]
+                t = vc[k]
+                w0 = e if t <= c0 else 0.0
+                w1 = e if t <= c1 else 0.0
+                A0[k] += w0
+                A1[k] += w1 * l1
+                B0[k] += w0 * l1
+                B1[k] += w1 * l2
+        else:
+            for k in range(L):
+                e = vE[k]
+                t = vc[k]
+                w0 = e if t <= c0 else 0.0
+                w1 = e if t <= c1 else 0.0
+                A0[k] += w0
+                A1[k] += w1 * l1
+
+@njit(cache=True, fastmath=True)
+def wacc_2(nrun, rinfo, rlam, cls, tc, tE, W, deriv):
+    c0 = cls[0]
+    c1 = cls[1]
+    c2 = cls[2]
+    for r in range(nrun):
+        p = rinfo[r, 0]
+        L = rinfo[r, 1]
+        a = rinfo[r, 2]
+        l1 = rlam[r]
+        l2 = l1 * l1
+        l3 = l1 * l2
+        vE = tE[p:p + L]
+        vc = tc[p:p + L]
+        A0 = W[0, a:a + L]
+        A1 = W[1, a:a + L]
+        A2 = W[2, a:a + L]
+        if deriv:
+            B0 = W[3, a:a + L]
+            B1 = W[4, a:a + L]
+            B2 = W[5, a:a + L]
+            for k in range(L):
+                e = vE[k]
+                t = vc[k]
+                w0 = e if t <= c0 else 0.0
+                w1 = e if t <= c1 else 0.0
+                w2 = e if t <= c2 else 0.0
+                A0[k] += w0
+                A1[k] += w1 * l1
+                A2[k] += w2 * l2
+                B0[k] += w0 * l1
+                B1[k] += w1 * l2
+                B2[k] += w2 * l3
+        else:
+            for k in range(L):
+                e = vE[k]
+                t = vc[k]
+                w0 = e if t <= c0 else 0.0
+                w1 = e if t <= c1 else 0.0
+                w2 = e if t <= c2 else 0.0
+                A0[k] += w0
+                A1[k] += w1 * l1
+                A2[k] += w2 * l2
+
+@njit(cache=True, fastmath=True)
+def wacc_3(nrun, rinfo, rlam, cls, tc, tE, W, deriv):
+    c0 = cls[0]
+    c1 = cls[1]
+    c2 = cls[2]
+    c3 = cls[3]
+    for r in range(nrun):
+        p = rinfo[r, 0]
+        L = rinfo[r, 1]
+        a = rinfo[r, 2]
+        l1 = rlam[r]
+        l2 = l1 * l1
+        l3 = l1 * l2
+        l4 = l1 * l3
+        vE = tE[p:p + L]
+        vc = tc[p:p + L]
+        A0 = W[0, a:a + L]
+        A1 = W[1, a:a + L]
+        A2 = W[2, a:a + L]
+        A3 = W[3, a:a + L]
+        if deriv:
+            B0 = W[4, a:a + L]
+            B1 = W[5, a:a + L]
+            B2 = W[6, a:a + L]
+            B3 = W[7, a:a + L]
+            for k in range(L):
+                e = vE[k]
+                t = vc[k]
+                w0 = e if t <= c0 else 0.0
+                w1 = e if t <= c1 else 0.0
+                w2 = e if t <= c2 else 0.0
+                w3 = e if t <= c3 else 0.0
+                A0[k] += w0
+                A1[k] += w1 * l1
+                A2[k] += w2 * l2
+                A3[k] += w3 * l3
+                B0[k] += w0 * l1
+                B1[k] += w1 * l2
+                B2[k] += w2 * l3
+                B3[k] += w3 * l4
+        else:
+            for k in range(L):
+                e = vE[k]
+                t = vc[k]
+                w0 = e if t <= c0 else 0.0
+                w1 = e if t <= c1 else 0.0
+                w2 = e if t <= c2 else 0.0
+                w3 = e if t <= c3 else 0.0
+                A0[k] += w0
+                A1[k] += w1 * l1
+                A2[k] += w2 * l2
+                A3[k] += w3 * l3
+
+@njit(cache=True, fastmath=True)
+def wacc_4(nrun, rinfo, rlam, cls, tc, tE, W, deriv):
+    c0 = cls[0]
+    c1 = cls[1]
+    c2 = cls[2]
+    c3 = cls[3]
+    c4 = cls[4]
+    for r in range(nrun):
+        p = rinfo[r, 0]
+        L = rinfo[r, 1]
+        a = rinfo[r, 2]
+        l1 = rlam[r]
+        l2 = l1 * l1
+        l3 = l1 * l2
+        l4 = l1 * l3
+        l5 = l1 * l4
+        vE = tE[p:p + L]
+        vc = tc[p:p + L]
+        A0 = W[0, a:a + L]
+        A1 = W[1, a:a + L]
+        A2 = W[2, a:a + L]
+        A3 = W[3, a:a + L]
+        A4 = W[4, a:a + L]
+        if deriv:
+            B0 = W[5, a:a + L]
+            B1 = W[6, a:a + L]
+            B2 = W[7, a:a + L]
+            B3 = W[8, a:a + L]
+            B4 = W[9, a:a + L]
+            for k in range(L):
+                e = vE[k]
+                t = vc[k]
+                w0 = e if t <= c0 else 0.0
+                w1 = e if t <= c1 else 0.0
+                w2 = e if t <= c2 else 0.0
+                w3 = e if t <= c3 else 0.0
+                w4 = e if t <= c4 else 0.0
+                A0[k] += w0
+                A1[k] += w1 * l1
+                A2[k] += w2 * l2
+                A3[k] += w3 * l3
+                A4[k] += w4 * l4
+                B0[k] += w0 * l1
+                B1[k] += w1 * l2
+                B2[k] += w2 * l3
+                B3[k] += w3 * l4
+                B4[k] += w4 * l5
+        else:
+            for k in range(L):
+                e = vE[k]
+                t = vc[k]
+                w0 = e if t <= c0 else 0.0
+                w1 = e if t <= c1 else 0.0
+                w2 = e if t <= c2 else 0.0
+                w3 = e if t <= c3 else 0.0
+                w4 = e if t <= c4 else 0.0
+                A0[k] += w0
+                A1[k] += w1 * l1
+                A2[k] += w2 * l2
+                A3[k] += w3 * l3
+                A4[k] += w4 * l4
+
+@njit(cache=True, fastmath=True)
+def wacc_5(nrun, rinfo, rlam, cls, tc, tE, W, deriv):
+    c0 = cls[0]
+    c1 = cls[1]
+    c2 = cls[2]
+    c3 = cls[3]
+    c4 = cls[4]
+    c5 = cls[5]
+    for r in range(nrun):
+        p = rinfo[r, 0]
+        L = rinfo[r, 1]
+        a = rinfo[r, 2]
+        l1 = rlam[r]
+        l2 = l1 * l1
+        l3 = l1 * l2
+        l4 = l1 * l3
+        l5 = l1 * l4
+        l6 = l1 * l5
+        vE = tE[p:p + L]
+        vc = tc[p:p + L]
+        A0 = W[0, a:a + L]
+        A1 = W[1, a:a + L]
+        A2 = W[2, a:a + L]
+        A3 = W[3, a:a + L]
+        A4 = W[4, a:a + L]
+        A5 = W[5, a:a + L]
+        if deriv:
+            B0 = W[6, a:a + L]
+            B1 = W[7, a:a + L]
+            B2 = W[8, a:a + L]
+            B3 = W[9, a:a + L]
+            B4 = W[10, a:a + L]
+            B5 = W[11, a:a + L]
+            for k in range(L):
+                e = vE[k]
+                t = vc[k]
+                w0 = e if t <= c0 else 0.0
+                w1 = e if t <= c1 else 0.0
+                w2 = e if t <= c2 else 0.0
+                w3 = e if t <= c3 else 0.0
+                w4 = e if t <= c4 else 0.0
+                w5 = e if t <= c5 else 0.0
+                A0[k] += w0
+                A1[k] += w1 * l1
+                A2[k] += w2 * l2
+                A3[k] += w3 * l3
+                A4[k] += w4 * l4
+                A5[k] += w5 * l5
+                B0[k] += w0 * l1
+                B1[k] += w1 * l2
+                B2[k] += w2 * l3
+                B3[k] += w3 * l4
+                B4[k] += w4 * l5
+                B5[k] += w5 * l6
+        else:
+            for k in range(L):
+                e = vE[k]
+                t = vc[k]
+                w0 = e if t <= c0 else 0.0
+                w1 = e if t <= c1 else 0.0
+                w2 = e if t <= c2 else 0.0
+                w3 = e if t <= c3 else 0.0
+                w4 = e if t <= c4 else 0.0
+                w5 = e if t <= c5 else 0.0
+                A0[k] += w0
+                A1[k] += w1 * l1
+                A2[k] += w2 * l2
+                A3[k] += w3 * l3
+                A4[k] += w4 * l4
+                A5[k] += w5 * l5
+
+@njit(cache=True, fastmath=True)
+def wacc_6(nrun, rinfo, rlam, cls, tc, tE, W, deriv):
+    c0 = cls[0]
+    c1 = cls[1]
+    c2 = cls[2]
+    c3 = cls[3]
+    c4 = cls[4]
+    c5 = cls[5]
+    c6 = cls[6]
+    for r in range(nrun):
+        p = rinfo[r, 0]
+        L = rinfo[r, 1]
+        a = rinfo[r, 2]
+        l1 = rlam[r]
+        l2 = l1 * l1
+        l3 = l1 * l2
+        l4 = l1 * l3
+        l5 = l1 * l4
+        l6 = l1 * l5
+        l7 = l1 * l6
+        vE = tE[p:p + L]
+        vc = tc[p:p + L]
+        A0 = W[0, a:a + L]
+        A1 = W[1, a:a + L]
+        A2 = W[2, a:a + L]
+        A3 = W[3, a:a + L]
+        A4 = W[4, a:a + L]
+        A5 = W[5, a:a + L]
+        A6 = W[6, a:a + L]
+        if deriv:
+            B0 = W[7, a:a + L]
+            B1 = W[8, a:a + L]
+            B2 = W[9, a:a + L]
+            B3 = W[10, a:a + L]
+            B4 = W[11, a:a + L]
+            B5 = W[12, a:a + L]
+            B6 = W[13, a:a + L]
+            for k in range(L):
+                e = vE[k]
+                t = vc[k]
+                w0 = e if t <= c0 else 0.0
+                w1 = e if t <= c1 else 0.0
+                w2 = e if t <= c2 else 0.0
+                w3 = e if t <= c3 else 0.0
+                w4 = e if t <= c4 else 0.0
+                w5 = e if t <= c5 else 0.0
+                w6 = e if t <= c6 else 0.0
+                A0[k] += w0
+                A1[k] += w1 * l1
+                A2[k] += w2 * l2
+                A3[k] += w3 * l3
+                A4[k] += w4 * l4
+                A5[k] += w5 * l5
+                A6[k] += w6 * l6
+                B0[k] += w0 * l1
+                B1[k] += w1 * l2
+                B2[k] += w2 * l3
+                B3[k] += w3 * l4
+                B4[k] += w4 * l5
+                B5[k] += w5 * l6
+                B6[k] += w6 * l7
+        else:
+            for k in range(L):
+                e = vE[k]
+                t = vc[k]
+                w0 = e if t <= c0 else 0.0
+                w1 = e if t <= c1 else 0.0
+                w2 = e if t <= c2 else 0.0
+                w3 = e if t <= c3 else 0.0
+                w4 = e if t <= c4 else 0.0
+                w5 = e if t <= c5 else 0.0
+                w6 = e if t <= c6 else 0.0
+                A0[k] += w0
+                A1[k] += w1 * l1
+                A2[k] += w2 * l2
+                A3[k] += w3 * l3
+                A4[k] += w4 * l4
+                A5[k] += w5 * l5
+                A6[k] += w6 * l6
+
+@njit(cache=True, fastmath=True)
+def wacc_7(nrun, rinfo, rlam, cls, tc, tE, W, deriv):
+    c0 = cls[0]
+    c1 = cls[1]
+    c2 = cls[2]
+    c3 = cls[3]
+    c4 = cls[4]
+    c5 = cls[5]
+    c6 = cls[6]
+    c7 = cls[7]
+    for r in range(nrun):
+        p = rinfo[r, 0]
+        L = rinfo[r, 1]
+        a = rinfo[r, 2]
+        l1 = rlam[r]
+        l2 = l1 * l1
+        l3 = l1 * l2
+        l4 = l1 * l3
+        l5 = l1 * l4
+        l6 = l1 * l5
+        l7 = l1 * l6
+        l8 = l1 * l7
+        vE = tE[p:p + L]
+        vc = tc[p:p + L]
+        A0 = W[0, a:a + L]
+        A1 = W[1, a:a + L]
+        A2 = W[2, a:a + L]
+        A3 = W[3, a:a + L]
+        A4 = W[4, a:a + L]
+        A5 = W[5, a:a + L]
+        A6 = W[6, a:a + L]
+        A7 = W[7, a:a + L]
+        if deriv:
+            B0 = W[8, a:a + L]
+            B1 = W[9, a:a + L]
+            B2 = W[10, a:a + L]
+            B3 = W[11, a:a + L]
+            B4 = W[12, a:a + L]
+            B5 = W[13, a:a + L]
+            B6 = W[14, a:a + L]
+            B7 = W[15, a:a + L]
+            for k in range(L):
+                e = vE[k]
+                t = vc[k]
+                w0 = e if t <= c0 else 0.0
+                w1 = e if t <= c1 else 0.0
+                w2 = e if t <= c2 else 0.0
+                w3 = e if t <= c3 else 0.0
+                w4 = e if t <= c4 else 0.0
+                w5 = e if t <= c5 else 0.0
+                w6 = e if t <= c6 else 0.0
+                w7 = e if t <= c7 else 0.0
+                A0[k] += w0
+                A1[k] += w1 * l1
+                A2[k] += w2 * l2
+                A3[k] += w3 * l3
+                A4[k] += w4 * l4
+                A5[k] += w5 * l5
+                A6[k] += w6 * l6
+                A7[k] += w7 * l7
+                B0[k] += w0 * l1
+                B1[k] += w1 * l2
+                B2[k] += w2 * l3
+                B3[k] += w3 * l4
+                B4[k] += w4 * l5
+                B5[k] += w5 * l6
+                B6[k] += w6 * l7
+                B7[k] += w7 * l8
+        else:
+            for k in range(L):
+                e = vE[k]
+                t = vc[k]
+                w0 = e if t <= c0 else 0.0
+                w1 = e if t <= c1 else 0.0
+                w2 = e if t <= c2 else 0.0
+                w3 = e if t <= c3 else 0.0
+                w4 = e if t <= c4 else 0.0
+                w5 = e if t <= c5 else 0.0
+                w6 = e if t <= c6 else 0.0
+                w7 = e if t <= c7 else 0.0
+                A0[k] += w0
+                A1[k] += w1 * l1
+                A2[k] += w2 * l2
+                A3[k] += w3 * l3
+                A4[k] += w4 * l4
+                A5[k] += w5 * l5
+                A6[k] += w6 * l6
+                A7[k] += w7 * l7
+
+@njit(cache=True, fastmath=True)
+def wacc_8(nrun, rinfo, rlam, cls, tc, tE, W, deriv):
+    c0 = cls[0]
+    c1 = cls[1]
+    c2 = cls[2]
+    c3 = cls[3]
+    c4 = cls[4]
+    c5 = cls[5]
+    c6 = cls[6]
+    c7 = cls[7]
+    c8 = cls[8]
+    for r in range(nrun):
+        p = rinfo[r, 0]
+        L = rinfo[r, 1]
+        a = rinfo[r, 2]
+        l1 = rlam[r]
+        l2 = l1 * l1
+        l3 = l1 * l2
+        l4 = l1 * l3
+        l5 = l1 * l4
+        l6 = l1 * l5
+        l7 = l1 * l6
+        l8 = l1 * l7
+        l9 = l1 * l8
+        vE = tE[p:p + L]
+        vc = tc[p:p + L]
+        A0 = W[0, a:a + L]
+        A1 = W[1, a:a + L]
+        A2 = W[2, a:a + L]
+        A3 = W[3, a:a + L]
+        A4 = W[4, a:a + L]
+        A5 = W[5, a:a + L]
+        A6 = W[6, a:a + L]
+        A7 = W[7, a:a + L]
+        A8 = W[8, a:a + L]
+        if deriv:
+            B0 = W[9, a:a + L]
+            B1 = W[10, a:a + L]
+            B2 = W[11, a:a + L]
+            B3 = W[12, a:a + L]
+            B4 = W[13, a:a + L]
+            B5 = W[14, a:a + L]
+            B6 = W[15, a:a + L]
+            B7 = W[16, a:a + L]
+            B8 = W[17, a:a + L]
+            for k in range(L):
+                e = vE[k]
+                t = vc[k]
+                w0 = e if t <= c0 else 0.0
+                w1 = e if t <= c1 else 0.0
+                w2 = e if t <= c2 else 0.0
+                w3 = e if t <= c3 else 0.0
+                w4 = e if t <= c4 else 0.0
+                w5 = e if t <= c5 else 0.0
+                w6 = e if t <= c6 else 0.0
+                w7 = e if t <= c7 else 0.0
+                w8 = e if t <= c8 else 0.0
+                A0[k] += w0
+                A1[k] += w1 * l1
+                A2[k] += w2 * l2
+                A3[k] += w3 * l3
+                A4[k] += w4 * l4
+                A5[k] += w5 * l5
+                A6[k] += w6 * l6
+                A7[k] += w7 * l7
+                A8[k] += w8 * l8
+                B0[k] += w0 * l1
+                B1[k] += w1 * l2
+                B2[k] += w2 * l3
+                B3[k] += w3 * l4
+                B4[k] += w4 * l5
+                B5[k] += w5 * l6
+                B6[k] += w6 * l7
+                B7[k] += w7 * l8
+                B8[k] += w8 * l9
+        else:
+            for k in range(L):
+                e = vE[k]
+                t = vc[k]
+                w0 = e if t <= c0 else 0.0
+                w1 = e if t <= c1 else 0.0
+                w2 = e if t <= c2 else 0.0
+                w3 = e if t <= c3 else 0.0
+                w4 = e if t <= c4 else 0.0
+                w5 = e if t <= c5 else 0.0
+                w6 = e if t <= c6 else 0.0
+                w7 = e if t <= c7 else 0.0
+                w8 = e if t <= c8 else 0.0
+                A0[k] += w0
+                A1[k] += w1 * l1
+                A2[k] += w2 * l2
+                A3[k] += w3 * l3
+                A4[k] += w4 * l4
+                A5[k] += w5 * l5
+                A6[k] += w6 * l6
+                A7[k] += w7 * l7
+                A8[k] += w8 * l8
+
+@njit(cache=True, fastmath=True)
+def wacc_9(nrun, rinfo, rlam, cls, tc, tE, W, deriv):
+    c0 = cls[0]
+    c1 = cls[1]
+    c2 = cls[2]
+    c3 = cls[3]
+    c4 = cls[4]
+    c5 = cls[5]
+    c6 = cls[6]
+    c7 = cls[7]
+    c8 = cls[8]
+    c9 = cls[9]
+    for r in range(nrun):
+        p = rinfo[r, 0]
+        L = rinfo[r, 1]
+        a = rinfo[r, 2]
+        l1 = rlam[r]
+        l2 = l1 * l1
+        l3 = l1 * l2
+        l4 = l1 * l3
+        l5 = l1 * l4
+        l6 = l1 * l5
+        l7 = l1 * l6
+        l8 = l1 * l7
+        l9 = l1 * l8
+        l10 = l1 * l9
+        vE = tE[p:p + L]
+        vc = tc[p:p + L]
+        A0 = W[0, a:a + L]
+        A1 = W[1, a:a + L]
+        A2 = W[2, a:a + L]
+        A3 = W[3, a:a + L]
+        A4 = W[4, a:a + L]
+        A5 = W[5, a:a + L]
+        A6 = W[6, a:a + L]
+        A7 = W[7, a:a + L]
+        A8 = W[8, a:a + L]
+        A9 = W[9, a:a + L]
+        if deriv:
+            B0 = W[10, a:a + L]
+            B1 = W[11, a:a + L]
+            B2 = W[12, a:a + L]
+            B3 = W[13, a:a + L]
+            B4 = W[14, a:a + L]
+            B5 = W[15, a:a + L]
+            B6 = W[16, a:a + L]
+            B7 = W[17, a:a + L]
+            B8 = W[18, a:a + L]
+            B9 = W[19, a:a + L]
+            for k in range(L):
+                e = vE[k]
+                t = vc[k]
+                w0 = e if t <= c0 else 0.0
+                w1 = e if t <= c1 else 0.0
+                w2 = e if t <= c2 else 0.0
+                w3 = e if t <= c3 else 0.0
+                w4 = e if t <= c4 else 0.0
+                w5 = e if t <= c5 else 0.0
+                w6 = e if t <= c6 else 0.0
+                w7 = e if t <= c7 else 0.0
+                w8 = e if t <= c8 else 0.0
+                w9 = e if t <= c9 else 0.0
+                A0[k] += w0
+                A1[k] += w1 * l1
+                A2[k] += w2 * l2
+                A3[k] += w3 * l3
+                A4[k] += w4 * l4
+                A5[k] += w5 * l5
+                A6[k] += w6 * l6
+                A7[k] += w7 * l7
+                A8[k] += w8 * l8
+                A9[k] += w9 * l9
+                B0[k] += w0 * l1
+                B1[k] += w1 * l2
+                B2[k] += w2 * l3
+                B3[k] += w3 * l4
+                B4[k] += w4 * l5
+                B5[k] += w5 * l6
+                B6[k] += w6 * l7
+                B7[k] += w7 * l8
+                B8[k] += w8 * l9
+                B9[k] += w9 * l10
+        else:
+            for k in range(L):
+                e = vE[k]
+                t = vc[k]
+                w0 = e if t <= c0 else 0.0
+                w1 = e if t <= c1 else 0.0
+                w2 = e if t <= c2 else 0.0
+                w3 = e if t <= c3 else 0.0
+                w4 = e if t <= c4 else 0.0
+                w5 = e if t <= c5 else 0.0
+                w6 = e if t <= c6 else 0.0
+                w7 = e if t <= c7 else 0.0
+                w8 = e if t <= c8 else 0.0
+                w9 = e if t <= c9 else 0.0
+                A0[k] += w0
+                A1[k] += w1 * l1
+                A2[k] += w2 * l2
+                A3[k] += w3 * l3
+                A4[k] += w4 * l4
+                A5[k] += w5 * l5
+                A6[k] += w6 * l6
+                A7[k] += w7 * l7
+                A8[k] += w8 * l8
+                A9[k] += w9 * l9
 
 @njit(cache=True)
-def grad_upto_1(n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_upto_0(n, end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
     if n == 0:
-        grad_0(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
-    elif n == 1:
-        grad_1(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_0(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
 
 @njit(cache=True)
-def grad_upto_2(n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_upto_1(n, end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
     if n == 0:
-        grad_0(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_0(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 1:
-        grad_1(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_1(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+
+@njit(cache=True)
+def grad_upto_2(n, end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
+    if n == 0:
+        grad_0(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+    elif n == 1:
+        grad_1(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 2:
-        grad_2(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_2(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
 
 @njit(cache=True)
-def grad_upto_3(n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_upto_3(n, end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
     if n == 0:
-        grad_0(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_0(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 1:
-        grad_1(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_1(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 2:
-        grad_2(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_2(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 3:
-        grad_3(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_3(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
 
 @njit(cache=True)
-def grad_upto_4(n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_upto_4(n, end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
     if n == 0:
-        grad_0(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_0(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 1:
-        grad_1(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_1(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 2:
-        grad_2(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_2(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 3:
-        grad_3(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_3(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 4:
-        grad_4(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_4(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
 
 @njit(cache=True)
-def grad_upto_5(n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_upto_5(n, end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
     if n == 0:
-        grad_0(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_0(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 1:
-        grad_1(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_1(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 2:
-        grad_2(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_2(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 3:
-        grad_3(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_3(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 4:
-        grad_4(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_4(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 5:
-        grad_5(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_5(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
 
 @njit(cache=True)
-def grad_upto_6(n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_upto_6(n, end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
     if n == 0:
-        grad_0(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_0(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 1:
-        grad_1(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_1(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 2:
-        grad_2(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_2(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 3:
-        grad_3(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_3(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 4:
-        grad_4(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_4(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 5:
-        grad_5(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_5(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 6:
-        grad_6(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_6(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
 
 @njit(cache=True)
-def grad_upto_7(n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_upto_7(n, end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
     if n == 0:
-        grad_0(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_0(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 1:
-        grad_1(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_1(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 2:
-        grad_2(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_2(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 3:
-        grad_3(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_3(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 4:
-        grad_4(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_4(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 5:
-        grad_5(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_5(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 6:
-        grad_6(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_6(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 7:
-        grad_7(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_7(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
 
 @njit(cache=True)
-def grad_upto_8(n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_upto_8(n, end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
     if n == 0:
-        grad_0(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_0(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 1:
-        grad_1(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_1(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 2:
-        grad_2(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_2(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 3:
-        grad_3(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_3(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 4:
-        grad_4(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_4(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 5:
-        grad_5(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_5(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 6:
-        grad_6(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_6(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 7:
-        grad_7(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_7(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 8:
-        grad_8(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_8(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
 
 @njit(cache=True)
-def grad_upto_9(n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
+def grad_upto_9(n, end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
     if n == 0:
-        grad_0(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_0(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 1:
-        grad_1(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_1(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 2:
-        grad_2(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_2(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 3:
-        grad_3(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_3(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 4:
-        grad_4(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_4(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 5:
-        grad_5(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_5(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 6:
-        grad_6(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_6(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 7:
-        grad_7(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_7(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 8:
-        grad_8(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_8(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
     elif n == 9:
-        grad_9(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        grad_9(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
 
 #: by largest order K: the moment loop of orders 0..K, the gradient loops of orders <= K
 
 FEATALL = (featall_0, featall_1, featall_2, featall_3, featall_4, featall_5, featall_6, featall_7, featall_8, featall_9)
+
+WACC = (wacc_0, wacc_1, wacc_2, wacc_3, wacc_4, wacc_5, wacc_6, wacc_7, wacc_8, wacc_9)
 
 GRAD_UPTO = (grad_upto_0, grad_upto_1, grad_upto_2, grad_upto_3, grad_upto_4, grad_upto_5, grad_upto_6, grad_upto_7, grad_upto_8, grad_upto_9)

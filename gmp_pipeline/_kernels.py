@@ -36,7 +36,7 @@ from numba.extending import intrinsic, overload
 
 # first: every kernel of this package caches in the machine-wide directory of _numba_cache
 from ._numba_cache import compile_lock  # noqa: I001
-from ._fused import FEATALL, GRAD_UPTO
+from ._fused import FEATALL, GRAD_UPTO, WACC
 
 _CACHE = True
 #: fast-math without reassociation, for code whose rounding steps must stay as written
@@ -209,28 +209,42 @@ def _vexp(T, arg, scale, ibuf):
 
 
 @njit(cache=_CACHE, fastmath=True)
-def _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, ridx, ncls,
-                tj, tb, ibuf, deriv):
-    """Write the contributing terms of one sigma; returns their number T.
+def _fill_terms(s_x, s_y, s_z, s_D, trow, bstart, bo, nspecies, ng, c1, c2, lam, ridx, ncls, tb,
+                ibuf, rinfo, rlam, cx, cy, cz, ctrow, W, nw, deriv):
+    """Write the contributing terms and images of one sigma; returns (T terms, runs, images).
 
-    Terms come in one run per (species, Gaussian): the neighbours within the largest cutoff
-    class of that Gaussian, nearest bins first.  tc[t] is the term's cutoff class, the smallest
-    class whose radius admits it, so order n counts exactly the terms with tc <= class(n).
-    Rows of tb: 0 E (C1 times the exponential), 1 the exponent, 2-4 lambda d, 5 unused,
-    6 tc, 7 lambda tl.  The atom index tj and tl are written only when deriv is set.  (One 2-D
-    buffer rather than eight arrays: LLVM vectorizes the copy loops with fewer alias checks.)
+    Images: the images of each species within any of its cutoffs at this sigma (a prefix of
+    that species' binned entries), copied one species after another into cx/cy/cz (and their
+    block offsets into ctrow when deriv is set): image c of this sigma.  Rows 0..nw-1 of W are
+    zeroed over them.
+    Terms come in one run per (species, Gaussian): the images within the largest cutoff class
+    of that Gaussian, nearest bins first, so a run is a prefix of its species' images.  Run r
+    starts at term rinfo[r, 0], has rinfo[r, 1] terms, its first image is rinfo[r, 2] and its
+    lambda is rlam[r].  Rows of tb: 0 E (C1 times the exponential), 1 the exponent, 6 tc, the
+    term's cutoff class: the smallest class whose radius admits it, so order n counts exactly
+    the terms with tc <= class(n).
     """
     p = 0
+    nrun = 0
+    nimg = 0
     for s in range(nspecies):
         a = bstart[bo[s]]
         if a == bstart[bo[s + 1]]:
             continue
         b0 = bo[s] + 1
+        Lmax = 0
         for g in range(ng[s]):
             C1 = c1[s, g]
             C2 = c2[s, g]
-            lm = lam[s, g]
             L = bstart[b0 + ridx[ncls - 1, s, g]] - a
+            if L == 0:
+                continue
+            Lmax = max(Lmax, L)
+            rinfo[nrun, 0] = p
+            rinfo[nrun, 1] = L
+            rinfo[nrun, 2] = nimg
+            rlam[nrun] = lam[s, g]
+            nrun += 1
             # one pass per run (runs are short, so each extra loop costs its set-up): the
             # class tag of up to two classes in the same loop, more classes by extra passes.
             # The loops run over views with indices from 0: numba's negative-index wraparound
@@ -238,35 +252,40 @@ def _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, 
             Lc = bstart[b0 + ridx[0, s, g]] - a if ncls > 1 else L
             e0 = tb[0, p:p + L]
             e1 = tb[1, p:p + L]
-            e2 = tb[2, p:p + L]
-            e3 = tb[3, p:p + L]
-            e4 = tb[4, p:p + L]
             e6 = tb[6, p:p + L]
-            vx = s_x[a:a + L]
-            vy = s_y[a:a + L]
-            vz = s_z[a:a + L]
             vD = s_D[a:a + L]
             for k in range(L):
                 e0[k] = C1
                 e1[k] = C2 * vD[k]
-                e2[k] = lm * vx[k]
-                e3[k] = lm * vy[k]
-                e4[k] = lm * vz[k]
                 e6[k] = 1.0 if k >= Lc else 0.0
-            if deriv:
-                e7 = tb[7, p:p + L]
-                dj = tj[p:p + L]
-                vj = s_j[a:a + L]
-                for k in range(L):
-                    e7[k] = lm
-                    dj[k] = vj[k]
             for c in range(1, ncls - 1):
                 Lc = bstart[b0 + ridx[c, s, g]] - a
                 for k in range(Lc, L):
                     e6[k] += 1.0
             p += L
+        if Lmax > 0:
+            ox = cx[nimg:nimg + Lmax]
+            oy = cy[nimg:nimg + Lmax]
+            oz = cz[nimg:nimg + Lmax]
+            vx = s_x[a:a + Lmax]
+            vy = s_y[a:a + Lmax]
+            vz = s_z[a:a + Lmax]
+            for k in range(Lmax):
+                ox[k] = vx[k]
+                oy[k] = vy[k]
+                oz[k] = vz[k]
+            if deriv:
+                ot = ctrow[nimg:nimg + Lmax]
+                vt = trow[a:a + Lmax]
+                for k in range(Lmax):
+                    ot[k] = vt[k]
+            nimg += Lmax
+    for r in range(nw):
+        wr = W[r]
+        for k in range(nimg):
+            wr[k] = 0.0
     _vexp(np.int64(p), tb[1], tb[0], ibuf)
-    return p
+    return p, nrun, nimg
 
 
 class KernelTables(NamedTuple):
@@ -318,33 +337,48 @@ class KernelTables(NamedTuple):
     hcoef: np.ndarray
 
 
-def _featall(K, end, cls, tc, tE, tux, tuy, tuz, out):
+def _featall(K, end, sx, sy, sz, W, out):
     raise NotImplementedError  # numba only: see the overload below
 
 
 @overload(_featall)
-def _featall_ov(K, end, cls, tc, tE, tux, tuy, tuz, out):
+def _featall_ov(K, end, sx, sy, sz, W, out):
     """The generated moment loop of orders 0..K, chosen at compile time (K literal)."""
     if isinstance(K, types.IntegerLiteral):
         f = FEATALL[K.literal_value]
 
-        def impl(K, end, cls, tc, tE, tux, tuy, tuz, out):
-            f(end, cls, tc, tE, tux, tuy, tuz, out)
+        def impl(K, end, sx, sy, sz, W, out):
+            f(end, sx, sy, sz, W, out)
         return impl
 
 
-def _grad(K, n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
+def _wacc(K, nrun, rinfo, rlam, cls, tc, tE, W, deriv):
+    raise NotImplementedError  # numba only: see the overload below
+
+
+@overload(_wacc)
+def _wacc_ov(K, nrun, rinfo, rlam, cls, tc, tE, W, deriv):
+    """The generated per-image weights of degrees 0..K (+1), chosen at compile time."""
+    if isinstance(K, types.IntegerLiteral):
+        f = WACC[K.literal_value]
+
+        def impl(K, nrun, rinfo, rlam, cls, tc, tE, W, deriv):
+            f(nrun, rinfo, rlam, cls, tc, tE, W, deriv)
+        return impl
+
+
+def _grad(K, n, end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
     raise NotImplementedError  # numba only: see the overload below
 
 
 @overload(_grad)
-def _grad_ov(K, n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
+def _grad_ov(K, n, end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
     """The generated gradient loop of order n <= K (K literal: only orders 0..K are compiled)."""
     if isinstance(K, types.IntegerLiteral):
         f = GRAD_UPTO[K.literal_value]
 
-        def impl(K, n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
-            f(n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
+        def impl(K, n, end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
+            f(n, end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
         return impl
 
 
@@ -447,13 +481,22 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
     ibuf = np.empty(0, dtype=np.int64)
     tb = np.empty((8, 0))
     tE = tb[0]
-    tux = tb[2]
-    tuy = tb[3]
-    tuz = tb[4]
     tc = tb[6]
     tl = tb[7]
     Gt = np.empty((3 * max(nord, 1), 0))
     trow = np.empty(0, dtype=np.uint64)
+    # per-image weights of one sigma (rows: degree n, then n+1 for the derivatives: _fused.wacc)
+    nw = 2 * (K + 1) if deriv else K + 1
+    W = np.empty((2 * (K + 1), 0))
+    maxrun = 0
+    for s in range(nspecies):
+        maxrun += ng[s]
+    rinfo = np.empty((max(maxrun, 1), 3), dtype=np.int64)
+    rlam = np.empty(max(maxrun, 1))
+    cx = np.empty(0)
+    cy = np.empty(0)
+    cz = np.empty(0)
+    ctrow = np.empty(0, dtype=np.uint64)
 
     for ci in range(nc):
         i = centers[ci]
@@ -479,14 +522,16 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
             ibuf = np.empty(tcap, dtype=np.int64)
             tb = np.empty((8, tcap))
             tE = tb[0]
-            tux = tb[2]
-            tuy = tb[3]
-            tuz = tb[4]
             tc = tb[6]
             tl = tb[7]
+            W = np.empty((2 * (K + 1), cap))
+            cx = np.empty(cap)
+            cy = np.empty(cap)
+            cz = np.empty(cap)
             if deriv:
-                Gt = np.empty((3 * max(nord, 1), tcap))
-                trow = np.empty(tcap, dtype=np.uint64)
+                Gt = np.empty((3 * max(nord, 1), cap))
+                trow = np.empty(cap, dtype=np.uint64)
+                ctrow = np.empty(cap, dtype=np.uint64)
             cnt = _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_x, nb_y, nb_z, nb_D)
         if stop == 1:
             continue
@@ -590,22 +635,30 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                     dF[base + r, 2, m] = acc1[r, 2]
 
         # ---- orders >= 0, one sigma at a time -----------------------------------------
+        # Per image (one periodic image of a neighbour, index into the binned list), the terms
+        # of all its Gaussians combine into one weight per degree: with u = lambda d,
+        # E u^m = (E lambda^n) d^m for a degree-n monomial m, so the moments and gradients are
+        # polynomials in d evaluated once per image, weighted by W[n] = sum E lambda^n.
         if nord > 0:
+            wu = np.uint64(accw)
+            if deriv:
+                for t in range(cnt):  # the (i, j) block of each image, as a flat offset
+                    trow[t] = np.uint64(slot[s_j[t]]) * wu
             for u in range(nsig):
-                T = _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1[u], c2[u],
-                                lam[u], ridx[u], ncls, tj, tb, ibuf, deriv)
+                T, nrun, nimg = _fill_terms(s_x, s_y, s_z, s_D, trow, bstart, bo, nspecies, ng,
+                                            c1[u], c2[u], lam[u], ridx[u], ncls, tb, ibuf, rinfo,
+                                            rlam, cx, cy, cz, ctrow, W, nw, deriv)
+                _wacc(K, nrun, rinfo, rlam, ocls_of_n, tc, tE, W, deriv)
                 if stop == 3:
                     continue
                 m2a = -2.0 * alpha[u]
-                gmax = 0
-                _featall(K, T, ocls_of_n, tc, tE, tux, tuy, tuz, mom)
+                _featall(K, nimg, cx, cy, cz, W, mom)
                 for o in range(nord):
                     gend[o] = 0
                     m = col[o, u]
                     if m < 0:
                         continue
                     nn = ords[o]
-                    cls = float(ocls[o])
                     m0 = mono_off[nn]
                     nm = mono_off[nn + 1] - m0
                     r0 = comp_start[nn]
@@ -640,35 +693,33 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                             ux[k] = (mono[mm, 0] + 1) * uc[raise_idx[0, mm] - m0]
                             uy[k] = (mono[mm, 1] + 1) * uc[raise_idx[1, mm] - m0]
                             uz[k] = (mono[mm, 2] + 1) * uc[raise_idx[2, mm] - m0]
-                    _grad(K, nn, T, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, ux, uy, uz, Gt, 3 * o)
-                    gend[o] = T
-                    gmax = T
+                    _grad(K, nn, nimg, cx, cy, cz, W[nn], W[K + 1 + nn], m2a, uc, ux, uy, uz, Gt,
+                          3 * o)
+                    gend[o] = 1
                 if not deriv:
                     continue
-                # scatter every order's per-term gradient into the per-sigma accumulators of
-                # the (i, j) blocks: the block slot of each term once, then one branch-free
-                # loop per order; then the blocks' columns of this sigma are assigned in dF
+                # scatter every order's per-image gradient into the per-sigma accumulators of
+                # the (i, j) blocks (one branch-free loop per order and segment); then the
+                # blocks' columns of this sigma are assigned in dF
                 kp = pair_count[ci]
                 for r in range(kp):
                     for a in range(accw):
                         blk[r, a] = 0.0
                 if stop == 5:
-                    gmax = 0
-                # (unsigned flat indices: numba's negative-index wraparound code is skipped)
-                wu = np.uint64(accw)
-                for t in range(gmax):
-                    trow[t] = np.uint64(slot[tj[t]]) * wu
+                    nimg = 0
                 for o in range(nord):
+                    if gend[o] == 0:
+                        continue
                     o3 = 3 * o
+                    ou = np.uint64(o3)
                     g0 = Gt[o3]
                     g1 = Gt[o3 + 1]
                     g2 = Gt[o3 + 2]
-                    ou = np.uint64(o3)
-                    for t in range(min(gend[o], gmax)):
-                        r = trow[t] + ou
-                        blk1[r] += g0[t]
-                        blk1[r + np.uint64(1)] += g1[t]
-                        blk1[r + np.uint64(2)] += g2[t]
+                    for k in range(nimg):
+                        r = ctrow[k] + ou
+                        blk1[r] += g0[k]
+                        blk1[r + np.uint64(1)] += g1[k]
+                        blk1[r + np.uint64(2)] += g2[k]
                 if total:  # the centre's own block loses the sum of all blocks
                     for a in range(accw):
                         csum[a] = 0.0
