@@ -36,7 +36,7 @@ from numba.extending import intrinsic, overload
 
 # first: every kernel of this package caches in the machine-wide directory of _numba_cache
 from ._numba_cache import compile_lock  # noqa: I001
-from ._fused import FEATALL, GRAD_UPTO, WACC
+from ._fused import FEATALL, GRAD_UPTO, WGT
 
 _CACHE = True
 #: fast-math without reassociation, for code whose rounding steps must stay as written
@@ -208,86 +208,6 @@ def _vexp(T, arg, scale, ibuf):
         scale[t] = (scale[t] * p) * _bits_to_f64((np.int64(nf) + 1023) << 52)
 
 
-@njit(cache=_CACHE, fastmath=True)
-def _fill_terms(s_x, s_y, s_z, s_D, trow, bstart, bo, nspecies, ng, c1, c2, lam, ridx, ncls, tb,
-                ibuf, rinfo, rlam, cx, cy, cz, ctrow, W, nw, deriv):
-    """Write the contributing terms and images of one sigma; returns (T terms, runs, images).
-
-    Images: the images of each species within any of its cutoffs at this sigma (a prefix of
-    that species' binned entries), copied one species after another into cx/cy/cz (and their
-    block offsets into ctrow when deriv is set): image c of this sigma.  Rows 0..nw-1 of W are
-    zeroed over them.
-    Terms come in one run per (species, Gaussian): the images within the largest cutoff class
-    of that Gaussian, nearest bins first, so a run is a prefix of its species' images.  Run r
-    starts at term rinfo[r, 0], has rinfo[r, 1] terms, its first image is rinfo[r, 2] and its
-    lambda is rlam[r].  Rows of tb: 0 E (C1 times the exponential), 1 the exponent, 6 tc, the
-    term's cutoff class: the smallest class whose radius admits it, so order n counts exactly
-    the terms with tc <= class(n).
-    """
-    p = 0
-    nrun = 0
-    nimg = 0
-    for s in range(nspecies):
-        a = bstart[bo[s]]
-        if a == bstart[bo[s + 1]]:
-            continue
-        b0 = bo[s] + 1
-        Lmax = 0
-        for g in range(ng[s]):
-            C1 = c1[s, g]
-            C2 = c2[s, g]
-            L = bstart[b0 + ridx[ncls - 1, s, g]] - a
-            if L == 0:
-                continue
-            Lmax = max(Lmax, L)
-            rinfo[nrun, 0] = p
-            rinfo[nrun, 1] = L
-            rinfo[nrun, 2] = nimg
-            rlam[nrun] = lam[s, g]
-            nrun += 1
-            # one pass per run (runs are short, so each extra loop costs its set-up): the
-            # class tag of up to two classes in the same loop, more classes by extra passes.
-            # The loops run over views with indices from 0: numba's negative-index wraparound
-            # then folds away and LLVM vectorizes them (with t from a, they stayed scalar).
-            Lc = bstart[b0 + ridx[0, s, g]] - a if ncls > 1 else L
-            e0 = tb[0, p:p + L]
-            e1 = tb[1, p:p + L]
-            e6 = tb[6, p:p + L]
-            vD = s_D[a:a + L]
-            for k in range(L):
-                e0[k] = C1
-                e1[k] = C2 * vD[k]
-                e6[k] = 1.0 if k >= Lc else 0.0
-            for c in range(1, ncls - 1):
-                Lc = bstart[b0 + ridx[c, s, g]] - a
-                for k in range(Lc, L):
-                    e6[k] += 1.0
-            p += L
-        if Lmax > 0:
-            ox = cx[nimg:nimg + Lmax]
-            oy = cy[nimg:nimg + Lmax]
-            oz = cz[nimg:nimg + Lmax]
-            vx = s_x[a:a + Lmax]
-            vy = s_y[a:a + Lmax]
-            vz = s_z[a:a + Lmax]
-            for k in range(Lmax):
-                ox[k] = vx[k]
-                oy[k] = vy[k]
-                oz[k] = vz[k]
-            if deriv:
-                ot = ctrow[nimg:nimg + Lmax]
-                vt = trow[a:a + Lmax]
-                for k in range(Lmax):
-                    ot[k] = vt[k]
-            nimg += Lmax
-    for r in range(nw):
-        wr = W[r]
-        for k in range(nimg):
-            wr[k] = 0.0
-    _vexp(np.int64(p), tb[1], tb[0], ibuf)
-    return p, nrun, nimg
-
-
 class KernelTables(NamedTuple):
     """Everything the kernel needs besides the structure: one object across the kernel boundary,
     built in one place (``GMPFeaturizer._species_tables``) for one feature set and one set of
@@ -321,6 +241,7 @@ class KernelTables(NamedTuple):
     gtab: np.ndarray
     ridx: np.ndarray
     ridxm1: np.ndarray
+    gsort: np.ndarray
     ncls: int
     rsearch: float
     ords: np.ndarray
@@ -352,18 +273,18 @@ def _featall_ov(K, end, sx, sy, sz, W, out):
         return impl
 
 
-def _wacc(K, nrun, rinfo, rlam, cls, tc, tE, W, deriv):
+def _wgt(K, n, sD, a, c, gp, gl, W, keep):
     raise NotImplementedError  # numba only: see the overload below
 
 
-@overload(_wacc)
-def _wacc_ov(K, nrun, rinfo, rlam, cls, tc, tE, W, deriv):
-    """The generated per-image weights of degrees 0..K (+1), chosen at compile time."""
+@overload(_wgt)
+def _wgt_ov(K, n, sD, a, c, gp, gl, W, keep):
+    """The generated per-image weights of orders 0..K, chosen at compile time (K literal)."""
     if isinstance(K, types.IntegerLiteral):
-        f = WACC[K.literal_value]
+        f = WGT[K.literal_value]
 
-        def impl(K, nrun, rinfo, rlam, cls, tc, tE, W, deriv):
-            f(nrun, rinfo, rlam, cls, tc, tE, W, deriv)
+        def impl(K, n, sD, a, c, gp, gl, W, keep):
+            f(n, sD, a, c, gp, gl, W, keep)
         return impl
 
 
@@ -412,6 +333,7 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
     gtab = tabs.gtab
     ridx = tabs.ridx
     ridxm1 = tabs.ridxm1
+    gsort = tabs.gsort
     ncls = tabs.ncls
     rs = tabs.rsearch
     ords = tabs.ords
@@ -446,22 +368,14 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
     bstart = np.empty(nbins + 1, dtype=np.int64)
     bcount = np.empty(nbins + 1, dtype=np.int64)
     mom = np.empty(286)  # raw moments of every degree 0..9, by global monomial index
-    ocls_of_n = np.zeros(10)  # cutoff class of each order (orders not asked for: class 0)
-    for o in range(nord):
-        ocls_of_n[ords[o]] = ocls[o]
     mu = np.empty(66)
     uc = np.empty(66)
     ux = np.empty(66)
     uy = np.empty(66)
     uz = np.empty(66)
     gend = np.zeros(max(nord, 1), dtype=np.int64)
-    # per-sigma accumulators of the (i, j) blocks of one centre, by pair slot: 3 components
-    # per order (compact and L1-resident, unlike the centre's rows of dF with all columns)
-    accw = 3 * max(nord, 1)
-    blk = np.zeros((n if deriv else 0, accw))
-    blk1 = blk.reshape(-1)  # the same memory, flat
-    acc1 = np.zeros((n if deriv else 0, 3))
-    csum = np.zeros(accw)
+    csum = np.zeros(3 * ncol)
+    dF1 = dF.reshape(-1)
 
     cap = 0
     tcap = 0
@@ -481,18 +395,18 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
     ibuf = np.empty(0, dtype=np.int64)
     tb = np.empty((8, 0))
     tE = tb[0]
-    tc = tb[6]
     tl = tb[7]
     Gt = np.empty((3 * max(nord, 1), 0))
     trow = np.empty(0, dtype=np.uint64)
-    # per-image weights of one sigma (rows: degree n, then n+1 for the derivatives: _fused.wacc)
-    nw = 2 * (K + 1) if deriv else K + 1
-    W = np.empty((2 * (K + 1), 0))
-    maxrun = 0
-    for s in range(nspecies):
-        maxrun += ng[s]
-    rinfo = np.empty((max(maxrun, 1), 3), dtype=np.int64)
-    rlam = np.empty(max(maxrun, 1))
+    # per-image weights of one sigma (rows: degree n, then n+1 for the derivatives: _fused.wgt)
+    # (zeros, not empty: wgt multiplies the old contents by keep = 0 on the first pass)
+    W = np.zeros((2 * (K + 1), 0))
+    gp = np.zeros(2 * (K + 3))
+    gl = np.zeros(2 * (K + 1), dtype=np.int64)
+    ocls_i = np.zeros(K + 1, dtype=np.int64)
+    for o in range(nord):
+        if ords[o] <= K:
+            ocls_i[ords[o]] = ocls[o]
     cx = np.empty(0)
     cy = np.empty(0)
     cz = np.empty(0)
@@ -522,9 +436,8 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
             ibuf = np.empty(tcap, dtype=np.int64)
             tb = np.empty((8, tcap))
             tE = tb[0]
-            tc = tb[6]
             tl = tb[7]
-            W = np.empty((2 * (K + 1), cap))
+            W = np.zeros((2 * (K + 1), cap))
             cx = np.empty(cap)
             cy = np.empty(cap)
             cz = np.empty(cap)
@@ -552,7 +465,14 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                     slot[j] = 0
                     jlist[k] = j
                     k += 1
-            _sort_ints(jlist, k)
+            if 8 * k >= n:  # dense: a scan of the marks is sorted for free
+                k = 0
+                for j in range(n):
+                    if slot[j] == 0:
+                        jlist[k] = j
+                        k += 1
+            else:
+                _sort_ints(jlist, k)
             jl = jlist
             if npairs + k > pcap:
                 # grow to what the centres so far predict for all of them (rows are zeroed
@@ -569,12 +489,22 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                 for r in range(npairs):
                     pj[r] = pair_j[r]
                 pair_j = pj
-            # (every entry of the centre's rows is assigned below: no zeroing)
             for kk in range(k):
                 slot[jl[kk]] = kk
                 pair_j[base + kk] = jl[kk]
             pair_count[ci] = k
             npairs += k
+            # the centre's rows of dF accumulate every term directly: zeroed, and the flat
+            # offset of each image's (i, j) block
+            dF1 = dF.reshape(-1)
+            rw = 3 * ncol
+            zr = dF1[base * rw:(base + k) * rw]  # (a view from 0: a plain memset, no index checks)
+            for r in range(k * rw):
+                zr[r] = 0.0
+            urw = np.uint64(rw)
+            ub = np.uint64(base * rw)
+            for t in range(cnt):
+                trow[t] = ub + np.uint64(slot[s_j[t]]) * urw
 
         # ---- order -1: the model density at the centre --------------------------------
         if col_m1 >= 0:
@@ -606,33 +536,18 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
             if not square and F < 1e-15:
                 F = 0.0
             feats[ci, m] = F
-            if deriv:
-                kp = pair_count[ci]
-                for r in range(kp):
-                    acc1[r, 0] = 0.0
-                    acc1[r, 1] = 0.0
-                    acc1[r, 2] = 0.0
-                if F != 0.0:
-                    # dS/dd = 2 mu sum(-2 beta B e^{-beta D} d);  sqrt mode: divided by 2F
-                    scale = 4.0 * dens if square else 2.0 * dens / F
-                    for t in range(T1):
-                        e = tl[t] * tE[t] * scale
-                        st = tj[t]
-                        r = slot[s_j[st]]
-                        acc1[r, 0] += e * s_x[st]
-                        acc1[r, 1] += e * s_y[st]
-                        acc1[r, 2] += e * s_z[st]
-                    if total:  # the centre's own block loses the sum of all blocks
-                        own = slot[i]
-                        for a in range(3):
-                            sm = 0.0
-                            for r in range(kp):
-                                sm += acc1[r, a]
-                            acc1[own, a] -= sm
-                for r in range(kp):
-                    dF[base + r, 0, m] = acc1[r, 0]
-                    dF[base + r, 1, m] = acc1[r, 1]
-                    dF[base + r, 2, m] = acc1[r, 2]
+            if deriv and F != 0.0:
+                # dS/dd = 2 mu sum(-2 beta B e^{-beta D} d);  sqrt mode: divided by 2F
+                scale = 4.0 * dens if square else 2.0 * dens / F
+                um = np.uint64(m)
+                uncol = np.uint64(ncol)
+                for t in range(T1):
+                    e = tl[t] * tE[t] * scale
+                    st = tj[t]
+                    r = trow[st] + um
+                    dF1[r] += e * s_x[st]
+                    dF1[r + uncol] += e * s_y[st]
+                    dF1[r + uncol + uncol] += e * s_z[st]
 
         # ---- orders >= 0, one sigma at a time -----------------------------------------
         # Per image (one periodic image of a neighbour, index into the binned list), the terms
@@ -640,15 +555,55 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
         # E u^m = (E lambda^n) d^m for a degree-n monomial m, so the moments and gradients are
         # polynomials in d evaluated once per image, weighted by W[n] = sum E lambda^n.
         if nord > 0:
-            wu = np.uint64(accw)
-            if deriv:
-                for t in range(cnt):  # the (i, j) block of each image, as a flat offset
-                    trow[t] = np.uint64(slot[s_j[t]]) * wu
             for u in range(nsig):
-                T, nrun, nimg = _fill_terms(s_x, s_y, s_z, s_D, trow, bstart, bo, nspecies, ng,
-                                            c1[u], c2[u], lam[u], ridx[u], ncls, tb, ibuf, rinfo,
-                                            rlam, cx, cy, cz, ctrow, W, nw, deriv)
-                _wacc(K, nrun, rinfo, rlam, ocls_of_n, tc, tE, W, deriv)
+                # the images of each species within any of its cutoffs at this sigma (a prefix
+                # of its binned entries) go one species after another into cx/cy/cz (ctrow);
+                # their weights come from the species' Gaussians, two at a time, longest first
+                nimg = 0
+                for s in range(nspecies):
+                    a = bstart[bo[s]]
+                    b0 = bo[s] + 1
+                    gs = gsort[u, s]
+                    Lmax = bstart[b0 + ridx[u, ncls - 1, s, gs[0]]] - a
+                    if Lmax <= 0:
+                        continue
+                    # (unsigned indices: no wraparound code, so plain vector copies)
+                    ua = np.uint64(a)
+                    uo = np.uint64(nimg)
+                    for k in range(Lmax):
+                        ku = np.uint64(k)
+                        cx[uo + ku] = s_x[ua + ku]
+                        cy[uo + ku] = s_y[ua + ku]
+                        cz[uo + ku] = s_z[ua + ku]
+                    if deriv:
+                        for k in range(Lmax):
+                            ku = np.uint64(k)
+                            ctrow[uo + ku] = trow[ua + ku]
+                    for g0 in range(0, ng[s], 2):
+                        n0 = bstart[b0 + ridx[u, ncls - 1, s, gs[g0]]] - a
+                        if n0 <= 0:
+                            break
+                        for gi in range(2):
+                            q0 = gi * (K + 3)
+                            l0 = gi * (K + 1)
+                            if g0 + gi < ng[s]:
+                                g = gs[g0 + gi]
+                                gp[q0] = c1[u, s, g]
+                                gp[q0 + 1] = c2[u, s, g]
+                                lm = lam[u, s, g]
+                                pw = lm
+                                for j in range(K + 1):
+                                    gp[q0 + 2 + j] = pw
+                                    pw *= lm
+                                for m in range(K + 1):
+                                    gl[l0 + m] = bstart[b0 + ridx[u, ocls_i[m], s, g]] - a
+                            else:
+                                for j in range(K + 3):
+                                    gp[q0 + j] = 0.0
+                                for m in range(K + 1):
+                                    gl[l0 + m] = 0
+                        _wgt(K, n0, s_D, a, nimg, gp, gl, W, 0.0 if g0 == 0 else 1.0)
+                    nimg += Lmax
                 if stop == 3:
                     continue
                 m2a = -2.0 * alpha[u]
@@ -698,48 +653,36 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                     gend[o] = 1
                 if not deriv:
                     continue
-                # scatter every order's per-image gradient into the per-sigma accumulators of
-                # the (i, j) blocks (one branch-free loop per order and segment); then the
-                # blocks' columns of this sigma are assigned in dF
-                kp = pair_count[ci]
-                for r in range(kp):
-                    for a in range(accw):
-                        blk[r, a] = 0.0
+                # scatter every order's per-image gradient into its (i, j) block of dF
                 if stop == 5:
                     nimg = 0
+                uncol = np.uint64(ncol)
                 for o in range(nord):
                     if gend[o] == 0:
                         continue
-                    o3 = 3 * o
-                    ou = np.uint64(o3)
-                    g0 = Gt[o3]
-                    g1 = Gt[o3 + 1]
-                    g2 = Gt[o3 + 2]
+                    um = np.uint64(col[o, u])
+                    g0 = Gt[3 * o]
+                    g1 = Gt[3 * o + 1]
+                    g2 = Gt[3 * o + 2]
                     for k in range(nimg):
-                        r = ctrow[k] + ou
-                        blk1[r] += g0[k]
-                        blk1[r + np.uint64(1)] += g1[k]
-                        blk1[r + np.uint64(2)] += g2[k]
-                if total:  # the centre's own block loses the sum of all blocks
-                    for a in range(accw):
-                        csum[a] = 0.0
-                    for r in range(kp):
-                        for a in range(accw):
-                            csum[a] += blk[r, a]
-                    own = slot[i]
-                    for a in range(accw):
-                        blk[own, a] -= csum[a]
-                for o in range(nord):
-                    m = col[o, u]
-                    if m < 0:
-                        continue
-                    o3 = 3 * o
-                    rows = dF[base:base + kp]
-                    for r in range(kp):
-                        rows[r, 0, m] = blk[r, o3]
-                        rows[r, 1, m] = blk[r, o3 + 1]
-                        rows[r, 2, m] = blk[r, o3 + 2]
+                        r = ctrow[k] + um
+                        dF1[r] += g0[k]
+                        dF1[r + uncol] += g1[k]
+                        dF1[r + uncol + uncol] += g2[k]
 
+        if deriv and total:  # the centre's own block loses the sum of all its blocks
+            kp = pair_count[ci]
+            rw = 3 * ncol
+            for a in range(rw):
+                csum[a] = 0.0
+            rows = dF1[base * rw:(base + kp) * rw]
+            for r in range(kp):
+                rr = rows[r * rw:(r + 1) * rw]
+                for a in range(rw):
+                    csum[a] += rr[a]
+            rr = rows[slot[i] * rw:(slot[i] + 1) * rw]
+            for a in range(rw):
+                rr[a] -= csum[a]
         if deriv:
             for k in range(pair_count[ci]):
                 slot[pair_j[base + k]] = -1
