@@ -36,7 +36,7 @@ from numba.extending import intrinsic, overload
 
 # first: every kernel of this package caches in the machine-wide directory of _numba_cache
 from ._numba_cache import compile_lock  # noqa: I001
-from ._fused import FEATALL, GRAD_UPTO, WGT
+from ._fused import FEATALL, GRAD_UPTO, WIMG
 
 _CACHE = True
 #: fast-math without reassociation, for code whose rounding steps must stay as written
@@ -208,6 +208,67 @@ def _vexp(T, arg, scale, ibuf):
         scale[t] = (scale[t] * p) * _bits_to_f64((np.int64(nf) + 1023) << 52)
 
 
+@njit(cache=_CACHE, fastmath=True)
+def _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, ridx, ncls,
+                tj, tb, ibuf, deriv):
+    """Write the contributing terms of one sigma; returns their number T.
+
+    Terms come in one run per (species, Gaussian): the neighbours within the largest cutoff
+    class of that Gaussian, nearest bins first.  tc[t] is the term's cutoff class, the smallest
+    class whose radius admits it, so order n counts exactly the terms with tc <= class(n).
+    Rows of tb: 0 E (C1 times the exponential), 1 the exponent, 2-4 lambda d, 5 unused,
+    6 tc, 7 lambda tl.  The atom index tj and tl are written only when deriv is set.  (One 2-D
+    buffer rather than eight arrays: LLVM vectorizes the copy loops with fewer alias checks.)
+    """
+    p = 0
+    for s in range(nspecies):
+        a = bstart[bo[s]]
+        if a == bstart[bo[s + 1]]:
+            continue
+        b0 = bo[s] + 1
+        for g in range(ng[s]):
+            C1 = c1[s, g]
+            C2 = c2[s, g]
+            lm = lam[s, g]
+            L = bstart[b0 + ridx[ncls - 1, s, g]] - a
+            # one pass per run (runs are short, so each extra loop costs its set-up): the
+            # class tag of up to two classes in the same loop, more classes by extra passes.
+            # The loops run over views with indices from 0: numba's negative-index wraparound
+            # then folds away and LLVM vectorizes them (with t from a, they stayed scalar).
+            Lc = bstart[b0 + ridx[0, s, g]] - a if ncls > 1 else L
+            e0 = tb[0, p:p + L]
+            e1 = tb[1, p:p + L]
+            e2 = tb[2, p:p + L]
+            e3 = tb[3, p:p + L]
+            e4 = tb[4, p:p + L]
+            e6 = tb[6, p:p + L]
+            vx = s_x[a:a + L]
+            vy = s_y[a:a + L]
+            vz = s_z[a:a + L]
+            vD = s_D[a:a + L]
+            for k in range(L):
+                e0[k] = C1
+                e1[k] = C2 * vD[k]
+                e2[k] = lm * vx[k]
+                e3[k] = lm * vy[k]
+                e4[k] = lm * vz[k]
+                e6[k] = 1.0 if k >= Lc else 0.0
+            if deriv:
+                e7 = tb[7, p:p + L]
+                dj = tj[p:p + L]
+                vj = s_j[a:a + L]
+                for k in range(L):
+                    e7[k] = lm
+                    dj[k] = vj[k]
+            for c in range(1, ncls - 1):
+                Lc = bstart[b0 + ridx[c, s, g]] - a
+                for k in range(Lc, L):
+                    e6[k] += 1.0
+            p += L
+    _vexp(np.int64(p), tb[1], tb[0], ibuf)
+    return p
+
+
 class KernelTables(NamedTuple):
     """Everything the kernel needs besides the structure: one object across the kernel boundary,
     built in one place (``GMPFeaturizer._species_tables``) for one feature set and one set of
@@ -258,33 +319,33 @@ class KernelTables(NamedTuple):
     hcoef: np.ndarray
 
 
-def _featall(K, end, sx, sy, sz, W, out):
+def _featall(K, end, cls, tc, tE, tux, tuy, tuz, out):
     raise NotImplementedError  # numba only: see the overload below
 
 
 @overload(_featall)
-def _featall_ov(K, end, sx, sy, sz, W, out):
+def _featall_ov(K, end, cls, tc, tE, tux, tuy, tuz, out):
     """The generated moment loop of orders 0..K, chosen at compile time (K literal)."""
     if isinstance(K, types.IntegerLiteral):
         f = FEATALL[K.literal_value]
 
-        def impl(K, end, sx, sy, sz, W, out):
-            f(end, sx, sy, sz, W, out)
+        def impl(K, end, cls, tc, tE, tux, tuy, tuz, out):
+            f(end, cls, tc, tE, tux, tuy, tuz, out)
         return impl
 
 
-def _wgt(K, n, sD, a, c, gp, gl, W, keep):
+def _wimg(K, n, tE, pg, gl, gq, W, c, keep):
     raise NotImplementedError  # numba only: see the overload below
 
 
-@overload(_wgt)
-def _wgt_ov(K, n, sD, a, c, gp, gl, W, keep):
+@overload(_wimg)
+def _wimg_ov(K, n, tE, pg, gl, gq, W, c, keep):
     """The generated per-image weights of orders 0..K, chosen at compile time (K literal)."""
     if isinstance(K, types.IntegerLiteral):
-        f = WGT[K.literal_value]
+        f = WIMG[K.literal_value]
 
-        def impl(K, n, sD, a, c, gp, gl, W, keep):
-            f(n, sD, a, c, gp, gl, W, keep)
+        def impl(K, n, tE, pg, gl, gq, W, c, keep):
+            f(n, tE, pg, gl, gq, W, c, keep)
         return impl
 
 
@@ -395,14 +456,25 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
     ibuf = np.empty(0, dtype=np.int64)
     tb = np.empty((8, 0))
     tE = tb[0]
+    tux = tb[2]
+    tuy = tb[3]
+    tuz = tb[4]
+    tc = tb[6]
     tl = tb[7]
     Gt = np.empty((3 * max(nord, 1), 0))
     trow = np.empty(0, dtype=np.uint64)
-    # per-image weights of one sigma (rows: degree n, then n+1 for the derivatives: _fused.wgt)
-    # (zeros, not empty: wgt multiplies the old contents by keep = 0 on the first pass)
+    ocls_of_n = np.zeros(10)  # cutoff class of each order (orders not asked for: class 0)
+    for o in range(nord):
+        ocls_of_n[ords[o]] = ocls[o]
+    # derivatives: per-image weights of one sigma (rows: degree n, then n+1; _fused.wimg),
+    # zeros, not empty: wimg multiplies the old contents by keep = 0 on its first pass
     W = np.zeros((2 * (K + 1), 0))
-    gp = np.zeros(2 * (K + 3))
-    gl = np.zeros(2 * (K + 1), dtype=np.int64)
+    gw = 4  # Gaussians per wimg call (_codegen.GW)
+    pg = np.zeros(gw, dtype=np.int64)
+    gl = np.zeros(gw * (K + 1), dtype=np.int64)
+    gq = np.zeros(gw * (K + 1))
+    pst = np.zeros(G, dtype=np.int64)
+    plen = np.zeros(G, dtype=np.int64)
     ocls_i = np.zeros(K + 1, dtype=np.int64)
     for o in range(nord):
         if ords[o] <= K:
@@ -434,14 +506,20 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
             s_D = np.empty(cap)
             tj = np.empty(tcap, dtype=np.int64)
             ibuf = np.empty(tcap, dtype=np.int64)
-            tb = np.empty((8, tcap))
+            # (+ cap: wimg reads up to a species' longest run past a shorter run's start;
+            # zeros, so whatever it reads there is finite)
+            tb = np.zeros((8, tcap + cap))
             tE = tb[0]
+            tux = tb[2]
+            tuy = tb[3]
+            tuz = tb[4]
+            tc = tb[6]
             tl = tb[7]
-            W = np.zeros((2 * (K + 1), cap))
-            cx = np.empty(cap)
-            cy = np.empty(cap)
-            cz = np.empty(cap)
             if deriv:
+                W = np.zeros((2 * (K + 1), cap))
+                cx = np.empty(cap)
+                cy = np.empty(cap)
+                cz = np.empty(cap)
                 Gt = np.empty((3 * max(nord, 1), cap))
                 trow = np.empty(cap, dtype=np.uint64)
                 ctrow = np.empty(cap, dtype=np.uint64)
@@ -556,58 +634,67 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
         # polynomials in d evaluated once per image, weighted by W[n] = sum E lambda^n.
         if nord > 0:
             for u in range(nsig):
-                # the images of each species within any of its cutoffs at this sigma (a prefix
-                # of its binned entries) go one species after another into cx/cy/cz (ctrow);
-                # their weights come from the species' Gaussians, two at a time, longest first
-                nimg = 0
-                for s in range(nspecies):
-                    a = bstart[bo[s]]
-                    b0 = bo[s] + 1
-                    gs = gsort[u, s]
-                    Lmax = bstart[b0 + ridx[u, ncls - 1, s, gs[0]]] - a
-                    if Lmax <= 0:
-                        continue
-                    # (unsigned indices: no wraparound code, so plain vector copies)
-                    ua = np.uint64(a)
-                    uo = np.uint64(nimg)
-                    for k in range(Lmax):
-                        ku = np.uint64(k)
-                        cx[uo + ku] = s_x[ua + ku]
-                        cy[uo + ku] = s_y[ua + ku]
-                        cz[uo + ku] = s_z[ua + ku]
-                    if deriv:
-                        for k in range(Lmax):
-                            ku = np.uint64(k)
-                            ctrow[uo + ku] = trow[ua + ku]
-                    for g0 in range(0, ng[s], 2):
-                        n0 = bstart[b0 + ridx[u, ncls - 1, s, gs[g0]]] - a
-                        if n0 <= 0:
-                            break
-                        for gi in range(2):
-                            q0 = gi * (K + 3)
-                            l0 = gi * (K + 1)
-                            if g0 + gi < ng[s]:
-                                g = gs[g0 + gi]
-                                gp[q0] = c1[u, s, g]
-                                gp[q0 + 1] = c2[u, s, g]
-                                lm = lam[u, s, g]
-                                pw = lm
-                                for j in range(K + 1):
-                                    gp[q0 + 2 + j] = pw
-                                    pw *= lm
-                                for m in range(K + 1):
-                                    gl[l0 + m] = bstart[b0 + ridx[u, ocls_i[m], s, g]] - a
-                            else:
-                                for j in range(K + 3):
-                                    gp[q0 + j] = 0.0
-                                for m in range(K + 1):
-                                    gl[l0 + m] = 0
-                        _wgt(K, n0, s_D, a, nimg, gp, gl, W, 0.0 if g0 == 0 else 1.0)
-                    nimg += Lmax
+                T = _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1[u], c2[u],
+                                lam[u], ridx[u], ncls, tj, tb, ibuf, False)
                 if stop == 3:
                     continue
                 m2a = -2.0 * alpha[u]
-                _featall(K, nimg, cx, cy, cz, W, mom)
+                _featall(K, T, ocls_of_n, tc, tE, tux, tuy, tuz, mom)
+                nimg = 0
+                if deriv:
+                    # The derivatives go by image (one periodic image of a neighbour): with
+                    # u = lambda d, E u^m = (E lambda^n) d^m for a degree-n monomial m, so the
+                    # terms of all the image's Gaussians combine into per-degree weights
+                    # W[n] = sum E lambda^n (and W[K+1+n] with lambda^(n+1)), and the gradient
+                    # is a polynomial in d evaluated, and scattered, once per image.  The images
+                    # of each species within any of its cutoffs at this sigma (a prefix of its
+                    # binned entries) go one species after another into cx/cy/cz (ctrow).
+                    p = 0
+                    for s in range(nspecies):
+                        a = bstart[bo[s]]
+                        if a == bstart[bo[s + 1]]:
+                            continue  # (as _fill_terms: no runs)
+                        b0 = bo[s] + 1
+                        for g in range(ng[s]):  # the runs of _fill_terms
+                            L = bstart[b0 + ridx[u, ncls - 1, s, g]] - a
+                            pst[g] = p
+                            plen[g] = L
+                            p += L
+                        gs = gsort[u, s]
+                        Lmax = plen[gs[0]]
+                        if Lmax <= 0:
+                            continue
+                        # (unsigned indices: no wraparound code, so plain vector copies)
+                        ua = np.uint64(a)
+                        uo = np.uint64(nimg)
+                        for k in range(Lmax):
+                            ku = np.uint64(k)
+                            cx[uo + ku] = s_x[ua + ku]
+                            cy[uo + ku] = s_y[ua + ku]
+                            cz[uo + ku] = s_z[ua + ku]
+                            ctrow[uo + ku] = trow[ua + ku]
+                        # the species' Gaussians gw at a time, longest run first
+                        for g0 in range(0, ng[s], gw):
+                            n0 = plen[gs[g0]]
+                            if n0 <= 0:
+                                break
+                            for gi in range(gw):
+                                if g0 + gi < ng[s]:
+                                    g = gs[g0 + gi]
+                                    pg[gi] = pst[g]
+                                    lm = lam[u, s, g]
+                                    pw = lm
+                                    for m in range(K + 1):
+                                        gl[gi * (K + 1) + m] = bstart[b0 + ridx[u, ocls_i[m], s, g]] - a
+                                        gq[gi * (K + 1) + m] = pw
+                                        pw *= lm
+                                else:
+                                    pg[gi] = 0
+                                    for m in range(K + 1):
+                                        gl[gi * (K + 1) + m] = 0
+                                        gq[gi * (K + 1) + m] = 0.0
+                            _wimg(K, n0, tE, pg, gl, gq, W, nimg, 0.0 if g0 == 0 else 1.0)
+                        nimg += Lmax
                 for o in range(nord):
                     gend[o] = 0
                     m = col[o, u]

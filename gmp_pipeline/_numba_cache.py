@@ -34,7 +34,7 @@ import numba
 from numba.core import caching
 
 HERE = Path(__file__).resolve().parent
-KERNEL_SOURCES = ("_kernels.py", "_fused.py", "_numba_cache.py", "_harmonics.py", "_intrinsics.py")
+KERNEL_SOURCES = ("_kernels.py", "_fused.py", "_numba_cache.py", "_harmonics.py")
 ENV = "GMP_PIPELINE_KERNEL_CACHE"
 
 
