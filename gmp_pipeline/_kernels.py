@@ -233,37 +233,26 @@ def _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, 
             L = bstart[b0 + ridx[ncls - 1, s, g]] - a
             # one pass per run (runs are short, so each extra loop costs its set-up): the
             # class tag of up to two classes in the same loop, more classes by extra passes.
-            # The loops run over views with indices from 0: numba's negative-index wraparound
-            # then folds away and LLVM vectorizes them (with t from a, they stayed scalar).
+            # Unsigned indices: numba's negative-index wraparound code is skipped, so LLVM
+            # vectorizes the loops (signed indices from a kept them scalar), and no views are
+            # made (each costs a reference-count increment and decrement).
             Lc = bstart[b0 + ridx[0, s, g]] - a if ncls > 1 else L
-            e0 = tb[0, p:p + L]
-            e1 = tb[1, p:p + L]
-            e2 = tb[2, p:p + L]
-            e3 = tb[3, p:p + L]
-            e4 = tb[4, p:p + L]
-            e6 = tb[6, p:p + L]
-            vx = s_x[a:a + L]
-            vy = s_y[a:a + L]
-            vz = s_z[a:a + L]
-            vD = s_D[a:a + L]
+            up = np.uint64(p)
+            ua = np.uint64(a)
             for k in range(L):
-                e0[k] = C1
-                e1[k] = C2 * vD[k]
-                e2[k] = lm * vx[k]
-                e3[k] = lm * vy[k]
-                e4[k] = lm * vz[k]
-                e6[k] = 1.0 if k >= Lc else 0.0
-            if deriv:
-                e7 = tb[7, p:p + L]
-                dj = tj[p:p + L]
-                vj = s_j[a:a + L]
-                for k in range(L):
-                    e7[k] = lm
-                    dj[k] = vj[k]
+                ku = np.uint64(k)
+                t = up + ku
+                v = ua + ku
+                tb[0, t] = C1
+                tb[1, t] = C2 * s_D[v]
+                tb[2, t] = lm * s_x[v]
+                tb[3, t] = lm * s_y[v]
+                tb[4, t] = lm * s_z[v]
+                tb[6, t] = 1.0 if k >= Lc else 0.0
             for c in range(1, ncls - 1):
                 Lc = bstart[b0 + ridx[c, s, g]] - a
                 for k in range(Lc, L):
-                    e6[k] += 1.0
+                    tb[6, up + np.uint64(k)] += 1.0
             p += L
     _vexp(np.int64(p), tb[1], tb[0], ibuf)
     return p
@@ -436,7 +425,9 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
     uz = np.empty(66)
     gend = np.zeros(max(nord, 1), dtype=np.int64)
     csum = np.zeros(3 * ncol)
-    dF1 = dF.reshape(-1)
+    # the (i, j) blocks of one centre, laid out as its rows of dF (so they go out in one
+    # contiguous copy) but in a buffer that stays in cache; flat, indexed unsigned
+    blk = np.zeros(n * 3 * ncol if deriv else 0)
 
     cap = 0
     tcap = 0
@@ -572,17 +563,13 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                 pair_j[base + kk] = jl[kk]
             pair_count[ci] = k
             npairs += k
-            # the centre's rows of dF accumulate every term directly: zeroed, and the flat
-            # offset of each image's (i, j) block
-            dF1 = dF.reshape(-1)
+            # the centre's blocks start at zero; each image's block as a flat offset in blk
             rw = 3 * ncol
-            zr = dF1[base * rw:(base + k) * rw]  # (a view from 0: a plain memset, no index checks)
             for r in range(k * rw):
-                zr[r] = 0.0
+                blk[np.uint64(r)] = 0.0
             urw = np.uint64(rw)
-            ub = np.uint64(base * rw)
             for t in range(cnt):
-                trow[t] = ub + np.uint64(slot[s_j[t]]) * urw
+                trow[t] = np.uint64(slot[s_j[t]]) * urw
 
         # ---- order -1: the model density at the centre --------------------------------
         if col_m1 >= 0:
@@ -623,9 +610,9 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                     e = tl[t] * tE[t] * scale
                     st = tj[t]
                     r = trow[st] + um
-                    dF1[r] += e * s_x[st]
-                    dF1[r + uncol] += e * s_y[st]
-                    dF1[r + uncol + uncol] += e * s_z[st]
+                    blk[r] += e * s_x[st]
+                    blk[r + uncol] += e * s_y[st]
+                    blk[r + uncol + uncol] += e * s_z[st]
 
         # ---- orders >= 0, one sigma at a time -----------------------------------------
         # Per image (one periodic image of a neighbour, index into the binned list), the terms
@@ -748,29 +735,35 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                     if gend[o] == 0:
                         continue
                     um = np.uint64(col[o, u])
-                    g0 = Gt[3 * o]
-                    g1 = Gt[3 * o + 1]
-                    g2 = Gt[3 * o + 2]
+                    o0 = np.uint64(3 * o)
+                    o1 = o0 + np.uint64(1)
+                    o2 = o0 + np.uint64(2)
                     for k in range(nimg):
-                        r = ctrow[k] + um
-                        dF1[r] += g0[k]
-                        dF1[r + uncol] += g1[k]
-                        dF1[r + uncol + uncol] += g2[k]
+                        ku = np.uint64(k)
+                        r = ctrow[ku] + um
+                        blk[r] += Gt[o0, ku]
+                        blk[r + uncol] += Gt[o1, ku]
+                        blk[r + uncol + uncol] += Gt[o2, ku]
 
-        if deriv and total:  # the centre's own block loses the sum of all its blocks
+        if deriv:
             kp = pair_count[ci]
             rw = 3 * ncol
-            for a in range(rw):
-                csum[a] = 0.0
-            rows = dF1[base * rw:(base + kp) * rw]
-            for r in range(kp):
-                rr = rows[r * rw:(r + 1) * rw]
+            urw = np.uint64(rw)
+            if total:  # the centre's own block loses the sum of all its blocks
                 for a in range(rw):
-                    csum[a] += rr[a]
-            rr = rows[slot[i] * rw:(slot[i] + 1) * rw]
-            for a in range(rw):
-                rr[a] -= csum[a]
-        if deriv:
+                    csum[a] = 0.0
+                for r in range(kp):
+                    ur = np.uint64(r) * urw
+                    for a in range(rw):
+                        csum[a] += blk[ur + np.uint64(a)]
+                ur = np.uint64(slot[i]) * urw
+                for a in range(rw):
+                    blk[ur + np.uint64(a)] -= csum[a]
+            dF1 = dF.reshape(-1)
+            ub = np.uint64(base) * urw
+            for r in range(kp * rw):
+                ur = np.uint64(r)
+                dF1[ub + ur] = blk[ur]
             for k in range(pair_count[ci]):
                 slot[pair_j[base + k]] = -1
     return feats, dF[:npairs], pair_j[:npairs], pair_count
