@@ -85,26 +85,29 @@ def _grad(n: int) -> str:
     monos = monomials_of_degree(n)
     lows = monomials_of_degree(n - 1) if n >= 1 else []
     L = ["@njit(cache=True, fastmath=True)",
-         f"def grad_{n}(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):"]
+         f"def grad_{n}(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):"]
     L += [f"    c{k} = uc[{k}]" for k in range(len(monos))]
     for k in range(len(lows)):
         L += [f"    ax{k} = px[{k}]", f"    ay{k} = py[{k}]", f"    az{k} = pz[{k}]"]
-    L.append("    for k in range(end):")
+    # (unsigned indices: numba's wraparound code is skipped, and no views are made)
+    L += ["    ua = np.uint64(ia)", "    ub = np.uint64(ib)", "    r0 = np.uint64(row)",
+          "    r1 = r0 + np.uint64(1)", "    r2 = r0 + np.uint64(2)", "    for k in range(end):",
+          "        ku = np.uint64(k)"]
     ind = "        "
-    L += [f"{ind}dx = sx[k]", f"{ind}dy = sy[k]", f"{ind}dz = sz[k]"]
+    L += [f"{ind}dx = sx[ku]", f"{ind}dy = sy[ku]", f"{ind}dz = sz[ku]"]
     L += [ln.replace("sx[k]", "dx").replace("sy[k]", "dy").replace("sz[k]", "dz") for ln in _powers(n, ind, "s")]
     L.append(f"{ind}P = " + " + ".join(f"c{k} * {_product(*m)}" for k, m in enumerate(monos)))
-    L.append(f"{ind}Bm = m2a * wb[k] * P")
+    L.append(f"{ind}Bm = m2a * W[ub, ku] * P")
     if lows:
-        L.append(f"{ind}A = wa[k]")
+        L.append(f"{ind}A = W[ua, ku]")
         for k, m in enumerate(lows):
             L.append(f"{ind}q{k} = {_product(*m)}")
         for a in "xyz":
             L.append(f"{ind}P{a} = " + " + ".join(f"a{a}{k} * q{k}" for k in range(len(lows))))
-        L += [f"{ind}G[row, k] = Bm * dx + A * Px", f"{ind}G[row + 1, k] = Bm * dy + A * Py",
-              f"{ind}G[row + 2, k] = Bm * dz + A * Pz"]
+        L += [f"{ind}G[r0, ku] = Bm * dx + A * Px", f"{ind}G[r1, ku] = Bm * dy + A * Py",
+              f"{ind}G[r2, ku] = Bm * dz + A * Pz"]
     else:
-        L += [f"{ind}G[row, k] = Bm * dx", f"{ind}G[row + 1, k] = Bm * dy", f"{ind}G[row + 2, k] = Bm * dz"]
+        L += [f"{ind}G[r0, ku] = Bm * dx", f"{ind}G[r1, ku] = Bm * dy", f"{ind}G[r2, ku] = Bm * dz"]
     return "\n".join(L) + "\n"
 
 
@@ -133,7 +136,7 @@ def _featall(K: int) -> str:
     return "\n".join(L) + "\n"
 
 
-GRAD_ARGS = "end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row"
+GRAD_ARGS = "end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row"
 
 
 def _grad_upto(K: int) -> str:

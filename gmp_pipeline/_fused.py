@@ -5,46 +5,58 @@ import numpy as np
 from numba import njit
 
 @njit(cache=True, fastmath=True)
-def grad_0(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
+def grad_0(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
+    ua = np.uint64(ia)
+    ub = np.uint64(ib)
+    r0 = np.uint64(row)
+    r1 = r0 + np.uint64(1)
+    r2 = r0 + np.uint64(2)
     for k in range(end):
-        dx = sx[k]
-        dy = sy[k]
-        dz = sz[k]
+        ku = np.uint64(k)
+        dx = sx[ku]
+        dy = sy[ku]
+        dz = sz[ku]
         P = c0 * 1.0
-        Bm = m2a * wb[k] * P
-        G[row, k] = Bm * dx
-        G[row + 1, k] = Bm * dy
-        G[row + 2, k] = Bm * dz
+        Bm = m2a * W[ub, ku] * P
+        G[r0, ku] = Bm * dx
+        G[r1, ku] = Bm * dy
+        G[r2, ku] = Bm * dz
 
 @njit(cache=True, fastmath=True)
-def grad_1(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
+def grad_1(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
     ax0 = px[0]
     ay0 = py[0]
     az0 = pz[0]
+    ua = np.uint64(ia)
+    ub = np.uint64(ib)
+    r0 = np.uint64(row)
+    r1 = r0 + np.uint64(1)
+    r2 = r0 + np.uint64(2)
     for k in range(end):
-        dx = sx[k]
-        dy = sy[k]
-        dz = sz[k]
+        ku = np.uint64(k)
+        dx = sx[ku]
+        dy = sy[ku]
+        dz = sz[ku]
         x1 = dx
         y1 = dy
         z1 = dz
         P = c0 * x1 + c1 * y1 + c2 * z1
-        Bm = m2a * wb[k] * P
-        A = wa[k]
+        Bm = m2a * W[ub, ku] * P
+        A = W[ua, ku]
         q0 = 1.0
         Px = ax0 * q0
         Py = ay0 * q0
         Pz = az0 * q0
-        G[row, k] = Bm * dx + A * Px
-        G[row + 1, k] = Bm * dy + A * Py
-        G[row + 2, k] = Bm * dz + A * Pz
+        G[r0, ku] = Bm * dx + A * Px
+        G[r1, ku] = Bm * dy + A * Py
+        G[r2, ku] = Bm * dz + A * Pz
 
 @njit(cache=True, fastmath=True)
-def grad_2(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
+def grad_2(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -60,10 +72,16 @@ def grad_2(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
     ax2 = px[2]
     ay2 = py[2]
     az2 = pz[2]
+    ua = np.uint64(ia)
+    ub = np.uint64(ib)
+    r0 = np.uint64(row)
+    r1 = r0 + np.uint64(1)
+    r2 = r0 + np.uint64(2)
     for k in range(end):
-        dx = sx[k]
-        dy = sy[k]
-        dz = sz[k]
+        ku = np.uint64(k)
+        dx = sx[ku]
+        dy = sy[ku]
+        dz = sz[ku]
         x1 = dx
         y1 = dy
         z1 = dz
@@ -71,20 +89,20 @@ def grad_2(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
         y2 = y1 * y1
         z2 = z1 * z1
         P = c0 * x2 + c1 * x1 * y1 + c2 * x1 * z1 + c3 * y2 + c4 * y1 * z1 + c5 * z2
-        Bm = m2a * wb[k] * P
-        A = wa[k]
+        Bm = m2a * W[ub, ku] * P
+        A = W[ua, ku]
         q0 = x1
         q1 = y1
         q2 = z1
         Px = ax0 * q0 + ax1 * q1 + ax2 * q2
         Py = ay0 * q0 + ay1 * q1 + ay2 * q2
         Pz = az0 * q0 + az1 * q1 + az2 * q2
-        G[row, k] = Bm * dx + A * Px
-        G[row + 1, k] = Bm * dy + A * Py
-        G[row + 2, k] = Bm * dz + A * Pz
+        G[r0, ku] = Bm * dx + A * Px
+        G[r1, ku] = Bm * dy + A * Py
+        G[r2, ku] = Bm * dz + A * Pz
 
 @njit(cache=True, fastmath=True)
-def grad_3(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
+def grad_3(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -113,10 +131,16 @@ def grad_3(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
     ax5 = px[5]
     ay5 = py[5]
     az5 = pz[5]
+    ua = np.uint64(ia)
+    ub = np.uint64(ib)
+    r0 = np.uint64(row)
+    r1 = r0 + np.uint64(1)
+    r2 = r0 + np.uint64(2)
     for k in range(end):
-        dx = sx[k]
-        dy = sy[k]
-        dz = sz[k]
+        ku = np.uint64(k)
+        dx = sx[ku]
+        dy = sy[ku]
+        dz = sz[ku]
         x1 = dx
         y1 = dy
         z1 = dz
@@ -127,8 +151,8 @@ def grad_3(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
         y3 = y1 * y2
         z3 = z1 * z2
         P = c0 * x3 + c1 * x2 * y1 + c2 * x2 * z1 + c3 * x1 * y2 + c4 * x1 * y1 * z1 + c5 * x1 * z2 + c6 * y3 + c7 * y2 * z1 + c8 * y1 * z2 + c9 * z3
-        Bm = m2a * wb[k] * P
-        A = wa[k]
+        Bm = m2a * W[ub, ku] * P
+        A = W[ua, ku]
         q0 = x2
         q1 = x1 * y1
         q2 = x1 * z1
@@ -138,12 +162,12 @@ def grad_3(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
         Px = ax0 * q0 + ax1 * q1 + ax2 * q2 + ax3 * q3 + ax4 * q4 + ax5 * q5
         Py = ay0 * q0 + ay1 * q1 + ay2 * q2 + ay3 * q3 + ay4 * q4 + ay5 * q5
         Pz = az0 * q0 + az1 * q1 + az2 * q2 + az3 * q3 + az4 * q4 + az5 * q5
-        G[row, k] = Bm * dx + A * Px
-        G[row + 1, k] = Bm * dy + A * Py
-        G[row + 2, k] = Bm * dz + A * Pz
+        G[r0, ku] = Bm * dx + A * Px
+        G[r1, ku] = Bm * dy + A * Py
+        G[r2, ku] = Bm * dz + A * Pz
 
 @njit(cache=True, fastmath=True)
-def grad_4(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
+def grad_4(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -189,10 +213,16 @@ def grad_4(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
     ax9 = px[9]
     ay9 = py[9]
     az9 = pz[9]
+    ua = np.uint64(ia)
+    ub = np.uint64(ib)
+    r0 = np.uint64(row)
+    r1 = r0 + np.uint64(1)
+    r2 = r0 + np.uint64(2)
     for k in range(end):
-        dx = sx[k]
-        dy = sy[k]
-        dz = sz[k]
+        ku = np.uint64(k)
+        dx = sx[ku]
+        dy = sy[ku]
+        dz = sz[ku]
         x1 = dx
         y1 = dy
         z1 = dz
@@ -206,8 +236,8 @@ def grad_4(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
         y4 = y1 * y3
         z4 = z1 * z3
         P = c0 * x4 + c1 * x3 * y1 + c2 * x3 * z1 + c3 * x2 * y2 + c4 * x2 * y1 * z1 + c5 * x2 * z2 + c6 * x1 * y3 + c7 * x1 * y2 * z1 + c8 * x1 * y1 * z2 + c9 * x1 * z3 + c10 * y4 + c11 * y3 * z1 + c12 * y2 * z2 + c13 * y1 * z3 + c14 * z4
-        Bm = m2a * wb[k] * P
-        A = wa[k]
+        Bm = m2a * W[ub, ku] * P
+        A = W[ua, ku]
         q0 = x3
         q1 = x2 * y1
         q2 = x2 * z1
@@ -221,12 +251,12 @@ def grad_4(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
         Px = ax0 * q0 + ax1 * q1 + ax2 * q2 + ax3 * q3 + ax4 * q4 + ax5 * q5 + ax6 * q6 + ax7 * q7 + ax8 * q8 + ax9 * q9
         Py = ay0 * q0 + ay1 * q1 + ay2 * q2 + ay3 * q3 + ay4 * q4 + ay5 * q5 + ay6 * q6 + ay7 * q7 + ay8 * q8 + ay9 * q9
         Pz = az0 * q0 + az1 * q1 + az2 * q2 + az3 * q3 + az4 * q4 + az5 * q5 + az6 * q6 + az7 * q7 + az8 * q8 + az9 * q9
-        G[row, k] = Bm * dx + A * Px
-        G[row + 1, k] = Bm * dy + A * Py
-        G[row + 2, k] = Bm * dz + A * Pz
+        G[r0, ku] = Bm * dx + A * Px
+        G[r1, ku] = Bm * dy + A * Py
+        G[r2, ku] = Bm * dz + A * Pz
 
 @njit(cache=True, fastmath=True)
-def grad_5(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
+def grad_5(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -293,10 +323,16 @@ def grad_5(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
     ax14 = px[14]
     ay14 = py[14]
     az14 = pz[14]
+    ua = np.uint64(ia)
+    ub = np.uint64(ib)
+    r0 = np.uint64(row)
+    r1 = r0 + np.uint64(1)
+    r2 = r0 + np.uint64(2)
     for k in range(end):
-        dx = sx[k]
-        dy = sy[k]
-        dz = sz[k]
+        ku = np.uint64(k)
+        dx = sx[ku]
+        dy = sy[ku]
+        dz = sz[ku]
         x1 = dx
         y1 = dy
         z1 = dz
@@ -313,8 +349,8 @@ def grad_5(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
         y5 = y1 * y4
         z5 = z1 * z4
         P = c0 * x5 + c1 * x4 * y1 + c2 * x4 * z1 + c3 * x3 * y2 + c4 * x3 * y1 * z1 + c5 * x3 * z2 + c6 * x2 * y3 + c7 * x2 * y2 * z1 + c8 * x2 * y1 * z2 + c9 * x2 * z3 + c10 * x1 * y4 + c11 * x1 * y3 * z1 + c12 * x1 * y2 * z2 + c13 * x1 * y1 * z3 + c14 * x1 * z4 + c15 * y5 + c16 * y4 * z1 + c17 * y3 * z2 + c18 * y2 * z3 + c19 * y1 * z4 + c20 * z5
-        Bm = m2a * wb[k] * P
-        A = wa[k]
+        Bm = m2a * W[ub, ku] * P
+        A = W[ua, ku]
         q0 = x4
         q1 = x3 * y1
         q2 = x3 * z1
@@ -333,12 +369,12 @@ def grad_5(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
         Px = ax0 * q0 + ax1 * q1 + ax2 * q2 + ax3 * q3 + ax4 * q4 + ax5 * q5 + ax6 * q6 + ax7 * q7 + ax8 * q8 + ax9 * q9 + ax10 * q10 + ax11 * q11 + ax12 * q12 + ax13 * q13 + ax14 * q14
         Py = ay0 * q0 + ay1 * q1 + ay2 * q2 + ay3 * q3 + ay4 * q4 + ay5 * q5 + ay6 * q6 + ay7 * q7 + ay8 * q8 + ay9 * q9 + ay10 * q10 + ay11 * q11 + ay12 * q12 + ay13 * q13 + ay14 * q14
         Pz = az0 * q0 + az1 * q1 + az2 * q2 + az3 * q3 + az4 * q4 + az5 * q5 + az6 * q6 + az7 * q7 + az8 * q8 + az9 * q9 + az10 * q10 + az11 * q11 + az12 * q12 + az13 * q13 + az14 * q14
-        G[row, k] = Bm * dx + A * Px
-        G[row + 1, k] = Bm * dy + A * Py
-        G[row + 2, k] = Bm * dz + A * Pz
+        G[r0, ku] = Bm * dx + A * Px
+        G[r1, ku] = Bm * dy + A * Py
+        G[r2, ku] = Bm * dz + A * Pz
 
 @njit(cache=True, fastmath=True)
-def grad_6(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
+def grad_6(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -430,10 +466,16 @@ def grad_6(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
     ax20 = px[20]
     ay20 = py[20]
     az20 = pz[20]
+    ua = np.uint64(ia)
+    ub = np.uint64(ib)
+    r0 = np.uint64(row)
+    r1 = r0 + np.uint64(1)
+    r2 = r0 + np.uint64(2)
     for k in range(end):
-        dx = sx[k]
-        dy = sy[k]
-        dz = sz[k]
+        ku = np.uint64(k)
+        dx = sx[ku]
+        dy = sy[ku]
+        dz = sz[ku]
         x1 = dx
         y1 = dy
         z1 = dz
@@ -453,8 +495,8 @@ def grad_6(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
         y6 = y1 * y5
         z6 = z1 * z5
         P = c0 * x6 + c1 * x5 * y1 + c2 * x5 * z1 + c3 * x4 * y2 + c4 * x4 * y1 * z1 + c5 * x4 * z2 + c6 * x3 * y3 + c7 * x3 * y2 * z1 + c8 * x3 * y1 * z2 + c9 * x3 * z3 + c10 * x2 * y4 + c11 * x2 * y3 * z1 + c12 * x2 * y2 * z2 + c13 * x2 * y1 * z3 + c14 * x2 * z4 + c15 * x1 * y5 + c16 * x1 * y4 * z1 + c17 * x1 * y3 * z2 + c18 * x1 * y2 * z3 + c19 * x1 * y1 * z4 + c20 * x1 * z5 + c21 * y6 + c22 * y5 * z1 + c23 * y4 * z2 + c24 * y3 * z3 + c25 * y2 * z4 + c26 * y1 * z5 + c27 * z6
-        Bm = m2a * wb[k] * P
-        A = wa[k]
+        Bm = m2a * W[ub, ku] * P
+        A = W[ua, ku]
         q0 = x5
         q1 = x4 * y1
         q2 = x4 * z1
@@ -479,12 +521,12 @@ def grad_6(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
         Px = ax0 * q0 + ax1 * q1 + ax2 * q2 + ax3 * q3 + ax4 * q4 + ax5 * q5 + ax6 * q6 + ax7 * q7 + ax8 * q8 + ax9 * q9 + ax10 * q10 + ax11 * q11 + ax12 * q12 + ax13 * q13 + ax14 * q14 + ax15 * q15 + ax16 * q16 + ax17 * q17 + ax18 * q18 + ax19 * q19 + ax20 * q20
         Py = ay0 * q0 + ay1 * q1 + ay2 * q2 + ay3 * q3 + ay4 * q4 + ay5 * q5 + ay6 * q6 + ay7 * q7 + ay8 * q8 + ay9 * q9 + ay10 * q10 + ay11 * q11 + ay12 * q12 + ay13 * q13 + ay14 * q14 + ay15 * q15 + ay16 * q16 + ay17 * q17 + ay18 * q18 + ay19 * q19 + ay20 * q20
         Pz = az0 * q0 + az1 * q1 + az2 * q2 + az3 * q3 + az4 * q4 + az5 * q5 + az6 * q6 + az7 * q7 + az8 * q8 + az9 * q9 + az10 * q10 + az11 * q11 + az12 * q12 + az13 * q13 + az14 * q14 + az15 * q15 + az16 * q16 + az17 * q17 + az18 * q18 + az19 * q19 + az20 * q20
-        G[row, k] = Bm * dx + A * Px
-        G[row + 1, k] = Bm * dy + A * Py
-        G[row + 2, k] = Bm * dz + A * Pz
+        G[r0, ku] = Bm * dx + A * Px
+        G[r1, ku] = Bm * dy + A * Py
+        G[r2, ku] = Bm * dz + A * Pz
 
 @njit(cache=True, fastmath=True)
-def grad_7(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
+def grad_7(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -605,10 +647,16 @@ def grad_7(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
     ax27 = px[27]
     ay27 = py[27]
     az27 = pz[27]
+    ua = np.uint64(ia)
+    ub = np.uint64(ib)
+    r0 = np.uint64(row)
+    r1 = r0 + np.uint64(1)
+    r2 = r0 + np.uint64(2)
     for k in range(end):
-        dx = sx[k]
-        dy = sy[k]
-        dz = sz[k]
+        ku = np.uint64(k)
+        dx = sx[ku]
+        dy = sy[ku]
+        dz = sz[ku]
         x1 = dx
         y1 = dy
         z1 = dz
@@ -631,8 +679,8 @@ def grad_7(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
         y7 = y1 * y6
         z7 = z1 * z6
         P = c0 * x7 + c1 * x6 * y1 + c2 * x6 * z1 + c3 * x5 * y2 + c4 * x5 * y1 * z1 + c5 * x5 * z2 + c6 * x4 * y3 + c7 * x4 * y2 * z1 + c8 * x4 * y1 * z2 + c9 * x4 * z3 + c10 * x3 * y4 + c11 * x3 * y3 * z1 + c12 * x3 * y2 * z2 + c13 * x3 * y1 * z3 + c14 * x3 * z4 + c15 * x2 * y5 + c16 * x2 * y4 * z1 + c17 * x2 * y3 * z2 + c18 * x2 * y2 * z3 + c19 * x2 * y1 * z4 + c20 * x2 * z5 + c21 * x1 * y6 + c22 * x1 * y5 * z1 + c23 * x1 * y4 * z2 + c24 * x1 * y3 * z3 + c25 * x1 * y2 * z4 + c26 * x1 * y1 * z5 + c27 * x1 * z6 + c28 * y7 + c29 * y6 * z1 + c30 * y5 * z2 + c31 * y4 * z3 + c32 * y3 * z4 + c33 * y2 * z5 + c34 * y1 * z6 + c35 * z7
-        Bm = m2a * wb[k] * P
-        A = wa[k]
+        Bm = m2a * W[ub, ku] * P
+        A = W[ua, ku]
         q0 = x6
         q1 = x5 * y1
         q2 = x5 * z1
@@ -664,12 +712,12 @@ def grad_7(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
         Px = ax0 * q0 + ax1 * q1 + ax2 * q2 + ax3 * q3 + ax4 * q4 + ax5 * q5 + ax6 * q6 + ax7 * q7 + ax8 * q8 + ax9 * q9 + ax10 * q10 + ax11 * q11 + ax12 * q12 + ax13 * q13 + ax14 * q14 + ax15 * q15 + ax16 * q16 + ax17 * q17 + ax18 * q18 + ax19 * q19 + ax20 * q20 + ax21 * q21 + ax22 * q22 + ax23 * q23 + ax24 * q24 + ax25 * q25 + ax26 * q26 + ax27 * q27
         Py = ay0 * q0 + ay1 * q1 + ay2 * q2 + ay3 * q3 + ay4 * q4 + ay5 * q5 + ay6 * q6 + ay7 * q7 + ay8 * q8 + ay9 * q9 + ay10 * q10 + ay11 * q11 + ay12 * q12 + ay13 * q13 + ay14 * q14 + ay15 * q15 + ay16 * q16 + ay17 * q17 + ay18 * q18 + ay19 * q19 + ay20 * q20 + ay21 * q21 + ay22 * q22 + ay23 * q23 + ay24 * q24 + ay25 * q25 + ay26 * q26 + ay27 * q27
         Pz = az0 * q0 + az1 * q1 + az2 * q2 + az3 * q3 + az4 * q4 + az5 * q5 + az6 * q6 + az7 * q7 + az8 * q8 + az9 * q9 + az10 * q10 + az11 * q11 + az12 * q12 + az13 * q13 + az14 * q14 + az15 * q15 + az16 * q16 + az17 * q17 + az18 * q18 + az19 * q19 + az20 * q20 + az21 * q21 + az22 * q22 + az23 * q23 + az24 * q24 + az25 * q25 + az26 * q26 + az27 * q27
-        G[row, k] = Bm * dx + A * Px
-        G[row + 1, k] = Bm * dy + A * Py
-        G[row + 2, k] = Bm * dz + A * Pz
+        G[r0, ku] = Bm * dx + A * Px
+        G[r1, ku] = Bm * dy + A * Py
+        G[r2, ku] = Bm * dz + A * Pz
 
 @njit(cache=True, fastmath=True)
-def grad_8(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
+def grad_8(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -823,10 +871,16 @@ def grad_8(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
     ax35 = px[35]
     ay35 = py[35]
     az35 = pz[35]
+    ua = np.uint64(ia)
+    ub = np.uint64(ib)
+    r0 = np.uint64(row)
+    r1 = r0 + np.uint64(1)
+    r2 = r0 + np.uint64(2)
     for k in range(end):
-        dx = sx[k]
-        dy = sy[k]
-        dz = sz[k]
+        ku = np.uint64(k)
+        dx = sx[ku]
+        dy = sy[ku]
+        dz = sz[ku]
         x1 = dx
         y1 = dy
         z1 = dz
@@ -852,8 +906,8 @@ def grad_8(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
         y8 = y1 * y7
         z8 = z1 * z7
         P = c0 * x8 + c1 * x7 * y1 + c2 * x7 * z1 + c3 * x6 * y2 + c4 * x6 * y1 * z1 + c5 * x6 * z2 + c6 * x5 * y3 + c7 * x5 * y2 * z1 + c8 * x5 * y1 * z2 + c9 * x5 * z3 + c10 * x4 * y4 + c11 * x4 * y3 * z1 + c12 * x4 * y2 * z2 + c13 * x4 * y1 * z3 + c14 * x4 * z4 + c15 * x3 * y5 + c16 * x3 * y4 * z1 + c17 * x3 * y3 * z2 + c18 * x3 * y2 * z3 + c19 * x3 * y1 * z4 + c20 * x3 * z5 + c21 * x2 * y6 + c22 * x2 * y5 * z1 + c23 * x2 * y4 * z2 + c24 * x2 * y3 * z3 + c25 * x2 * y2 * z4 + c26 * x2 * y1 * z5 + c27 * x2 * z6 + c28 * x1 * y7 + c29 * x1 * y6 * z1 + c30 * x1 * y5 * z2 + c31 * x1 * y4 * z3 + c32 * x1 * y3 * z4 + c33 * x1 * y2 * z5 + c34 * x1 * y1 * z6 + c35 * x1 * z7 + c36 * y8 + c37 * y7 * z1 + c38 * y6 * z2 + c39 * y5 * z3 + c40 * y4 * z4 + c41 * y3 * z5 + c42 * y2 * z6 + c43 * y1 * z7 + c44 * z8
-        Bm = m2a * wb[k] * P
-        A = wa[k]
+        Bm = m2a * W[ub, ku] * P
+        A = W[ua, ku]
         q0 = x7
         q1 = x6 * y1
         q2 = x6 * z1
@@ -893,12 +947,12 @@ def grad_8(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
         Px = ax0 * q0 + ax1 * q1 + ax2 * q2 + ax3 * q3 + ax4 * q4 + ax5 * q5 + ax6 * q6 + ax7 * q7 + ax8 * q8 + ax9 * q9 + ax10 * q10 + ax11 * q11 + ax12 * q12 + ax13 * q13 + ax14 * q14 + ax15 * q15 + ax16 * q16 + ax17 * q17 + ax18 * q18 + ax19 * q19 + ax20 * q20 + ax21 * q21 + ax22 * q22 + ax23 * q23 + ax24 * q24 + ax25 * q25 + ax26 * q26 + ax27 * q27 + ax28 * q28 + ax29 * q29 + ax30 * q30 + ax31 * q31 + ax32 * q32 + ax33 * q33 + ax34 * q34 + ax35 * q35
         Py = ay0 * q0 + ay1 * q1 + ay2 * q2 + ay3 * q3 + ay4 * q4 + ay5 * q5 + ay6 * q6 + ay7 * q7 + ay8 * q8 + ay9 * q9 + ay10 * q10 + ay11 * q11 + ay12 * q12 + ay13 * q13 + ay14 * q14 + ay15 * q15 + ay16 * q16 + ay17 * q17 + ay18 * q18 + ay19 * q19 + ay20 * q20 + ay21 * q21 + ay22 * q22 + ay23 * q23 + ay24 * q24 + ay25 * q25 + ay26 * q26 + ay27 * q27 + ay28 * q28 + ay29 * q29 + ay30 * q30 + ay31 * q31 + ay32 * q32 + ay33 * q33 + ay34 * q34 + ay35 * q35
         Pz = az0 * q0 + az1 * q1 + az2 * q2 + az3 * q3 + az4 * q4 + az5 * q5 + az6 * q6 + az7 * q7 + az8 * q8 + az9 * q9 + az10 * q10 + az11 * q11 + az12 * q12 + az13 * q13 + az14 * q14 + az15 * q15 + az16 * q16 + az17 * q17 + az18 * q18 + az19 * q19 + az20 * q20 + az21 * q21 + az22 * q22 + az23 * q23 + az24 * q24 + az25 * q25 + az26 * q26 + az27 * q27 + az28 * q28 + az29 * q29 + az30 * q30 + az31 * q31 + az32 * q32 + az33 * q33 + az34 * q34 + az35 * q35
-        G[row, k] = Bm * dx + A * Px
-        G[row + 1, k] = Bm * dy + A * Py
-        G[row + 2, k] = Bm * dz + A * Pz
+        G[r0, ku] = Bm * dx + A * Px
+        G[r1, ku] = Bm * dy + A * Py
+        G[r2, ku] = Bm * dz + A * Pz
 
 @njit(cache=True, fastmath=True)
-def grad_9(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
+def grad_9(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
     c1 = uc[1]
     c2 = uc[2]
@@ -1089,10 +1143,16 @@ def grad_9(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
     ax44 = px[44]
     ay44 = py[44]
     az44 = pz[44]
+    ua = np.uint64(ia)
+    ub = np.uint64(ib)
+    r0 = np.uint64(row)
+    r1 = r0 + np.uint64(1)
+    r2 = r0 + np.uint64(2)
     for k in range(end):
-        dx = sx[k]
-        dy = sy[k]
-        dz = sz[k]
+        ku = np.uint64(k)
+        dx = sx[ku]
+        dy = sy[ku]
+        dz = sz[ku]
         x1 = dx
         y1 = dy
         z1 = dz
@@ -1121,8 +1181,8 @@ def grad_9(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
         y9 = y1 * y8
         z9 = z1 * z8
         P = c0 * x9 + c1 * x8 * y1 + c2 * x8 * z1 + c3 * x7 * y2 + c4 * x7 * y1 * z1 + c5 * x7 * z2 + c6 * x6 * y3 + c7 * x6 * y2 * z1 + c8 * x6 * y1 * z2 + c9 * x6 * z3 + c10 * x5 * y4 + c11 * x5 * y3 * z1 + c12 * x5 * y2 * z2 + c13 * x5 * y1 * z3 + c14 * x5 * z4 + c15 * x4 * y5 + c16 * x4 * y4 * z1 + c17 * x4 * y3 * z2 + c18 * x4 * y2 * z3 + c19 * x4 * y1 * z4 + c20 * x4 * z5 + c21 * x3 * y6 + c22 * x3 * y5 * z1 + c23 * x3 * y4 * z2 + c24 * x3 * y3 * z3 + c25 * x3 * y2 * z4 + c26 * x3 * y1 * z5 + c27 * x3 * z6 + c28 * x2 * y7 + c29 * x2 * y6 * z1 + c30 * x2 * y5 * z2 + c31 * x2 * y4 * z3 + c32 * x2 * y3 * z4 + c33 * x2 * y2 * z5 + c34 * x2 * y1 * z6 + c35 * x2 * z7 + c36 * x1 * y8 + c37 * x1 * y7 * z1 + c38 * x1 * y6 * z2 + c39 * x1 * y5 * z3 + c40 * x1 * y4 * z4 + c41 * x1 * y3 * z5 + c42 * x1 * y2 * z6 + c43 * x1 * y1 * z7 + c44 * x1 * z8 + c45 * y9 + c46 * y8 * z1 + c47 * y7 * z2 + c48 * y6 * z3 + c49 * y5 * z4 + c50 * y4 * z5 + c51 * y3 * z6 + c52 * y2 * z7 + c53 * y1 * z8 + c54 * z9
-        Bm = m2a * wb[k] * P
-        A = wa[k]
+        Bm = m2a * W[ub, ku] * P
+        A = W[ua, ku]
         q0 = x8
         q1 = x7 * y1
         q2 = x7 * z1
@@ -1171,9 +1231,9 @@ def grad_9(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
         Px = ax0 * q0 + ax1 * q1 + ax2 * q2 + ax3 * q3 + ax4 * q4 + ax5 * q5 + ax6 * q6 + ax7 * q7 + ax8 * q8 + ax9 * q9 + ax10 * q10 + ax11 * q11 + ax12 * q12 + ax13 * q13 + ax14 * q14 + ax15 * q15 + ax16 * q16 + ax17 * q17 + ax18 * q18 + ax19 * q19 + ax20 * q20 + ax21 * q21 + ax22 * q22 + ax23 * q23 + ax24 * q24 + ax25 * q25 + ax26 * q26 + ax27 * q27 + ax28 * q28 + ax29 * q29 + ax30 * q30 + ax31 * q31 + ax32 * q32 + ax33 * q33 + ax34 * q34 + ax35 * q35 + ax36 * q36 + ax37 * q37 + ax38 * q38 + ax39 * q39 + ax40 * q40 + ax41 * q41 + ax42 * q42 + ax43 * q43 + ax44 * q44
         Py = ay0 * q0 + ay1 * q1 + ay2 * q2 + ay3 * q3 + ay4 * q4 + ay5 * q5 + ay6 * q6 + ay7 * q7 + ay8 * q8 + ay9 * q9 + ay10 * q10 + ay11 * q11 + ay12 * q12 + ay13 * q13 + ay14 * q14 + ay15 * q15 + ay16 * q16 + ay17 * q17 + ay18 * q18 + ay19 * q19 + ay20 * q20 + ay21 * q21 + ay22 * q22 + ay23 * q23 + ay24 * q24 + ay25 * q25 + ay26 * q26 + ay27 * q27 + ay28 * q28 + ay29 * q29 + ay30 * q30 + ay31 * q31 + ay32 * q32 + ay33 * q33 + ay34 * q34 + ay35 * q35 + ay36 * q36 + ay37 * q37 + ay38 * q38 + ay39 * q39 + ay40 * q40 + ay41 * q41 + ay42 * q42 + ay43 * q43 + ay44 * q44
         Pz = az0 * q0 + az1 * q1 + az2 * q2 + az3 * q3 + az4 * q4 + az5 * q5 + az6 * q6 + az7 * q7 + az8 * q8 + az9 * q9 + az10 * q10 + az11 * q11 + az12 * q12 + az13 * q13 + az14 * q14 + az15 * q15 + az16 * q16 + az17 * q17 + az18 * q18 + az19 * q19 + az20 * q20 + az21 * q21 + az22 * q22 + az23 * q23 + az24 * q24 + az25 * q25 + az26 * q26 + az27 * q27 + az28 * q28 + az29 * q29 + az30 * q30 + az31 * q31 + az32 * q32 + az33 * q33 + az34 * q34 + az35 * q35 + az36 * q36 + az37 * q37 + az38 * q38 + az39 * q39 + az40 * q40 + az41 * q41 + az42 * q42 + az43 * q43 + az44 * q44
-        G[row, k] = Bm * dx + A * Px
-        G[row + 1, k] = Bm * dy + A * Py
-        G[row + 2, k] = Bm * dz + A * Pz
+        G[r0, ku] = Bm * dx + A * Px
+        G[r1, ku] = Bm * dy + A * Py
+        G[r2, ku] = Bm * dz + A * Pz
 
 @njit(cache=True, fastmath=True)
 def featall_0(end, cls, tc, tE, tux, tuy, tuz, out):
@@ -4576,144 +4636,144 @@ def wimg_9(n, tE, pg, gl, gq, W, c, keep):
         W[19, j] = W[19, j] * keep + (m9_0 * l10_0 + m9_1 * l10_1 + m9_2 * l10_2 + m9_3 * l10_3)
 
 @njit(cache=True)
-def grad_upto_0(n, end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
+def grad_upto_0(n, end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     if n == 0:
-        grad_0(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_0(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
 
 @njit(cache=True)
-def grad_upto_1(n, end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
+def grad_upto_1(n, end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     if n == 0:
-        grad_0(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_0(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 1:
-        grad_1(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_1(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
 
 @njit(cache=True)
-def grad_upto_2(n, end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
+def grad_upto_2(n, end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     if n == 0:
-        grad_0(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_0(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 1:
-        grad_1(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_1(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 2:
-        grad_2(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_2(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
 
 @njit(cache=True)
-def grad_upto_3(n, end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
+def grad_upto_3(n, end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     if n == 0:
-        grad_0(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_0(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 1:
-        grad_1(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_1(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 2:
-        grad_2(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_2(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 3:
-        grad_3(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_3(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
 
 @njit(cache=True)
-def grad_upto_4(n, end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
+def grad_upto_4(n, end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     if n == 0:
-        grad_0(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_0(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 1:
-        grad_1(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_1(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 2:
-        grad_2(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_2(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 3:
-        grad_3(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_3(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 4:
-        grad_4(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_4(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
 
 @njit(cache=True)
-def grad_upto_5(n, end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
+def grad_upto_5(n, end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     if n == 0:
-        grad_0(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_0(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 1:
-        grad_1(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_1(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 2:
-        grad_2(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_2(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 3:
-        grad_3(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_3(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 4:
-        grad_4(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_4(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 5:
-        grad_5(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_5(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
 
 @njit(cache=True)
-def grad_upto_6(n, end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
+def grad_upto_6(n, end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     if n == 0:
-        grad_0(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_0(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 1:
-        grad_1(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_1(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 2:
-        grad_2(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_2(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 3:
-        grad_3(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_3(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 4:
-        grad_4(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_4(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 5:
-        grad_5(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_5(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 6:
-        grad_6(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_6(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
 
 @njit(cache=True)
-def grad_upto_7(n, end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
+def grad_upto_7(n, end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     if n == 0:
-        grad_0(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_0(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 1:
-        grad_1(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_1(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 2:
-        grad_2(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_2(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 3:
-        grad_3(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_3(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 4:
-        grad_4(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_4(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 5:
-        grad_5(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_5(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 6:
-        grad_6(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_6(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 7:
-        grad_7(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_7(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
 
 @njit(cache=True)
-def grad_upto_8(n, end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
+def grad_upto_8(n, end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     if n == 0:
-        grad_0(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_0(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 1:
-        grad_1(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_1(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 2:
-        grad_2(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_2(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 3:
-        grad_3(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_3(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 4:
-        grad_4(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_4(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 5:
-        grad_5(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_5(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 6:
-        grad_6(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_6(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 7:
-        grad_7(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_7(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 8:
-        grad_8(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_8(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
 
 @njit(cache=True)
-def grad_upto_9(n, end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
+def grad_upto_9(n, end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     if n == 0:
-        grad_0(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_0(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 1:
-        grad_1(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_1(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 2:
-        grad_2(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_2(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 3:
-        grad_3(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_3(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 4:
-        grad_4(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_4(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 5:
-        grad_5(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_5(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 6:
-        grad_6(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_6(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 7:
-        grad_7(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_7(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 8:
-        grad_8(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_8(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
     elif n == 9:
-        grad_9(end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        grad_9(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
 
 #: by largest order K: the moment loop of orders 0..K, the gradient loops of orders <= K
 

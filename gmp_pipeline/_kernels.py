@@ -209,8 +209,8 @@ def _vexp(T, arg, scale, ibuf):
 
 
 @njit(cache=_CACHE, fastmath=True)
-def _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, ridx, ncls,
-                tj, tb, ibuf, deriv):
+def _fill_terms(s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, ridx, u, ncls, tb,
+                ibuf):
     """Write the contributing terms of one sigma; returns their number T.
 
     Terms come in one run per (species, Gaussian): the neighbours within the largest cutoff
@@ -227,16 +227,16 @@ def _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, 
             continue
         b0 = bo[s] + 1
         for g in range(ng[s]):
-            C1 = c1[s, g]
-            C2 = c2[s, g]
-            lm = lam[s, g]
-            L = bstart[b0 + ridx[ncls - 1, s, g]] - a
+            C1 = c1[u, s, g]
+            C2 = c2[u, s, g]
+            lm = lam[u, s, g]
+            L = bstart[b0 + ridx[u, ncls - 1, s, g]] - a
             # one pass per run (runs are short, so each extra loop costs its set-up): the
             # class tag of up to two classes in the same loop, more classes by extra passes.
             # Unsigned indices: numba's negative-index wraparound code is skipped, so LLVM
             # vectorizes the loops (signed indices from a kept them scalar), and no views are
             # made (each costs a reference-count increment and decrement).
-            Lc = bstart[b0 + ridx[0, s, g]] - a if ncls > 1 else L
+            Lc = bstart[b0 + ridx[u, 0, s, g]] - a if ncls > 1 else L
             up = np.uint64(p)
             ua = np.uint64(a)
             for k in range(L):
@@ -250,7 +250,7 @@ def _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, 
                 tb[4, t] = lm * s_z[v]
                 tb[6, t] = 1.0 if k >= Lc else 0.0
             for c in range(1, ncls - 1):
-                Lc = bstart[b0 + ridx[c, s, g]] - a
+                Lc = bstart[b0 + ridx[u, c, s, g]] - a
                 for k in range(Lc, L):
                     tb[6, up + np.uint64(k)] += 1.0
             p += L
@@ -338,18 +338,18 @@ def _wimg_ov(K, n, tE, pg, gl, gq, W, c, keep):
         return impl
 
 
-def _grad(K, n, end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
+def _grad(K, n, end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     raise NotImplementedError  # numba only: see the overload below
 
 
 @overload(_grad)
-def _grad_ov(K, n, end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
+def _grad_ov(K, n, end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     """The generated gradient loop of order n <= K (K literal: only orders 0..K are compiled)."""
     if isinstance(K, types.IntegerLiteral):
         f = GRAD_UPTO[K.literal_value]
 
-        def impl(K, n, end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row):
-            f(n, end, sx, sy, sz, wa, wb, m2a, uc, px, py, pz, G, row)
+        def impl(K, n, end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
+            f(n, end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
         return impl
 
 
@@ -581,16 +581,15 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                     L = bstart[bo[s] + ridxm1[s, g] + 1] - a
                     B = Bs[s, g]
                     be = -betas[s, g]
-                    vj = tj[T1:T1 + L]  # (views indexed from 0: vectorized, see _fill_terms)
-                    vE = tE[T1:T1 + L]
-                    vA = tb[1, T1:T1 + L]
-                    vl = tl[T1:T1 + L]
-                    vD = s_D[a:a + L]
+                    ut = np.uint64(T1)  # (unsigned indices, no views: see _fill_terms)
+                    ua = np.uint64(a)
                     for k in range(L):
-                        vj[k] = a + k
-                        vE[k] = B
-                        vA[k] = be * vD[k]
-                        vl[k] = be
+                        ku = np.uint64(k)
+                        t = ut + ku
+                        tj[t] = a + k
+                        tb[0, t] = B
+                        tb[1, t] = be * s_D[ua + ku]
+                        tb[7, t] = be
                     T1 += L
             _vexp(np.int64(T1), tb[1], tE, ibuf)
             dens = 0.0
@@ -621,8 +620,8 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
         # polynomials in d evaluated once per image, weighted by W[n] = sum E lambda^n.
         if nord > 0:
             for u in range(nsig):
-                T = _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1[u], c2[u],
-                                lam[u], ridx[u], ncls, tj, tb, ibuf, False)
+                T = _fill_terms(s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, ridx, u,
+                                ncls, tb, ibuf)
                 if stop == 3:
                     continue
                 m2a = -2.0 * alpha[u]
@@ -647,8 +646,7 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                             pst[g] = p
                             plen[g] = L
                             p += L
-                        gs = gsort[u, s]
-                        Lmax = plen[gs[0]]
+                        Lmax = plen[gsort[u, s, 0]]
                         if Lmax <= 0:
                             continue
                         # (unsigned indices: no wraparound code, so plain vector copies)
@@ -662,12 +660,12 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                             ctrow[uo + ku] = trow[ua + ku]
                         # the species' Gaussians gw at a time, longest run first
                         for g0 in range(0, ng[s], gw):
-                            n0 = plen[gs[g0]]
+                            n0 = plen[gsort[u, s, g0]]
                             if n0 <= 0:
                                 break
                             for gi in range(gw):
                                 if g0 + gi < ng[s]:
-                                    g = gs[g0 + gi]
+                                    g = gsort[u, s, g0 + gi]
                                     pg[gi] = pst[g]
                                     lm = lam[u, s, g]
                                     pw = lm
@@ -722,7 +720,7 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                             ux[k] = (mono[mm, 0] + 1) * uc[raise_idx[0, mm] - m0]
                             uy[k] = (mono[mm, 1] + 1) * uc[raise_idx[1, mm] - m0]
                             uz[k] = (mono[mm, 2] + 1) * uc[raise_idx[2, mm] - m0]
-                    _grad(K, nn, nimg, cx, cy, cz, W[nn], W[K + 1 + nn], m2a, uc, ux, uy, uz, Gt,
+                    _grad(K, nn, nimg, cx, cy, cz, W, nn, K + 1 + nn, m2a, uc, ux, uy, uz, Gt,
                           3 * o)
                     gend[o] = 1
                 if not deriv:
