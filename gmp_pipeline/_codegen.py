@@ -1,4 +1,4 @@
-"""Generator of :mod:`gmp_pipeline._fused`: fused loops over a term buffer.
+"""Generator of :mod:`gmp_pipeline._fused`: fused loops over a term buffer and over images.
 
 For each K = 0..9 it writes numba functions whose loop body is fully unrolled:
 
@@ -9,10 +9,21 @@ For each K = 0..9 it writes numba functions whose loop body is fully unrolled:
     whose cutoff class ``tc[t] <= cls[n]`` (the others count as zero); off_n is the global index
     of the first degree-n monomial.
 
-``grad_n(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)``
-    per term t: with ``U = sum_k uc[k] E u^k`` over degree-n monomials and
-    ``U_a = sum_k d_a[k] E u^k`` over degree-(n-1) monomials,
-    ``G[row + a, t] = m2a * U * u_a[t] + lambda_t * U_a`` (a = x, y, z).
+``wimg_K(n, tE, pg, gl, gq, W, c, keep)``
+    per-image weights for the derivatives, from GW Gaussians of one species at once: image k
+    (k < n) has the term ``tE[pg[g] + k]`` of Gaussian g (its run starts at term pg[g]); it
+    counts for order m if ``k < gl[g (K+1) + m]`` (the length of that Gaussian's run within the
+    cutoff class of order m) and then adds ``E lambda_g^m`` to ``W[m, c + k]`` and
+    ``E lambda_g^(m+1)`` to ``W[K+1+m, c + k]`` (``gq[g (K+1) + j - 1] = lambda_g^j``); the old
+    contents are kept if keep is 1 and dropped if it is 0.  Since ``u = lambda d``,
+    ``E u^mono = (E lambda^m) d^mono`` for a degree-m monomial: the Gaussians of one image
+    combine before any polynomial is evaluated.
+
+``grad_n(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)``
+    per image k < end at displacement d = (sx, sy, sz)[k]: with ``P = sum_j uc[j] d^j`` over
+    the degree-n monomials and ``P_a = sum_j p_a[j] d^j`` over the degree-(n-1) ones,
+    ``G[row + a, k] = m2a W[ib, k] P d_a + W[ia, k] P_a`` (a = x, y, z): the sum over the
+    image's terms of ``m2a U u_a + lambda U_a`` with ``U = E sum_j uc[j] u^j``.
 
 Why plain powers of ``u = lambda d`` and not the spec's Gaussian moments ``P_k(u)`` (spec 5):
 every H_abc is harmonic (a Kelvin transform of a derivative of 1/r), and the Gaussian average
@@ -20,7 +31,7 @@ of a harmonic polynomial is its value at the mean, so ``Q_abc(d) = H_abc(lambda 
 The variance terms of the ``P_k`` cancel analytically; evaluated in floats they are where the
 digits went (narrow probes: 1/(2 gamma) >> (lambda d)^2, up to ~1e6 of cancellation at order 9).
 
-Everything stays in registers, so LLVM vectorizes the loop over terms.  Regenerate with
+Everything stays in registers, so LLVM vectorizes the loops over terms and images.  Regenerate with
 ``python -m gmp_pipeline._codegen`` after changing this file; a test checks the committed module
 is current.
 """

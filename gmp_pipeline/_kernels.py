@@ -20,9 +20,13 @@ Work for one centre atom i (spec sections 5-8):
    ``S`` and ``F``.
 4. Derivatives (spec 8.1 per term): ``d/dd [E Q] = 2 C2 d E Q + lambda E grad_u Q``.  Contracting
    with ``w mu`` first gives one polynomial ``U = sum_abc w mu_abc Q_abc`` per (centre, order,
-   sigma), so each term needs ``U`` and its three partial derivatives only.  Terms are scattered
-   into their (i, j) block; the centre's own block then loses the sum of all blocks (spec 8.2,
-   the total derivative with the probe centre moving with atom i).
+   sigma), so each term needs ``U`` and its three partial derivatives only.  They are evaluated
+   per *image* (one periodic image of a neighbour), not per term: with ``u = lambda d``,
+   ``E u^m = (E lambda^n) d^m`` for a degree-n monomial m, so the terms of the image's Gaussians
+   combine into weights ``W[n] = sum E lambda^n`` (and ``lambda^(n+1)``) and the gradient is a
+   polynomial in d (about 2.3 terms per image on the bench set).  Images are scattered into
+   their (i, j) block; the centre's own block then loses the sum of all blocks (spec 8.2, the
+   total derivative with the probe centre moving with atom i).
 """
 from __future__ import annotations
 
@@ -216,9 +220,8 @@ def _fill_terms(s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, ridx,
     Terms come in one run per (species, Gaussian): the neighbours within the largest cutoff
     class of that Gaussian, nearest bins first.  tc[t] is the term's cutoff class, the smallest
     class whose radius admits it, so order n counts exactly the terms with tc <= class(n).
-    Rows of tb: 0 E (C1 times the exponential), 1 the exponent, 2-4 lambda d, 5 unused,
-    6 tc, 7 lambda tl.  The atom index tj and tl are written only when deriv is set.  (One 2-D
-    buffer rather than eight arrays: LLVM vectorizes the copy loops with fewer alias checks.)
+    Rows of tb: 0 E (C1 times the exponential), 1 the exponent, 2-4 lambda d, 6 tc (rows 5 and
+    7 are not written here; order -1 uses 7).  Tables c1/c2/lam/ridx are indexed by sigma u.
     """
     p = 0
     for s in range(nspecies):
@@ -365,7 +368,8 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
     derivatives (probe centres held fixed, spec 8.1) instead of the total ones.
 
     ``stop`` (for benchmarks/bench_kernel.py's stage timings; 0 = everything): stop each centre
-    after 1 the neighbour search, 2 the binning, 3 the term buffers (order -1 included),
+    after 1 the neighbour search, 2 the binning, 3 the term buffers (order -1 and, with
+    derivatives, the per-image weights included),
     4 the moment loops and features, 5 the gradient loops (no scatter into the blocks).
     The results are then incomplete.
     """
@@ -622,10 +626,6 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
             for u in range(nsig):
                 T = _fill_terms(s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, ridx, u,
                                 ncls, tb, ibuf)
-                if stop == 3:
-                    continue
-                m2a = -2.0 * alpha[u]
-                _featall(K, T, ocls_of_n, tc, tE, tux, tuy, tuz, mom)
                 nimg = 0
                 if deriv:
                     # The derivatives go by image (one periodic image of a neighbour): with
@@ -680,6 +680,10 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                                         gq[gi * (K + 1) + m] = 0.0
                             _wimg(K, n0, tE, pg, gl, gq, W, nimg, 0.0 if g0 == 0 else 1.0)
                         nimg += Lmax
+                if stop == 3:
+                    continue
+                m2a = -2.0 * alpha[u]
+                _featall(K, T, ocls_of_n, tc, tE, tux, tuy, tuz, mom)
                 for o in range(nord):
                     gend[o] = 0
                     m = col[o, u]
