@@ -58,8 +58,8 @@ def _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_x, nb_y, nb_z, nb_
     n = pos.shape[0]
     cap = nb_j.shape[0]
     cnt = 0
-    lo = np.zeros(3, dtype=np.int64)
-    hi = np.zeros(3, dtype=np.int64)
+    lo = _zeros(3, np.int64)
+    hi = _zeros(3, np.int64)
     for j in range(n):
         ex = pos[j, 0] - q[0]
         ey = pos[j, 1] - q[1]
@@ -122,7 +122,10 @@ def _bin_neighbors(cnt, nb_j, nb_x, nb_y, nb_z, nb_D, nb_bin, spc, thr, nthr, bo
     for t in range(cnt):  # (unsigned indices: numba's negative-index wraparound is skipped)
         s = np.uint64(spc[np.uint64(nb_j[t])])
         D = nb_D[t]
-        k = np.uint64(min(int(D * gscale[s]), ncell))
+        kc = np.int64(D * gscale[s])  # (D >= 0: truncation is the floor)
+        if kc > ncell:
+            kc = ncell
+        k = np.uint64(kc)
         b = np.uint64(gtab[s, k])
         while thr[s, b] < D:  # rows end with +inf
             b += one
@@ -174,6 +177,84 @@ def _bits_to_f64(typingctx, x):
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.DoubleType())
     return types.float64(types.int64), codegen
+
+
+def _check_new_array(shape, dtype):
+    """Typing shared by :func:`_empty` and :func:`_zeros`: (array type, ndim) or None."""
+    if isinstance(shape, types.Integer):
+        nd = 1
+    elif isinstance(shape, types.BaseTuple) and all(isinstance(t, types.Integer) for t in shape):
+        nd = len(shape)
+    else:
+        return None
+    if not isinstance(dtype, types.NumberClass):
+        return None
+    return types.Array(dtype.instance_type, nd, "C")
+
+
+def _lower_new_array(context, builder, sig, args, zero):
+    from numba.core import cgutils
+    from numba.np.arrayobj import _empty_nd_impl
+
+    shty = sig.args[0]
+    if isinstance(shty, types.Integer):
+        shapes = [context.cast(builder, args[0], shty, types.intp)]
+    else:
+        shapes = [context.cast(builder, v, t, types.intp)
+                  for v, t in zip(cgutils.unpack_tuple(builder, args[0]), shty)]
+    ary = _empty_nd_impl(context, builder, sig.return_type, shapes)
+    if zero:
+        cgutils.memset(builder, ary.data, builder.mul(ary.itemsize, ary.nitems), 0)
+    return ary._getvalue()  # a new reference
+
+
+@intrinsic
+def _empty(typingctx, shape, dtype):
+    """``_empty(shape, dtype, np.float64)`` (C order; shape an int or a tuple of non-negative ints, dtype
+    a NumPy scalar type such as np.float64), lowered inline where it is called.
+
+    numba's np.empty/np.zeros/np.full compile a separate function for every distinct argument
+    signature (typing, lowering, optimisation and machine code of each, then optimised again in
+    every caller): about a second of a cold compile for the driver's handful of signatures.
+    """
+    rt = _check_new_array(shape, dtype)
+    if rt is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _lower_new_array(context, builder, sig, args, False)
+    return rt(shape, dtype), codegen
+
+
+@intrinsic
+def _zeros(typingctx, shape, dtype):
+    """``_zeros(shape, dtype, np.float64)``: :func:`_empty` with the memory set to zero bytes."""
+    rt = _check_new_array(shape, dtype)
+    if rt is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _lower_new_array(context, builder, sig, args, True)
+    return rt(shape, dtype), codegen
+
+
+@intrinsic
+def _flat(typingctx, a):
+    """``a.reshape(-1)`` for a C-contiguous array: the same memory as one dimension."""
+    if not (isinstance(a, types.Array) and a.layout == "C"):
+        return None
+    rt = a.copy(ndim=1)
+
+    def codegen(context, builder, sig, args):
+        from numba.core.imputils import impl_ret_borrowed
+        from numba.np.arrayobj import make_array, populate_array
+
+        src = make_array(sig.args[0])(context, builder, value=args[0])
+        dst = make_array(sig.return_type)(context, builder)
+        populate_array(dst, data=src.data, shape=[src.nitems], strides=[src.itemsize],
+                       itemsize=src.itemsize, meminfo=src.meminfo, parent=src.parent)
+        return impl_ret_borrowed(context, builder, sig.return_type, dst._getvalue())
+    return rt(a), codegen
 
 
 @njit(cache=_CACHE, fastmath=_EXACT)
@@ -397,63 +478,66 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
     G = Bs.shape[1]
     nsig = alpha.shape[0]
     nord = ords.shape[0]
+    nord1 = nord if nord > 0 else 1  # (max() would compile one more function)
 
     rs2 = rs * rs
-    feats = np.zeros((nc, ncol))
+    feats = _zeros((nc, ncol), np.float64)
     pcap = 0
-    dF = np.empty((0, 3, ncol))
-    pair_j = np.empty(0, dtype=np.int64)
-    pair_count = np.zeros(nc, dtype=np.int64)
+    dF = _empty((0, 3, ncol), np.float64)
+    pair_j = _empty(0, np.int64)
+    pair_count = _zeros(nc, np.int64)
     npairs = 0
-    jlist = np.empty(n, dtype=np.int64)
-    slot = np.full(n, -1, dtype=np.int64)
+    jlist = _empty(n, np.int64)
+    slot = _empty(n, np.int64)
+    for j in range(n):
+        slot[j] = -1
 
     nbins = bo[nspecies]
-    bstart = np.empty(nbins + 1, dtype=np.int64)
-    bcount = np.empty(nbins + 1, dtype=np.int64)
-    mom = np.empty(286)  # raw moments of every degree 0..9, by global monomial index
-    ocls_of_n = np.zeros(10)  # cutoff class of each order (orders not asked for: class 0)
+    bstart = _empty(nbins + 1, np.int64)
+    bcount = _empty(nbins + 1, np.int64)
+    mom = _empty(286, np.float64)  # raw moments of every degree 0..9, by global monomial index
+    ocls_of_n = _zeros(10, np.float64)  # cutoff class of each order (orders not asked for: class 0)
     for o in range(nord):
         ocls_of_n[ords[o]] = ocls[o]
-    mu = np.empty(66)
-    uc = np.empty(66)
-    ux = np.empty(66)
-    uy = np.empty(66)
-    uz = np.empty(66)
-    gend = np.zeros(max(nord, 1), dtype=np.int64)
+    mu = _empty(66, np.float64)
+    uc = _empty(66, np.float64)
+    ux = _empty(66, np.float64)
+    uy = _empty(66, np.float64)
+    uz = _empty(66, np.float64)
+    gend = _zeros(nord1, np.int64)
     # per-sigma accumulators of the (i, j) blocks of one centre, by pair slot: 3 components
     # per order (compact and L1-resident, unlike the centre's rows of dF with all columns)
-    accw = 3 * max(nord, 1)
-    blk = np.zeros((n if deriv else 0, accw))
-    blk1 = blk.reshape(-1)  # the same memory, flat
-    acc1 = np.zeros((n if deriv else 0, 3))
-    csum = np.zeros(accw)
+    accw = 3 * nord1
+    blk = _zeros((n if deriv else 0, accw), np.float64)
+    blk1 = _flat(blk)  # the same memory, flat
+    acc1 = _zeros((n if deriv else 0, 3), np.float64)
+    csum = _zeros(accw, np.float64)
 
     cap = 0
     tcap = 0
     # scratch, sized on first use and grown when a centre has more neighbours
-    nb_j = np.empty(0, dtype=np.int64)
-    nb_bin = np.empty(0, dtype=np.int64)
-    nb_x = np.empty(0)
-    nb_y = np.empty(0)
-    nb_z = np.empty(0)
-    nb_D = np.empty(0)
-    s_j = np.empty(0, dtype=np.int64)
-    s_x = np.empty(0)
-    s_y = np.empty(0)
-    s_z = np.empty(0)
-    s_D = np.empty(0)
-    tj = np.empty(0, dtype=np.int64)
-    ibuf = np.empty(0, dtype=np.int64)
-    tb = np.empty((8, 0))
+    nb_j = _empty(0, np.int64)
+    nb_bin = _empty(0, np.int64)
+    nb_x = _empty(0, np.float64)
+    nb_y = _empty(0, np.float64)
+    nb_z = _empty(0, np.float64)
+    nb_D = _empty(0, np.float64)
+    s_j = _empty(0, np.int64)
+    s_x = _empty(0, np.float64)
+    s_y = _empty(0, np.float64)
+    s_z = _empty(0, np.float64)
+    s_D = _empty(0, np.float64)
+    tj = _empty(0, np.int64)
+    ibuf = _empty(0, np.int64)
+    tb = _empty((8, 0), np.float64)
     tE = tb[0]
     tux = tb[2]
     tuy = tb[3]
     tuz = tb[4]
     tc = tb[6]
     tl = tb[7]
-    Gt = np.empty((3 * max(nord, 1), 0))
-    trow = np.empty(0, dtype=np.uint64)
+    Gt = _empty((3 * nord1, 0), np.float64)
+    trow = _empty(0, np.uint64)
 
     for ci in range(nc):
         i = centers[ci]
@@ -464,20 +548,20 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
         while cnt < 0:  # (re)allocate every per-neighbour scratch array and search again
             cap = -cnt * 5 // 4 + 16
             tcap = cap * G
-            nb_j = np.empty(cap, dtype=np.int64)
-            nb_bin = np.empty(cap, dtype=np.int64)
-            nb_x = np.empty(cap)
-            nb_y = np.empty(cap)
-            nb_z = np.empty(cap)
-            nb_D = np.empty(cap)
-            s_j = np.empty(cap, dtype=np.int64)
-            s_x = np.empty(cap)
-            s_y = np.empty(cap)
-            s_z = np.empty(cap)
-            s_D = np.empty(cap)
-            tj = np.empty(tcap, dtype=np.int64)
-            ibuf = np.empty(tcap, dtype=np.int64)
-            tb = np.empty((8, tcap))
+            nb_j = _empty(cap, np.int64)
+            nb_bin = _empty(cap, np.int64)
+            nb_x = _empty(cap, np.float64)
+            nb_y = _empty(cap, np.float64)
+            nb_z = _empty(cap, np.float64)
+            nb_D = _empty(cap, np.float64)
+            s_j = _empty(cap, np.int64)
+            s_x = _empty(cap, np.float64)
+            s_y = _empty(cap, np.float64)
+            s_z = _empty(cap, np.float64)
+            s_D = _empty(cap, np.float64)
+            tj = _empty(tcap, np.int64)
+            ibuf = _empty(tcap, np.int64)
+            tb = _empty((8, tcap), np.float64)
             tE = tb[0]
             tux = tb[2]
             tuy = tb[3]
@@ -485,8 +569,8 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
             tc = tb[6]
             tl = tb[7]
             if deriv:
-                Gt = np.empty((3 * max(nord, 1), tcap))
-                trow = np.empty(tcap, dtype=np.uint64)
+                Gt = _empty((3 * nord1, tcap), np.float64)
+                trow = _empty(tcap, np.uint64)
             cnt = _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_x, nb_y, nb_z, nb_D)
         if stop == 1:
             continue
@@ -513,14 +597,24 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                 # grow to what the centres so far predict for all of them (rows are zeroed
                 # when a centre takes them, so the slack is never touched)
                 est = (npairs + k) * nc // (ci + 1)
-                pcap = min(max(est + est // 8 + k, 2 * pcap, npairs + k), max(nc * n, npairs + k))
-                bigger = np.empty((pcap, 3, ncol))
+                # min(max(est + est // 8 + k, 2 pcap, need), max(nc n, need)), without min/max
+                need = npairs + k
+                grow = est + est // 8 + k
+                if grow < 2 * pcap:
+                    grow = 2 * pcap
+                if grow < need:
+                    grow = need
+                lim = nc * n
+                if lim < need:
+                    lim = need
+                pcap = grow if grow < lim else lim
+                bigger = _empty((pcap, 3, ncol), np.float64)
                 for r in range(npairs):  # explicit loops: slice assignment compiles slowly
                     for kk in range(3):
                         for m in range(ncol):
                             bigger[r, kk, m] = dF[r, kk, m]
                 dF = bigger
-                pj = np.empty(pcap, dtype=np.int64)
+                pj = _empty(pcap, np.int64)
                 for r in range(npairs):
                     pj[r] = pair_j[r]
                 pair_j = pj
