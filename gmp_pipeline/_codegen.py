@@ -114,19 +114,6 @@ def _featall(K: int) -> str:
     return "\n".join(L) + "\n"
 
 
-GRAD_ARGS = "end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row"
-
-
-def _grad_upto(K: int) -> str:
-    """grad_upto_K(n, ...): grad_n for a run-time n <= K (only orders 0..K get compiled)."""
-    L = ["@njit(cache=True)", f"def grad_upto_{K}(n, {GRAD_ARGS}):"]
-    for n in range(K + 1):
-        kw = "if" if n == 0 else "elif"
-        L.append(f"    {kw} n == {n}:")
-        L.append(f"        grad_{n}({GRAD_ARGS})")
-    return "\n".join(L) + "\n"
-
-
 def generate() -> str:
     parts = [HEADER]
     for n in range(MAX_ORDER + 1):
@@ -135,12 +122,9 @@ def generate() -> str:
     for K in range(MAX_ORDER + 1):
         parts.append(_featall(K))
         parts.append("")
-    for K in range(MAX_ORDER + 1):
-        parts.append(_grad_upto(K))
-        parts.append("")
-    parts.append("#: by largest order K: the moment loop of orders 0..K, the gradient loops of orders <= K")
+    parts.append("#: FEATALL[K]: the moment loop of orders 0..K; GRAD[n]: the gradient loop of order n")
     parts.append("FEATALL = (" + ", ".join(f"featall_{K}" for K in range(MAX_ORDER + 1)) + ")")
-    parts.append("GRAD_UPTO = (" + ", ".join(f"grad_upto_{K}" for K in range(MAX_ORDER + 1)) + ")")
+    parts.append("GRAD = (" + ", ".join(f"grad_{n}" for n in range(MAX_ORDER + 1)) + ")")
     return "\n\n".join(p.rstrip("\n") for p in parts if p) + "\n"
 
 

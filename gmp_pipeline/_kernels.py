@@ -32,11 +32,11 @@ from typing import NamedTuple
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
 
 # first: every kernel of this package caches in the machine-wide directory of _numba_cache
 from ._numba_cache import compile_lock  # noqa: I001
-from ._fused import FEATALL, GRAD_UPTO
+from ._fused import FEATALL, GRAD
 
 _CACHE = True
 #: fast-math without reassociation, for code whose rounding steps must stay as written
@@ -399,34 +399,69 @@ class KernelTables(NamedTuple):
     hcoef: np.ndarray
 
 
-def _featall(K, end, cls, tc, tE, tux, tuy, tuz, out):
-    raise NotImplementedError  # numba only: see the overload below
+def _typed_target(typingctx, f, args):
+    """(function type, signature) of the jitted function f called with argument types args
+    (compiled for them here, or found among its compiled specialisations)."""
+    fty = types.Dispatcher(f)
+    fsig = typingctx.resolve_function_type(fty, tuple(args), {})
+    if fsig is None:
+        raise TypeError(f"{f} cannot be called with {args}")
+    return fty, fsig
 
 
-@overload(_featall)
-def _featall_ov(K, end, cls, tc, tE, tux, tuy, tuz, out):
-    """The generated moment loop of orders 0..K, chosen at compile time (K literal)."""
-    if isinstance(K, types.IntegerLiteral):
-        f = FEATALL[K.literal_value]
+def _lower_target_call(context, builder, target, starty, star):
+    """Emit a call of a typed target (from :func:`_typed_target`) with the arguments packed in
+    the star-argument tuple ``star`` (type ``starty``) at the builder's position, exactly as
+    numba lowers a call of a jitted function (its library is linked in)."""
+    from numba.core import cgutils
 
-        def impl(K, end, cls, tc, tE, tux, tuy, tuz, out):
-            f(end, cls, tc, tE, tux, tuy, tuz, out)
-        return impl
-
-
-def _grad(K, n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
-    raise NotImplementedError  # numba only: see the overload below
+    fty, fsig = target
+    vals = [context.cast(builder, v, t, ft)
+            for v, t, ft in zip(cgutils.unpack_tuple(builder, star), starty.types, fsig.args)]
+    return context.get_function(fty, fsig)(builder, vals)
 
 
-@overload(_grad)
-def _grad_ov(K, n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
-    """The generated gradient loop of order n <= K (K literal: only orders 0..K are compiled)."""
-    if isinstance(K, types.IntegerLiteral):
-        f = GRAD_UPTO[K.literal_value]
+@intrinsic
+def _featall(typingctx, K, *args):
+    """``FEATALL[K](*args)`` for a literal K: the generated moment loop of orders 0..K.
 
-        def impl(K, n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
-            f(n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
-        return impl
+    An intrinsic rather than an ``@overload`` whose implementation calls FEATALL[K]: an overload
+    implementation is a jitted function of its own, i.e. one more level that is typed, lowered,
+    optimised, compiled to machine code and then optimised again in the caller.  This call is
+    emitted directly in the caller (the driver), which calls the generated loop itself.
+    """
+    if not isinstance(K, types.IntegerLiteral):
+        return None
+    target = _typed_target(typingctx, FEATALL[K.literal_value], args)
+
+    def codegen(context, builder, sig, llargs):
+        return _lower_target_call(context, builder, target, sig.args[1], llargs[1])
+    return target[1].return_type(K, types.StarArgTuple.from_types(args)), codegen
+
+
+@intrinsic
+def _grad(typingctx, K, n, *args):
+    """``GRAD[n](*args)`` for a run-time order ``0 <= n <= K`` (K literal: only the loops of
+    orders 0..K are compiled), nothing for another n.  A switch on n emitted in the caller,
+    each case a direct call of a generated loop (no dispatch function of its own; see
+    :func:`_featall`).  The loops return nothing."""
+    if not isinstance(K, types.IntegerLiteral) or not isinstance(n, types.Integer):
+        return None
+    targets = [_typed_target(typingctx, GRAD[k], args) for k in range(K.literal_value + 1)]
+
+    def codegen(context, builder, sig, llargs):
+        nv = llargs[1]
+        done = builder.append_basic_block("grad.done")
+        sw = builder.switch(nv, done)
+        for k, target in enumerate(targets):
+            bb = builder.append_basic_block(f"grad.{k}")
+            sw.add_case(ir.Constant(nv.type, k), bb)
+            builder.position_at_end(bb)
+            _lower_target_call(context, builder, target, sig.args[2], llargs[2])
+            builder.branch(done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+    return types.none(K, n, types.StarArgTuple.from_types(args)), codegen
 
 
 @njit(cache=_CACHE)
