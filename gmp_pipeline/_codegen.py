@@ -37,6 +37,10 @@ from numba import njit
 
 '''
 
+#: the loops are called from the driver only: no Python-callable or C-callable wrapper (each
+#: would be generated and compiled to machine code on a cold compile and never used)
+DECORATOR = "@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)"
+
 
 def _moments_lines(n: int, indent: str) -> list[str]:
     """Per-term powers: xk = E (lambda x)^k, yk = (lambda y)^k, zk = (lambda z)^k, k <= n; terms
@@ -63,7 +67,7 @@ def _product(p: int, q: int, s: int) -> str:
 def _grad(n: int) -> str:
     monos = monomials_of_degree(n)
     lows = monomials_of_degree(n - 1) if n >= 1 else []
-    L = ["@njit(cache=True, fastmath=True)",
+    L = [DECORATOR,
          f"def grad_{n}(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):"]
     L += [f"    c{k} = uc[{k}]" for k in range(len(monos))]
     for k in range(len(lows)):
@@ -95,7 +99,7 @@ def _featall(K: int) -> str:
     for n in range(K + 1):
         off = sum(len(monomials_of_degree(d)) for d in range(n))
         names += [(n, off + k, m) for k, m in enumerate(monomials_of_degree(n))]
-    L = ["@njit(cache=True, fastmath=True)",
+    L = [DECORATOR,
          f"def featall_{K}(end, cls, tc, tE, tux, tuy, tuz, out):"]
     L += [f"    c{n} = cls[{n}]" for n in range(K + 1)]
     L += [f"    m{i} = 0.0" for _, i, _ in names]

@@ -3,7 +3,7 @@
 from . import _numba_cache  # registers the kernel cache locator before anything is decorated
 from numba import njit
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def grad_0(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     for t in range(end):
@@ -18,7 +18,7 @@ def grad_0(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
         G[row + 1, t] = Um * uy
         G[row + 2, t] = Um * uz
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def grad_1(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     c1 = uc[1]
@@ -46,7 +46,7 @@ def grad_1(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
         G[row + 1, t] = Um * uy + lm * Uy
         G[row + 2, t] = Um * uz + lm * Uz
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def grad_2(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     c1 = uc[1]
@@ -88,7 +88,7 @@ def grad_2(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
         G[row + 1, t] = Um * uy + lm * Uy
         G[row + 2, t] = Um * uz + lm * Uz
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def grad_3(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     c1 = uc[1]
@@ -149,7 +149,7 @@ def grad_3(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
         G[row + 1, t] = Um * uy + lm * Uy
         G[row + 2, t] = Um * uz + lm * Uz
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def grad_4(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     c1 = uc[1]
@@ -234,7 +234,7 @@ def grad_4(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
         G[row + 1, t] = Um * uy + lm * Uy
         G[row + 2, t] = Um * uz + lm * Uz
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def grad_5(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     c1 = uc[1]
@@ -348,7 +348,7 @@ def grad_5(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
         G[row + 1, t] = Um * uy + lm * Uy
         G[row + 2, t] = Um * uz + lm * Uz
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def grad_6(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     c1 = uc[1]
@@ -496,7 +496,7 @@ def grad_6(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
         G[row + 1, t] = Um * uy + lm * Uy
         G[row + 2, t] = Um * uz + lm * Uz
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def grad_7(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     c1 = uc[1]
@@ -683,7 +683,7 @@ def grad_7(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
         G[row + 1, t] = Um * uy + lm * Uy
         G[row + 2, t] = Um * uz + lm * Uz
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def grad_8(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     c1 = uc[1]
@@ -914,7 +914,7 @@ def grad_8(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
         G[row + 1, t] = Um * uy + lm * Uy
         G[row + 2, t] = Um * uz + lm * Uz
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def grad_9(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
     c0 = uc[0]
     c1 = uc[1]
@@ -1194,7 +1194,7 @@ def grad_9(end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
         G[row + 1, t] = Um * uy + lm * Uy
         G[row + 2, t] = Um * uz + lm * Uz
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def featall_0(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     m0 = 0.0
@@ -1208,7 +1208,7 @@ def featall_0(end, cls, tc, tE, tux, tuy, tuz, out):
         m0 += w0
     out[0] = m0
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def featall_1(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     c1 = cls[1]
@@ -1236,7 +1236,7 @@ def featall_1(end, cls, tc, tE, tux, tuy, tuz, out):
     out[2] = m2
     out[3] = m3
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def featall_2(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     c1 = cls[1]
@@ -1287,7 +1287,7 @@ def featall_2(end, cls, tc, tE, tux, tuy, tuz, out):
     out[8] = m8
     out[9] = m9
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def featall_3(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     c1 = cls[1]
@@ -1373,7 +1373,7 @@ def featall_3(end, cls, tc, tE, tux, tuy, tuz, out):
     out[18] = m18
     out[19] = m19
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def featall_4(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     c1 = cls[1]
@@ -1509,7 +1509,7 @@ def featall_4(end, cls, tc, tE, tux, tuy, tuz, out):
     out[33] = m33
     out[34] = m34
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def featall_5(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     c1 = cls[1]
@@ -1713,7 +1713,7 @@ def featall_5(end, cls, tc, tE, tux, tuy, tuz, out):
     out[54] = m54
     out[55] = m55
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def featall_6(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     c1 = cls[1]
@@ -2006,7 +2006,7 @@ def featall_6(end, cls, tc, tE, tux, tuy, tuz, out):
     out[82] = m82
     out[83] = m83
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def featall_7(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     c1 = cls[1]
@@ -2412,7 +2412,7 @@ def featall_7(end, cls, tc, tE, tux, tuy, tuz, out):
     out[118] = m118
     out[119] = m119
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def featall_8(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     c1 = cls[1]
@@ -2958,7 +2958,7 @@ def featall_8(end, cls, tc, tE, tux, tuy, tuz, out):
     out[163] = m163
     out[164] = m164
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def featall_9(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     c1 = cls[1]

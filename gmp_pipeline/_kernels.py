@@ -39,6 +39,10 @@ from ._numba_cache import compile_lock  # noqa: I001
 from ._fused import FEATALL, GRAD
 
 _CACHE = True
+#: options of the helpers that only jitted code calls: no Python-callable (cpython) wrapper and no
+#: C-callable (cfunc) wrapper, which would be generated, optimised and compiled to machine code
+#: for every helper on a cold compile and never used (the driver calls the function itself)
+_INNER = dict(cache=_CACHE, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 #: fast-math without reassociation, for code whose rounding steps must stay as written
 _EXACT = {"nnan", "ninf", "nsz", "arcp", "contract"}
 _LN2_HI = 6.93147180369123816490e-01
@@ -46,7 +50,7 @@ _LN2_LO = 1.90821492927058770002e-10
 _INV_LN2 = 1.44269504088896338700e+00
 
 
-@njit(cache=_CACHE)
+@njit(**_INNER)
 def _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_x, nb_y, nb_z, nb_D):
     """Images of all atoms within sqrt(rs2) of q.  Returns the count, or -needed on overflow.
 
@@ -100,7 +104,7 @@ def _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_x, nb_y, nb_z, nb_
     return cnt
 
 
-@njit(cache=_CACHE)
+@njit(**_INNER)
 def _bin_neighbors(cnt, nb_j, nb_x, nb_y, nb_z, nb_D, nb_bin, spc, thr, nthr, bo, gscale, gtab,
                    s_j, s_x, s_y, s_z, s_D, bstart, counts):
     """Counting sort of the neighbour list into cutoff bins.
@@ -153,7 +157,7 @@ def _bin_neighbors(cnt, nb_j, nb_x, nb_y, nb_z, nb_D, nb_bin, spc, thr, nthr, bo
     return bstart[nb]
 
 
-@njit(cache=_CACHE)
+@njit(**_INNER)
 def _sort_ints(a, k):
     """Sort a[:k] in place (Shell sort, gaps 3h+1: a few lines that compile in no time, unlike
     np.sort)."""
@@ -257,7 +261,7 @@ def _flat(typingctx, a):
     return rt(a), codegen
 
 
-@njit(cache=_CACHE, fastmath=_EXACT)
+@njit(**_INNER, fastmath=_EXACT)
 def _vexp(T, arg, scale, ibuf):
     """scale[t] *= exp(arg[t]) for arg <= 0, vectorizable (numba's math.exp is a scalar call).
 
@@ -289,7 +293,7 @@ def _vexp(T, arg, scale, ibuf):
         scale[t] = (scale[t] * p) * _bits_to_f64((np.int64(nf) + 1023) << 52)
 
 
-@njit(cache=_CACHE, fastmath=True)
+@njit(**_INNER, fastmath=True)
 def _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, ridx, ncls,
                 tj, tb, ibuf, deriv):
     """Write the contributing terms of one sigma; returns their number T.
@@ -464,7 +468,7 @@ def _grad(typingctx, K, n, *args):
     return types.none(K, n, types.StarArgTuple.from_types(args)), codegen
 
 
-@njit(cache=_CACHE)
+@njit(cache=_CACHE, no_cfunc_wrapper=True)
 def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop, K):
     """Features (nc, ncol) and, if deriv, total derivatives (P, 3, ncol) with pair lists, for
     largest order ``K`` (a literal, so a compile-time constant: see featurize_structure), for
