@@ -197,18 +197,38 @@ def _check_new_array(shape, dtype):
 
 
 def _lower_new_array(context, builder, sig, args, zero):
+    """A new C-order array of sig.return_type with the shape args[0]: one aligned NRT
+    allocation (MemoryError if it fails), optionally zero-filled.  numba's own np.empty
+    lowering adds overflow checks of the size product and goes through a jitted allocator
+    function; the kernels' sizes are small non-negative products, so this keeps the inline code
+    to a few instructions per allocation (about 40 sites in the driver)."""
     from numba.core import cgutils
-    from numba.np.arrayobj import _empty_nd_impl
+    from numba.np.arrayobj import make_array, populate_array
 
+    aty = sig.return_type
     shty = sig.args[0]
     if isinstance(shty, types.Integer):
         shapes = [context.cast(builder, args[0], shty, types.intp)]
     else:
         shapes = [context.cast(builder, v, t, types.intp)
                   for v, t in zip(cgutils.unpack_tuple(builder, args[0]), shty)]
-    ary = _empty_nd_impl(context, builder, sig.return_type, shapes)
+    intp = context.get_value_type(types.intp)
+    itemsize = context.get_abi_sizeof(context.get_data_type(aty.dtype))
+    strides = [ir.Constant(intp, itemsize)]
+    for dim in reversed(shapes[1:]):
+        strides.append(builder.mul(strides[-1], dim))
+    strides.reverse()
+    nbytes = builder.mul(strides[0], shapes[0])
+    align = context.get_preferred_array_alignment(aty.dtype)
+    meminfo = context.nrt.meminfo_alloc_aligned(builder, nbytes, align)
+    data = context.nrt.meminfo_data(builder, meminfo)
     if zero:
-        cgutils.memset(builder, ary.data, builder.mul(ary.itemsize, ary.nitems), 0)
+        cgutils.memset(builder, data, nbytes, 0)
+    ary = make_array(aty)(context, builder)
+    populate_array(ary, data=builder.bitcast(data, context.get_data_type(aty.dtype).as_pointer()),
+                   shape=cgutils.pack_array(builder, shapes, ty=intp),
+                   strides=cgutils.pack_array(builder, strides, ty=intp),
+                   itemsize=ir.Constant(intp, itemsize), meminfo=meminfo)
     return ary._getvalue()  # a new reference
 
 
