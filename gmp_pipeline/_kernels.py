@@ -157,10 +157,11 @@ def _bin_neighbors(cnt, nb_j, nb_x, nb_y, nb_z, nb_D, nb_bin, spc, thr, nthr, bo
     return bstart[nb]
 
 
-@njit(**_INNER)
+@njit(**_INNER, inline="always")
 def _sort_ints(a, k):
     """Sort a[:k] in place (Shell sort, gaps 3h+1: a few lines that compile in no time, unlike
-    np.sort)."""
+    np.sort).  Inlined into the caller by numba (integers only, so the caller's fastmath
+    flags do not matter): no compile of its own."""
     h = 1
     while h < k // 3:
         h = 3 * h + 1
