@@ -49,6 +49,10 @@ from numba import njit
 
 '''
 
+#: the loops are called from the driver only: no Python-callable or C-callable wrapper (each
+#: would be generated and compiled to machine code on a cold compile and never used)
+DECORATOR = "@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)"
+
 
 def _powers(n: int, indent: str, src: str = "v") -> list[str]:
     """x1..xn, y1..yn, z1..zn: powers of the image's displacement d (not lambda d)."""
@@ -71,7 +75,7 @@ GW = 4  #: Gaussians per call of wimg_K
 
 def _wimg(K: int) -> str:
     """Per-image weights from the term buffer, for up to GW Gaussians of one species."""
-    L = ["@njit(cache=True, fastmath=True)",
+    L = [DECORATOR,
          f"def wimg_{K}(n, tE, pg, gl, gq, W, c, keep):"]
     for g in range(GW):
         L.append(f"    p{g} = np.uint64(pg[{g}])")
@@ -95,7 +99,7 @@ def _wimg(K: int) -> str:
 def _grad(n: int) -> str:
     monos = monomials_of_degree(n)
     lows = monomials_of_degree(n - 1) if n >= 1 else []
-    L = ["@njit(cache=True, fastmath=True)",
+    L = [DECORATOR,
          f"def grad_{n}(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):"]
     L += [f"    c{k} = uc[{k}]" for k in range(len(monos))]
     for k in range(len(lows)):
@@ -128,7 +132,7 @@ def _featall(K: int) -> str:
     for n in range(K + 1):
         off = sum(len(monomials_of_degree(d)) for d in range(n))
         names += [(n, off + k, m) for k, m in enumerate(monomials_of_degree(n))]
-    L = ["@njit(cache=True, fastmath=True)",
+    L = [DECORATOR,
          f"def featall_{K}(end, cls, tc, tE, tux, tuy, tuz, out):"]
     L += [f"    c{n} = cls[{n}]" for n in range(K + 1)]
     L += [f"    m{i} = 0.0" for _, i, _ in names]
@@ -147,19 +151,6 @@ def _featall(K: int) -> str:
     return "\n".join(L) + "\n"
 
 
-GRAD_ARGS = "end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row"
-
-
-def _grad_upto(K: int) -> str:
-    """grad_upto_K(n, ...): grad_n for a run-time n <= K (only orders 0..K get compiled)."""
-    L = ["@njit(cache=True)", f"def grad_upto_{K}(n, {GRAD_ARGS}):"]
-    for n in range(K + 1):
-        kw = "if" if n == 0 else "elif"
-        L.append(f"    {kw} n == {n}:")
-        L.append(f"        grad_{n}({GRAD_ARGS})")
-    return "\n".join(L) + "\n"
-
-
 def generate() -> str:
     parts = [HEADER]
     for n in range(MAX_ORDER + 1):
@@ -171,13 +162,11 @@ def generate() -> str:
     for K in range(MAX_ORDER + 1):
         parts.append(_wimg(K))
         parts.append("")
-    for K in range(MAX_ORDER + 1):
-        parts.append(_grad_upto(K))
-        parts.append("")
-    parts.append("#: by largest order K: the moment loop of orders 0..K, the gradient loops of orders <= K")
+    parts.append("#: FEATALL[K]: the moment loop of orders 0..K; WIMG[K]: the per-image weights of orders")
+    parts.append("#: 0..K; GRAD[n]: the gradient loop of order n")
     parts.append("FEATALL = (" + ", ".join(f"featall_{K}" for K in range(MAX_ORDER + 1)) + ")")
     parts.append("WIMG = (" + ", ".join(f"wimg_{K}" for K in range(MAX_ORDER + 1)) + ")")
-    parts.append("GRAD_UPTO = (" + ", ".join(f"grad_upto_{K}" for K in range(MAX_ORDER + 1)) + ")")
+    parts.append("GRAD = (" + ", ".join(f"grad_{n}" for n in range(MAX_ORDER + 1)) + ")")
     return "\n\n".join(p.rstrip("\n") for p in parts if p) + "\n"
 
 

@@ -4,7 +4,7 @@ from . import _numba_cache  # registers the kernel cache locator before anything
 import numpy as np
 from numba import njit
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def grad_0(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
     ua = np.uint64(ia)
@@ -23,7 +23,7 @@ def grad_0(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
         G[r1, ku] = Bm * dy
         G[r2, ku] = Bm * dz
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def grad_1(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
     c1 = uc[1]
@@ -55,7 +55,7 @@ def grad_1(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
         G[r1, ku] = Bm * dy + A * Py
         G[r2, ku] = Bm * dz + A * Pz
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def grad_2(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
     c1 = uc[1]
@@ -101,7 +101,7 @@ def grad_2(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
         G[r1, ku] = Bm * dy + A * Py
         G[r2, ku] = Bm * dz + A * Pz
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def grad_3(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
     c1 = uc[1]
@@ -166,7 +166,7 @@ def grad_3(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
         G[r1, ku] = Bm * dy + A * Py
         G[r2, ku] = Bm * dz + A * Pz
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def grad_4(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
     c1 = uc[1]
@@ -255,7 +255,7 @@ def grad_4(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
         G[r1, ku] = Bm * dy + A * Py
         G[r2, ku] = Bm * dz + A * Pz
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def grad_5(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
     c1 = uc[1]
@@ -373,7 +373,7 @@ def grad_5(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
         G[r1, ku] = Bm * dy + A * Py
         G[r2, ku] = Bm * dz + A * Pz
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def grad_6(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
     c1 = uc[1]
@@ -525,7 +525,7 @@ def grad_6(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
         G[r1, ku] = Bm * dy + A * Py
         G[r2, ku] = Bm * dz + A * Pz
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def grad_7(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
     c1 = uc[1]
@@ -716,7 +716,7 @@ def grad_7(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
         G[r1, ku] = Bm * dy + A * Py
         G[r2, ku] = Bm * dz + A * Pz
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def grad_8(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
     c1 = uc[1]
@@ -951,7 +951,7 @@ def grad_8(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
         G[r1, ku] = Bm * dy + A * Py
         G[r2, ku] = Bm * dz + A * Pz
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def grad_9(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
     c0 = uc[0]
     c1 = uc[1]
@@ -1235,7 +1235,7 @@ def grad_9(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
         G[r1, ku] = Bm * dy + A * Py
         G[r2, ku] = Bm * dz + A * Pz
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def featall_0(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     m0 = 0.0
@@ -1249,7 +1249,7 @@ def featall_0(end, cls, tc, tE, tux, tuy, tuz, out):
         m0 += w0
     out[0] = m0
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def featall_1(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     c1 = cls[1]
@@ -1277,7 +1277,7 @@ def featall_1(end, cls, tc, tE, tux, tuy, tuz, out):
     out[2] = m2
     out[3] = m3
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def featall_2(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     c1 = cls[1]
@@ -1328,7 +1328,7 @@ def featall_2(end, cls, tc, tE, tux, tuy, tuz, out):
     out[8] = m8
     out[9] = m9
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def featall_3(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     c1 = cls[1]
@@ -1414,7 +1414,7 @@ def featall_3(end, cls, tc, tE, tux, tuy, tuz, out):
     out[18] = m18
     out[19] = m19
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def featall_4(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     c1 = cls[1]
@@ -1550,7 +1550,7 @@ def featall_4(end, cls, tc, tE, tux, tuy, tuz, out):
     out[33] = m33
     out[34] = m34
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def featall_5(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     c1 = cls[1]
@@ -1754,7 +1754,7 @@ def featall_5(end, cls, tc, tE, tux, tuy, tuz, out):
     out[54] = m54
     out[55] = m55
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def featall_6(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     c1 = cls[1]
@@ -2047,7 +2047,7 @@ def featall_6(end, cls, tc, tE, tux, tuy, tuz, out):
     out[82] = m82
     out[83] = m83
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def featall_7(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     c1 = cls[1]
@@ -2453,7 +2453,7 @@ def featall_7(end, cls, tc, tE, tux, tuy, tuz, out):
     out[118] = m118
     out[119] = m119
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def featall_8(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     c1 = cls[1]
@@ -2999,7 +2999,7 @@ def featall_8(end, cls, tc, tE, tux, tuy, tuz, out):
     out[163] = m163
     out[164] = m164
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def featall_9(end, cls, tc, tE, tux, tuy, tuz, out):
     c0 = cls[0]
     c1 = cls[1]
@@ -3715,7 +3715,7 @@ def featall_9(end, cls, tc, tE, tux, tuy, tuz, out):
     out[218] = m218
     out[219] = m219
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def wimg_0(n, tE, pg, gl, gq, W, c, keep):
     p0 = np.uint64(pg[0])
     L0_0 = gl[0]
@@ -3744,7 +3744,7 @@ def wimg_0(n, tE, pg, gl, gq, W, c, keep):
         W[0, j] = W[0, j] * keep + (m0_0 + m0_1 + m0_2 + m0_3)
         W[1, j] = W[1, j] * keep + (m0_0 * l1_0 + m0_1 * l1_1 + m0_2 * l1_2 + m0_3 * l1_3)
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def wimg_1(n, tE, pg, gl, gq, W, c, keep):
     p0 = np.uint64(pg[0])
     L0_0 = gl[0]
@@ -3787,7 +3787,7 @@ def wimg_1(n, tE, pg, gl, gq, W, c, keep):
         W[2, j] = W[2, j] * keep + (m0_0 * l1_0 + m0_1 * l1_1 + m0_2 * l1_2 + m0_3 * l1_3)
         W[3, j] = W[3, j] * keep + (m1_0 * l2_0 + m1_1 * l2_1 + m1_2 * l2_2 + m1_3 * l2_3)
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def wimg_2(n, tE, pg, gl, gq, W, c, keep):
     p0 = np.uint64(pg[0])
     L0_0 = gl[0]
@@ -3844,7 +3844,7 @@ def wimg_2(n, tE, pg, gl, gq, W, c, keep):
         W[4, j] = W[4, j] * keep + (m1_0 * l2_0 + m1_1 * l2_1 + m1_2 * l2_2 + m1_3 * l2_3)
         W[5, j] = W[5, j] * keep + (m2_0 * l3_0 + m2_1 * l3_1 + m2_2 * l3_2 + m2_3 * l3_3)
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def wimg_3(n, tE, pg, gl, gq, W, c, keep):
     p0 = np.uint64(pg[0])
     L0_0 = gl[0]
@@ -3915,7 +3915,7 @@ def wimg_3(n, tE, pg, gl, gq, W, c, keep):
         W[6, j] = W[6, j] * keep + (m2_0 * l3_0 + m2_1 * l3_1 + m2_2 * l3_2 + m2_3 * l3_3)
         W[7, j] = W[7, j] * keep + (m3_0 * l4_0 + m3_1 * l4_1 + m3_2 * l4_2 + m3_3 * l4_3)
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def wimg_4(n, tE, pg, gl, gq, W, c, keep):
     p0 = np.uint64(pg[0])
     L0_0 = gl[0]
@@ -4000,7 +4000,7 @@ def wimg_4(n, tE, pg, gl, gq, W, c, keep):
         W[8, j] = W[8, j] * keep + (m3_0 * l4_0 + m3_1 * l4_1 + m3_2 * l4_2 + m3_3 * l4_3)
         W[9, j] = W[9, j] * keep + (m4_0 * l5_0 + m4_1 * l5_1 + m4_2 * l5_2 + m4_3 * l5_3)
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def wimg_5(n, tE, pg, gl, gq, W, c, keep):
     p0 = np.uint64(pg[0])
     L0_0 = gl[0]
@@ -4099,7 +4099,7 @@ def wimg_5(n, tE, pg, gl, gq, W, c, keep):
         W[10, j] = W[10, j] * keep + (m4_0 * l5_0 + m4_1 * l5_1 + m4_2 * l5_2 + m4_3 * l5_3)
         W[11, j] = W[11, j] * keep + (m5_0 * l6_0 + m5_1 * l6_1 + m5_2 * l6_2 + m5_3 * l6_3)
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def wimg_6(n, tE, pg, gl, gq, W, c, keep):
     p0 = np.uint64(pg[0])
     L0_0 = gl[0]
@@ -4212,7 +4212,7 @@ def wimg_6(n, tE, pg, gl, gq, W, c, keep):
         W[12, j] = W[12, j] * keep + (m5_0 * l6_0 + m5_1 * l6_1 + m5_2 * l6_2 + m5_3 * l6_3)
         W[13, j] = W[13, j] * keep + (m6_0 * l7_0 + m6_1 * l7_1 + m6_2 * l7_2 + m6_3 * l7_3)
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def wimg_7(n, tE, pg, gl, gq, W, c, keep):
     p0 = np.uint64(pg[0])
     L0_0 = gl[0]
@@ -4339,7 +4339,7 @@ def wimg_7(n, tE, pg, gl, gq, W, c, keep):
         W[14, j] = W[14, j] * keep + (m6_0 * l7_0 + m6_1 * l7_1 + m6_2 * l7_2 + m6_3 * l7_3)
         W[15, j] = W[15, j] * keep + (m7_0 * l8_0 + m7_1 * l8_1 + m7_2 * l8_2 + m7_3 * l8_3)
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def wimg_8(n, tE, pg, gl, gq, W, c, keep):
     p0 = np.uint64(pg[0])
     L0_0 = gl[0]
@@ -4480,7 +4480,7 @@ def wimg_8(n, tE, pg, gl, gq, W, c, keep):
         W[16, j] = W[16, j] * keep + (m7_0 * l8_0 + m7_1 * l8_1 + m7_2 * l8_2 + m7_3 * l8_3)
         W[17, j] = W[17, j] * keep + (m8_0 * l9_0 + m8_1 * l9_1 + m8_2 * l9_2 + m8_3 * l9_3)
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def wimg_9(n, tE, pg, gl, gq, W, c, keep):
     p0 = np.uint64(pg[0])
     L0_0 = gl[0]
@@ -4635,150 +4635,12 @@ def wimg_9(n, tE, pg, gl, gq, W, c, keep):
         W[18, j] = W[18, j] * keep + (m8_0 * l9_0 + m8_1 * l9_1 + m8_2 * l9_2 + m8_3 * l9_3)
         W[19, j] = W[19, j] * keep + (m9_0 * l10_0 + m9_1 * l10_1 + m9_2 * l10_2 + m9_3 * l10_3)
 
-@njit(cache=True)
-def grad_upto_0(n, end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
-    if n == 0:
-        grad_0(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
+#: FEATALL[K]: the moment loop of orders 0..K; WIMG[K]: the per-image weights of orders
 
-@njit(cache=True)
-def grad_upto_1(n, end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
-    if n == 0:
-        grad_0(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 1:
-        grad_1(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-
-@njit(cache=True)
-def grad_upto_2(n, end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
-    if n == 0:
-        grad_0(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 1:
-        grad_1(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 2:
-        grad_2(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-
-@njit(cache=True)
-def grad_upto_3(n, end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
-    if n == 0:
-        grad_0(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 1:
-        grad_1(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 2:
-        grad_2(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 3:
-        grad_3(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-
-@njit(cache=True)
-def grad_upto_4(n, end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
-    if n == 0:
-        grad_0(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 1:
-        grad_1(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 2:
-        grad_2(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 3:
-        grad_3(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 4:
-        grad_4(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-
-@njit(cache=True)
-def grad_upto_5(n, end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
-    if n == 0:
-        grad_0(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 1:
-        grad_1(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 2:
-        grad_2(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 3:
-        grad_3(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 4:
-        grad_4(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 5:
-        grad_5(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-
-@njit(cache=True)
-def grad_upto_6(n, end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
-    if n == 0:
-        grad_0(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 1:
-        grad_1(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 2:
-        grad_2(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 3:
-        grad_3(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 4:
-        grad_4(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 5:
-        grad_5(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 6:
-        grad_6(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-
-@njit(cache=True)
-def grad_upto_7(n, end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
-    if n == 0:
-        grad_0(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 1:
-        grad_1(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 2:
-        grad_2(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 3:
-        grad_3(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 4:
-        grad_4(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 5:
-        grad_5(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 6:
-        grad_6(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 7:
-        grad_7(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-
-@njit(cache=True)
-def grad_upto_8(n, end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
-    if n == 0:
-        grad_0(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 1:
-        grad_1(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 2:
-        grad_2(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 3:
-        grad_3(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 4:
-        grad_4(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 5:
-        grad_5(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 6:
-        grad_6(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 7:
-        grad_7(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 8:
-        grad_8(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-
-@njit(cache=True)
-def grad_upto_9(n, end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
-    if n == 0:
-        grad_0(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 1:
-        grad_1(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 2:
-        grad_2(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 3:
-        grad_3(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 4:
-        grad_4(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 5:
-        grad_5(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 6:
-        grad_6(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 7:
-        grad_7(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 8:
-        grad_8(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-    elif n == 9:
-        grad_9(end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-
-#: by largest order K: the moment loop of orders 0..K, the gradient loops of orders <= K
+#: 0..K; GRAD[n]: the gradient loop of order n
 
 FEATALL = (featall_0, featall_1, featall_2, featall_3, featall_4, featall_5, featall_6, featall_7, featall_8, featall_9)
 
 WIMG = (wimg_0, wimg_1, wimg_2, wimg_3, wimg_4, wimg_5, wimg_6, wimg_7, wimg_8, wimg_9)
 
-GRAD_UPTO = (grad_upto_0, grad_upto_1, grad_upto_2, grad_upto_3, grad_upto_4, grad_upto_5, grad_upto_6, grad_upto_7, grad_upto_8, grad_upto_9)
+GRAD = (grad_0, grad_1, grad_2, grad_3, grad_4, grad_5, grad_6, grad_7, grad_8, grad_9)

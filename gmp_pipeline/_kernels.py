@@ -36,13 +36,17 @@ from typing import NamedTuple
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
 
 # first: every kernel of this package caches in the machine-wide directory of _numba_cache
 from ._numba_cache import compile_lock  # noqa: I001
-from ._fused import FEATALL, GRAD_UPTO, WIMG
+from ._fused import FEATALL, GRAD, WIMG
 
 _CACHE = True
+#: options of the helpers that only jitted code calls: no Python-callable (cpython) wrapper and no
+#: C-callable (cfunc) wrapper, which would be generated, optimised and compiled to machine code
+#: for every helper on a cold compile and never used (the driver calls the function itself)
+_INNER = dict(cache=_CACHE, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 #: fast-math without reassociation, for code whose rounding steps must stay as written
 _EXACT = {"nnan", "ninf", "nsz", "arcp", "contract"}
 _LN2_HI = 6.93147180369123816490e-01
@@ -50,7 +54,7 @@ _LN2_LO = 1.90821492927058770002e-10
 _INV_LN2 = 1.44269504088896338700e+00
 
 
-@njit(cache=_CACHE)
+@njit(**_INNER)
 def _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_x, nb_y, nb_z, nb_D):
     """Images of all atoms within sqrt(rs2) of q.  Returns the count, or -needed on overflow.
 
@@ -62,8 +66,8 @@ def _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_x, nb_y, nb_z, nb_
     n = pos.shape[0]
     cap = nb_j.shape[0]
     cnt = 0
-    lo = np.zeros(3, dtype=np.int64)
-    hi = np.zeros(3, dtype=np.int64)
+    lo = _zeros(3, np.int64)
+    hi = _zeros(3, np.int64)
     for j in range(n):
         ex = pos[j, 0] - q[0]
         ey = pos[j, 1] - q[1]
@@ -104,7 +108,7 @@ def _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_x, nb_y, nb_z, nb_
     return cnt
 
 
-@njit(cache=_CACHE)
+@njit(**_INNER)
 def _bin_neighbors(cnt, nb_j, nb_x, nb_y, nb_z, nb_D, nb_bin, spc, thr, nthr, bo, gscale, gtab,
                    s_j, s_x, s_y, s_z, s_D, bstart, counts):
     """Counting sort of the neighbour list into cutoff bins.
@@ -126,7 +130,10 @@ def _bin_neighbors(cnt, nb_j, nb_x, nb_y, nb_z, nb_D, nb_bin, spc, thr, nthr, bo
     for t in range(cnt):  # (unsigned indices: numba's negative-index wraparound is skipped)
         s = np.uint64(spc[np.uint64(nb_j[t])])
         D = nb_D[t]
-        k = np.uint64(min(int(D * gscale[s]), ncell))
+        kc = np.int64(D * gscale[s])  # (D >= 0: truncation is the floor)
+        if kc > ncell:
+            kc = ncell
+        k = np.uint64(kc)
         b = np.uint64(gtab[s, k])
         while thr[s, b] < D:  # rows end with +inf
             b += one
@@ -154,10 +161,11 @@ def _bin_neighbors(cnt, nb_j, nb_x, nb_y, nb_z, nb_D, nb_bin, spc, thr, nthr, bo
     return bstart[nb]
 
 
-@njit(cache=_CACHE)
+@njit(**_INNER, inline="always")
 def _sort_ints(a, k):
     """Sort a[:k] in place (Shell sort, gaps 3h+1: a few lines that compile in no time, unlike
-    np.sort)."""
+    np.sort).  Inlined into the caller by numba (integers only, so the caller's fastmath
+    flags do not matter): no compile of its own."""
     h = 1
     while h < k // 3:
         h = 3 * h + 1
@@ -180,7 +188,105 @@ def _bits_to_f64(typingctx, x):
     return types.float64(types.int64), codegen
 
 
-@njit(cache=_CACHE, fastmath=_EXACT)
+def _check_new_array(shape, dtype):
+    """Typing shared by :func:`_empty` and :func:`_zeros`: (array type, ndim) or None."""
+    if isinstance(shape, types.Integer):
+        nd = 1
+    elif isinstance(shape, types.BaseTuple) and all(isinstance(t, types.Integer) for t in shape):
+        nd = len(shape)
+    else:
+        return None
+    if not isinstance(dtype, types.NumberClass):
+        return None
+    return types.Array(dtype.instance_type, nd, "C")
+
+
+def _lower_new_array(context, builder, sig, args, zero):
+    """A new C-order array of sig.return_type with the shape args[0]: one aligned NRT
+    allocation (MemoryError if it fails), optionally zero-filled.  numba's own np.empty
+    lowering adds overflow checks of the size product and goes through a jitted allocator
+    function; the kernels' sizes are small non-negative products, so this keeps the inline code
+    to a few instructions per allocation (about 40 sites in the driver)."""
+    from numba.core import cgutils
+    from numba.np.arrayobj import make_array, populate_array
+
+    aty = sig.return_type
+    shty = sig.args[0]
+    if isinstance(shty, types.Integer):
+        shapes = [context.cast(builder, args[0], shty, types.intp)]
+    else:
+        shapes = [context.cast(builder, v, t, types.intp)
+                  for v, t in zip(cgutils.unpack_tuple(builder, args[0]), shty)]
+    intp = context.get_value_type(types.intp)
+    itemsize = context.get_abi_sizeof(context.get_data_type(aty.dtype))
+    strides = [ir.Constant(intp, itemsize)]
+    for dim in reversed(shapes[1:]):
+        strides.append(builder.mul(strides[-1], dim))
+    strides.reverse()
+    nbytes = builder.mul(strides[0], shapes[0])
+    align = context.get_preferred_array_alignment(aty.dtype)
+    meminfo = context.nrt.meminfo_alloc_aligned(builder, nbytes, align)
+    data = context.nrt.meminfo_data(builder, meminfo)
+    if zero:
+        cgutils.memset(builder, data, nbytes, 0)
+    ary = make_array(aty)(context, builder)
+    populate_array(ary, data=builder.bitcast(data, context.get_data_type(aty.dtype).as_pointer()),
+                   shape=cgutils.pack_array(builder, shapes, ty=intp),
+                   strides=cgutils.pack_array(builder, strides, ty=intp),
+                   itemsize=ir.Constant(intp, itemsize), meminfo=meminfo)
+    return ary._getvalue()  # a new reference
+
+
+@intrinsic
+def _empty(typingctx, shape, dtype):
+    """``_empty(shape, dtype, np.float64)`` (C order; shape an int or a tuple of non-negative ints, dtype
+    a NumPy scalar type such as np.float64), lowered inline where it is called.
+
+    numba's np.empty/np.zeros/np.full compile a separate function for every distinct argument
+    signature (typing, lowering, optimisation and machine code of each, then optimised again in
+    every caller): about a second of a cold compile for the driver's handful of signatures.
+    """
+    rt = _check_new_array(shape, dtype)
+    if rt is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _lower_new_array(context, builder, sig, args, False)
+    return rt(shape, dtype), codegen
+
+
+@intrinsic
+def _zeros(typingctx, shape, dtype):
+    """``_zeros(shape, dtype, np.float64)``: :func:`_empty` with the memory set to zero bytes."""
+    rt = _check_new_array(shape, dtype)
+    if rt is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _lower_new_array(context, builder, sig, args, True)
+    return rt(shape, dtype), codegen
+
+
+@intrinsic
+def _flat(typingctx, a):
+    """``a.reshape(-1)`` for a C-contiguous array: the same memory as one dimension."""
+    if not (isinstance(a, types.Array) and a.layout == "C"):
+        return None
+    rt = a.copy(ndim=1)
+
+    def codegen(context, builder, sig, args):
+        from numba.core.imputils import impl_ret_borrowed
+        from numba.np.arrayobj import make_array, populate_array
+
+        src = make_array(sig.args[0])(context, builder, value=args[0])
+        dst = make_array(sig.return_type)(context, builder)
+        populate_array(dst, data=src.data, shape=[src.nitems], strides=[src.itemsize],
+                       itemsize=src.itemsize, meminfo=src.meminfo, parent=src.parent)
+        return impl_ret_borrowed(context, builder, sig.return_type, dst._getvalue())
+    return rt(a), codegen
+
+
+@njit(**_INNER, fastmath=_EXACT)
 def _vexp(T, arg, scale, ibuf):
     """scale[t] *= exp(arg[t]) for arg <= 0, vectorizable (numba's math.exp is a scalar call).
 
@@ -212,7 +318,7 @@ def _vexp(T, arg, scale, ibuf):
         scale[t] = (scale[t] * p) * _bits_to_f64((np.int64(nf) + 1023) << 52)
 
 
-@njit(cache=_CACHE, fastmath=True)
+@njit(**_INNER, fastmath=True)
 def _fill_terms(s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, ridx, u, ncls, tb,
                 ibuf):
     """Write the contributing terms of one sigma; returns their number T.
@@ -311,52 +417,85 @@ class KernelTables(NamedTuple):
     hcoef: np.ndarray
 
 
-def _featall(K, end, cls, tc, tE, tux, tuy, tuz, out):
-    raise NotImplementedError  # numba only: see the overload below
+def _typed_target(typingctx, f, args):
+    """(function type, signature) of the jitted function f called with argument types args
+    (compiled for them here, or found among its compiled specialisations)."""
+    fty = types.Dispatcher(f)
+    fsig = typingctx.resolve_function_type(fty, tuple(args), {})
+    if fsig is None:
+        raise TypeError(f"{f} cannot be called with {args}")
+    return fty, fsig
 
 
-@overload(_featall)
-def _featall_ov(K, end, cls, tc, tE, tux, tuy, tuz, out):
-    """The generated moment loop of orders 0..K, chosen at compile time (K literal)."""
-    if isinstance(K, types.IntegerLiteral):
-        f = FEATALL[K.literal_value]
+def _lower_target_call(context, builder, target, starty, star):
+    """Emit a call of a typed target (from :func:`_typed_target`) with the arguments packed in
+    the star-argument tuple ``star`` (type ``starty``) at the builder's position, exactly as
+    numba lowers a call of a jitted function (its library is linked in)."""
+    from numba.core import cgutils
 
-        def impl(K, end, cls, tc, tE, tux, tuy, tuz, out):
-            f(end, cls, tc, tE, tux, tuy, tuz, out)
-        return impl
-
-
-def _wimg(K, n, tE, pg, gl, gq, W, c, keep):
-    raise NotImplementedError  # numba only: see the overload below
+    fty, fsig = target
+    vals = [context.cast(builder, v, t, ft)
+            for v, t, ft in zip(cgutils.unpack_tuple(builder, star), starty.types, fsig.args)]
+    return context.get_function(fty, fsig)(builder, vals)
 
 
-@overload(_wimg)
-def _wimg_ov(K, n, tE, pg, gl, gq, W, c, keep):
-    """The generated per-image weights of orders 0..K, chosen at compile time (K literal)."""
-    if isinstance(K, types.IntegerLiteral):
-        f = WIMG[K.literal_value]
+@intrinsic
+def _featall(typingctx, K, *args):
+    """``FEATALL[K](*args)`` for a literal K: the generated moment loop of orders 0..K.
 
-        def impl(K, n, tE, pg, gl, gq, W, c, keep):
-            f(n, tE, pg, gl, gq, W, c, keep)
-        return impl
+    An intrinsic rather than an ``@overload`` whose implementation calls FEATALL[K]: an overload
+    implementation is a jitted function of its own, i.e. one more level that is typed, lowered,
+    optimised, compiled to machine code and then optimised again in the caller.  This call is
+    emitted directly in the caller (the driver), which calls the generated loop itself.
+    """
+    if not isinstance(K, types.IntegerLiteral):
+        return None
+    target = _typed_target(typingctx, FEATALL[K.literal_value], args)
 
-
-def _grad(K, n, end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
-    raise NotImplementedError  # numba only: see the overload below
-
-
-@overload(_grad)
-def _grad_ov(K, n, end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
-    """The generated gradient loop of order n <= K (K literal: only orders 0..K are compiled)."""
-    if isinstance(K, types.IntegerLiteral):
-        f = GRAD_UPTO[K.literal_value]
-
-        def impl(K, n, end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row):
-            f(n, end, sx, sy, sz, W, ia, ib, m2a, uc, px, py, pz, G, row)
-        return impl
+    def codegen(context, builder, sig, llargs):
+        return _lower_target_call(context, builder, target, sig.args[1], llargs[1])
+    return target[1].return_type(K, types.StarArgTuple.from_types(args)), codegen
 
 
-@njit(cache=_CACHE)
+@intrinsic
+def _wimg(typingctx, K, *args):
+    """``WIMG[K](*args)`` for a literal K: the generated per-image weights of orders 0..K, called
+    directly from the driver (see :func:`_featall`)."""
+    if not isinstance(K, types.IntegerLiteral):
+        return None
+    target = _typed_target(typingctx, WIMG[K.literal_value], args)
+
+    def codegen(context, builder, sig, llargs):
+        return _lower_target_call(context, builder, target, sig.args[1], llargs[1])
+    return target[1].return_type(K, types.StarArgTuple.from_types(args)), codegen
+
+
+@intrinsic
+def _grad(typingctx, K, n, *args):
+    """``GRAD[n](*args)`` for a run-time order ``0 <= n <= K`` (K literal: only the loops of
+    orders 0..K are compiled), nothing for another n.  A switch on n emitted in the caller,
+    each case a direct call of a generated loop (no dispatch function of its own; see
+    :func:`_featall`).  The loops return nothing."""
+    if not isinstance(K, types.IntegerLiteral) or not isinstance(n, types.Integer):
+        return None
+    targets = [_typed_target(typingctx, GRAD[k], args) for k in range(K.literal_value + 1)]
+
+    def codegen(context, builder, sig, llargs):
+        nv = llargs[1]
+        done = builder.append_basic_block("grad.done")
+        sw = builder.switch(nv, done)
+        for k, target in enumerate(targets):
+            bb = builder.append_basic_block(f"grad.{k}")
+            sw.add_case(ir.Constant(nv.type, k), bb)
+            builder.position_at_end(bb)
+            _lower_target_call(context, builder, target, sig.args[2], llargs[2])
+            builder.branch(done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+    return types.none(K, n, types.StarArgTuple.from_types(args)), codegen
+
+
+@njit(cache=_CACHE, no_cfunc_wrapper=True)
 def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop, K):
     """Features (nc, ncol) and, if deriv, total derivatives (P, 3, ncol) with pair lists, for
     largest order ``K`` (a literal, so a compile-time constant: see featurize_structure), for
@@ -407,77 +546,80 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
     G = Bs.shape[1]
     nsig = alpha.shape[0]
     nord = ords.shape[0]
+    nord1 = nord if nord > 0 else 1  # (max() would compile one more function)
 
     rs2 = rs * rs
-    feats = np.zeros((nc, ncol))
+    feats = _zeros((nc, ncol), np.float64)
     pcap = 0
-    dF = np.empty((0, 3, ncol))
-    pair_j = np.empty(0, dtype=np.int64)
-    pair_count = np.zeros(nc, dtype=np.int64)
+    dF = _empty((0, 3, ncol), np.float64)
+    pair_j = _empty(0, np.int64)
+    pair_count = _zeros(nc, np.int64)
     npairs = 0
-    jlist = np.empty(n, dtype=np.int64)
-    slot = np.full(n, -1, dtype=np.int64)
+    jlist = _empty(n, np.int64)
+    slot = _empty(n, np.int64)
+    for j in range(n):
+        slot[j] = -1
 
     nbins = bo[nspecies]
-    bstart = np.empty(nbins + 1, dtype=np.int64)
-    bcount = np.empty(nbins + 1, dtype=np.int64)
-    mom = np.empty(286)  # raw moments of every degree 0..9, by global monomial index
-    mu = np.empty(66)
-    uc = np.empty(66)
-    ux = np.empty(66)
-    uy = np.empty(66)
-    uz = np.empty(66)
-    gend = np.zeros(max(nord, 1), dtype=np.int64)
-    csum = np.zeros(3 * ncol)
+    bstart = _empty(nbins + 1, np.int64)
+    bcount = _empty(nbins + 1, np.int64)
+    mom = _empty(286, np.float64)  # raw moments of every degree 0..9, by global monomial index
+    ocls_of_n = _zeros(10, np.float64)  # cutoff class of each order (orders not asked for: class 0)
+    for o in range(nord):
+        ocls_of_n[ords[o]] = ocls[o]
+    mu = _empty(66, np.float64)
+    uc = _empty(66, np.float64)
+    ux = _empty(66, np.float64)
+    uy = _empty(66, np.float64)
+    uz = _empty(66, np.float64)
+    gend = _zeros(nord1, np.int64)
+    csum = _zeros(3 * ncol, np.float64)
     # the (i, j) blocks of one centre, laid out as its rows of dF (so they go out in one
     # contiguous copy) but in a buffer that stays in cache; flat, indexed unsigned
-    blk = np.zeros(n * 3 * ncol if deriv else 0)
+    blk = _zeros(n * 3 * ncol if deriv else 0, np.float64)
 
     cap = 0
     tcap = 0
     # scratch, sized on first use and grown when a centre has more neighbours
-    nb_j = np.empty(0, dtype=np.int64)
-    nb_bin = np.empty(0, dtype=np.int64)
-    nb_x = np.empty(0)
-    nb_y = np.empty(0)
-    nb_z = np.empty(0)
-    nb_D = np.empty(0)
-    s_j = np.empty(0, dtype=np.int64)
-    s_x = np.empty(0)
-    s_y = np.empty(0)
-    s_z = np.empty(0)
-    s_D = np.empty(0)
-    tj = np.empty(0, dtype=np.int64)
-    ibuf = np.empty(0, dtype=np.int64)
-    tb = np.empty((8, 0))
+    nb_j = _empty(0, np.int64)
+    nb_bin = _empty(0, np.int64)
+    nb_x = _empty(0, np.float64)
+    nb_y = _empty(0, np.float64)
+    nb_z = _empty(0, np.float64)
+    nb_D = _empty(0, np.float64)
+    s_j = _empty(0, np.int64)
+    s_x = _empty(0, np.float64)
+    s_y = _empty(0, np.float64)
+    s_z = _empty(0, np.float64)
+    s_D = _empty(0, np.float64)
+    tj = _empty(0, np.int64)
+    ibuf = _empty(0, np.int64)
+    tb = _empty((8, 0), np.float64)
     tE = tb[0]
     tux = tb[2]
     tuy = tb[3]
     tuz = tb[4]
     tc = tb[6]
     tl = tb[7]
-    Gt = np.empty((3 * max(nord, 1), 0))
-    trow = np.empty(0, dtype=np.uint64)
-    ocls_of_n = np.zeros(10)  # cutoff class of each order (orders not asked for: class 0)
-    for o in range(nord):
-        ocls_of_n[ords[o]] = ocls[o]
+    Gt = _empty((3 * nord1, 0), np.float64)
+    trow = _empty(0, np.uint64)
     # derivatives: per-image weights of one sigma (rows: degree n, then n+1; _fused.wimg),
     # zeros, not empty: wimg multiplies the old contents by keep = 0 on its first pass
-    W = np.zeros((2 * (K + 1), 0))
+    W = _zeros((2 * (K + 1), 0), np.float64)
     gw = 4  # Gaussians per wimg call (_codegen.GW)
-    pg = np.zeros(gw, dtype=np.int64)
-    gl = np.zeros(gw * (K + 1), dtype=np.int64)
-    gq = np.zeros(gw * (K + 1))
-    pst = np.zeros(G, dtype=np.int64)
-    plen = np.zeros(G, dtype=np.int64)
-    ocls_i = np.zeros(K + 1, dtype=np.int64)
+    pg = _zeros(gw, np.int64)
+    gl = _zeros(gw * (K + 1), np.int64)
+    gq = _zeros(gw * (K + 1), np.float64)
+    pst = _zeros(G, np.int64)
+    plen = _zeros(G, np.int64)
+    ocls_i = _zeros(K + 1, np.int64)
     for o in range(nord):
         if ords[o] <= K:
             ocls_i[ords[o]] = ocls[o]
-    cx = np.empty(0)
-    cy = np.empty(0)
-    cz = np.empty(0)
-    ctrow = np.empty(0, dtype=np.uint64)
+    cx = _empty(0, np.float64)
+    cy = _empty(0, np.float64)
+    cz = _empty(0, np.float64)
+    ctrow = _empty(0, np.uint64)
 
     for ci in range(nc):
         i = centers[ci]
@@ -488,22 +630,22 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
         while cnt < 0:  # (re)allocate every per-neighbour scratch array and search again
             cap = -cnt * 5 // 4 + 16
             tcap = cap * G
-            nb_j = np.empty(cap, dtype=np.int64)
-            nb_bin = np.empty(cap, dtype=np.int64)
-            nb_x = np.empty(cap)
-            nb_y = np.empty(cap)
-            nb_z = np.empty(cap)
-            nb_D = np.empty(cap)
-            s_j = np.empty(cap, dtype=np.int64)
-            s_x = np.empty(cap)
-            s_y = np.empty(cap)
-            s_z = np.empty(cap)
-            s_D = np.empty(cap)
-            tj = np.empty(tcap, dtype=np.int64)
-            ibuf = np.empty(tcap, dtype=np.int64)
+            nb_j = _empty(cap, np.int64)
+            nb_bin = _empty(cap, np.int64)
+            nb_x = _empty(cap, np.float64)
+            nb_y = _empty(cap, np.float64)
+            nb_z = _empty(cap, np.float64)
+            nb_D = _empty(cap, np.float64)
+            s_j = _empty(cap, np.int64)
+            s_x = _empty(cap, np.float64)
+            s_y = _empty(cap, np.float64)
+            s_z = _empty(cap, np.float64)
+            s_D = _empty(cap, np.float64)
+            tj = _empty(tcap, np.int64)
+            ibuf = _empty(tcap, np.int64)
             # (+ cap: wimg reads up to a species' longest run past a shorter run's start;
             # zeros, so whatever it reads there is finite)
-            tb = np.zeros((8, tcap + cap))
+            tb = _zeros((8, tcap + cap), np.float64)
             tE = tb[0]
             tux = tb[2]
             tuy = tb[3]
@@ -511,13 +653,13 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
             tc = tb[6]
             tl = tb[7]
             if deriv:
-                W = np.zeros((2 * (K + 1), cap))
-                cx = np.empty(cap)
-                cy = np.empty(cap)
-                cz = np.empty(cap)
-                Gt = np.empty((3 * max(nord, 1), cap))
-                trow = np.empty(cap, dtype=np.uint64)
-                ctrow = np.empty(cap, dtype=np.uint64)
+                W = _zeros((2 * (K + 1), cap), np.float64)
+                cx = _empty(cap, np.float64)
+                cy = _empty(cap, np.float64)
+                cz = _empty(cap, np.float64)
+                Gt = _empty((3 * nord1, cap), np.float64)
+                trow = _empty(cap, np.uint64)
+                ctrow = _empty(cap, np.uint64)
             cnt = _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_x, nb_y, nb_z, nb_D)
         if stop == 1:
             continue
@@ -551,14 +693,24 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                 # grow to what the centres so far predict for all of them (rows are zeroed
                 # when a centre takes them, so the slack is never touched)
                 est = (npairs + k) * nc // (ci + 1)
-                pcap = min(max(est + est // 8 + k, 2 * pcap, npairs + k), max(nc * n, npairs + k))
-                bigger = np.empty((pcap, 3, ncol))
+                # min(max(est + est // 8 + k, 2 pcap, need), max(nc n, need)), without min/max
+                need = npairs + k
+                grow = est + est // 8 + k
+                if grow < 2 * pcap:
+                    grow = 2 * pcap
+                if grow < need:
+                    grow = need
+                lim = nc * n
+                if lim < need:
+                    lim = need
+                pcap = grow if grow < lim else lim
+                bigger = _empty((pcap, 3, ncol), np.float64)
                 for r in range(npairs):  # explicit loops: slice assignment compiles slowly
                     for kk in range(3):
                         for m in range(ncol):
                             bigger[r, kk, m] = dF[r, kk, m]
                 dF = bigger
-                pj = np.empty(pcap, dtype=np.int64)
+                pj = _empty(pcap, np.int64)
                 for r in range(npairs):
                     pj[r] = pair_j[r]
                 pair_j = pj
@@ -761,7 +913,7 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                 ur = np.uint64(slot[i]) * urw
                 for a in range(rw):
                     blk[ur + np.uint64(a)] -= csum[a]
-            dF1 = dF.reshape(-1)
+            dF1 = _flat(dF)
             ub = np.uint64(base) * urw
             for r in range(kp * rw):
                 ur = np.uint64(r)
