@@ -419,9 +419,11 @@ class KernelTables(NamedTuple):
 
 def _typed_target(typingctx, f, args):
     """(function type, signature) of the jitted function f called with argument types args
-    (compiled for them here, or found among its compiled specialisations)."""
+    (compiled for them here, or found among its compiled specialisations).  Literal argument
+    types are widened first (an int that the caller's type inference still sees as its initial
+    constant would otherwise compile the loop a second time)."""
     fty = types.Dispatcher(f)
-    fsig = typingctx.resolve_function_type(fty, tuple(args), {})
+    fsig = typingctx.resolve_function_type(fty, tuple(types.unliteral(a) for a in args), {})
     if fsig is None:
         raise TypeError(f"{f} cannot be called with {args}")
     return fty, fsig
