@@ -140,7 +140,7 @@ def main(argv=None):
               f"(after warm-up {mem['rss_after_warmup_mb']:.0f} MB)")
 
 
-STAGES = {1: "neighbour search", 2: "binning", 3: "term buffers + exp (+ order -1, image weights)",
+STAGES = {1: "neighbour search", 2: "binning", 3: "terms + exp (+ order -1, weights)",
           4: "moment loops + features", 5: "gradient loops", 0: "scatter, own block, results"}
 
 
