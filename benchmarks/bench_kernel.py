@@ -7,8 +7,9 @@ overlap_threshold 1e-16.  Prints, on one core (the process is pinned to one CPU)
 * atoms/s features-only and with derivatives (best of --repeats, compile excluded);
 * peak RSS of a child process that streams the 200 structures with derivatives;
 * stage timings (--stages): the kernel stopped after each stage per centre (neighbour search,
-  binning into cutoff bins, term buffers with their exp, moment loops and features, gradient
-  loops, scatter into the (i, j) blocks, plus the total own-block and result assembly), each
+  binning into cutoff bins, term buffers with their exp (and, with derivatives, the per-image
+  weights), moment loops and features, gradient loops, scatter into the (i, j) blocks, plus the
+  total own-block and result assembly), each
   stage's share = difference of consecutive cumulative times, best of --repeats.
 
 Usage: python benchmarks/bench_kernel.py [--repeats 3] [--structures 200] [--stages] [--no-compile]
@@ -139,7 +140,7 @@ def main(argv=None):
               f"(after warm-up {mem['rss_after_warmup_mb']:.0f} MB)")
 
 
-STAGES = {1: "neighbour search", 2: "binning", 3: "term buffers + exp (+ order -1)",
+STAGES = {1: "neighbour search", 2: "binning", 3: "terms + exp (+ order -1, weights)",
           4: "moment loops + features", 5: "gradient loops", 0: "scatter, own block, results"}
 
 

@@ -20,9 +20,13 @@ Work for one centre atom i (spec sections 5-8):
    ``S`` and ``F``.
 4. Derivatives (spec 8.1 per term): ``d/dd [E Q] = 2 C2 d E Q + lambda E grad_u Q``.  Contracting
    with ``w mu`` first gives one polynomial ``U = sum_abc w mu_abc Q_abc`` per (centre, order,
-   sigma), so each term needs ``U`` and its three partial derivatives only.  Terms are scattered
-   into their (i, j) block; the centre's own block then loses the sum of all blocks (spec 8.2,
-   the total derivative with the probe centre moving with atom i).
+   sigma), so each term needs ``U`` and its three partial derivatives only.  They are evaluated
+   per *image* (one periodic image of a neighbour), not per term: with ``u = lambda d``,
+   ``E u^m = (E lambda^n) d^m`` for a degree-n monomial m, so the terms of the image's Gaussians
+   combine into weights ``W[n] = sum E lambda^n`` (and ``lambda^(n+1)``) and the gradient is a
+   polynomial in d (about 2.3 terms per image on the bench set).  Images are scattered into
+   their (i, j) block; the centre's own block then loses the sum of all blocks (spec 8.2, the
+   total derivative with the probe centre moving with atom i).
 """
 from __future__ import annotations
 
@@ -32,13 +36,17 @@ from typing import NamedTuple
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
 
 # first: every kernel of this package caches in the machine-wide directory of _numba_cache
 from ._numba_cache import compile_lock  # noqa: I001
-from ._fused import FEATALL, GRAD_UPTO
+from ._fused import FEATALL, GRAD, WIMG
 
 _CACHE = True
+#: options of the helpers that only jitted code calls: no Python-callable (cpython) wrapper and no
+#: C-callable (cfunc) wrapper, which would be generated, optimised and compiled to machine code
+#: for every helper on a cold compile and never used (the driver calls the function itself)
+_INNER = dict(cache=_CACHE, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 #: fast-math without reassociation, for code whose rounding steps must stay as written
 _EXACT = {"nnan", "ninf", "nsz", "arcp", "contract"}
 _LN2_HI = 6.93147180369123816490e-01
@@ -46,7 +54,7 @@ _LN2_LO = 1.90821492927058770002e-10
 _INV_LN2 = 1.44269504088896338700e+00
 
 
-@njit(cache=_CACHE)
+@njit(**_INNER)
 def _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_x, nb_y, nb_z, nb_D):
     """Images of all atoms within sqrt(rs2) of q.  Returns the count, or -needed on overflow.
 
@@ -58,8 +66,8 @@ def _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_x, nb_y, nb_z, nb_
     n = pos.shape[0]
     cap = nb_j.shape[0]
     cnt = 0
-    lo = np.zeros(3, dtype=np.int64)
-    hi = np.zeros(3, dtype=np.int64)
+    lo = _zeros(3, np.int64)
+    hi = _zeros(3, np.int64)
     for j in range(n):
         ex = pos[j, 0] - q[0]
         ey = pos[j, 1] - q[1]
@@ -100,7 +108,7 @@ def _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_x, nb_y, nb_z, nb_
     return cnt
 
 
-@njit(cache=_CACHE)
+@njit(**_INNER)
 def _bin_neighbors(cnt, nb_j, nb_x, nb_y, nb_z, nb_D, nb_bin, spc, thr, nthr, bo, gscale, gtab,
                    s_j, s_x, s_y, s_z, s_D, bstart, counts):
     """Counting sort of the neighbour list into cutoff bins.
@@ -122,7 +130,10 @@ def _bin_neighbors(cnt, nb_j, nb_x, nb_y, nb_z, nb_D, nb_bin, spc, thr, nthr, bo
     for t in range(cnt):  # (unsigned indices: numba's negative-index wraparound is skipped)
         s = np.uint64(spc[np.uint64(nb_j[t])])
         D = nb_D[t]
-        k = np.uint64(min(int(D * gscale[s]), ncell))
+        kc = np.int64(D * gscale[s])  # (D >= 0: truncation is the floor)
+        if kc > ncell:
+            kc = ncell
+        k = np.uint64(kc)
         b = np.uint64(gtab[s, k])
         while thr[s, b] < D:  # rows end with +inf
             b += one
@@ -150,10 +161,11 @@ def _bin_neighbors(cnt, nb_j, nb_x, nb_y, nb_z, nb_D, nb_bin, spc, thr, nthr, bo
     return bstart[nb]
 
 
-@njit(cache=_CACHE)
+@njit(**_INNER, inline="always")
 def _sort_ints(a, k):
     """Sort a[:k] in place (Shell sort, gaps 3h+1: a few lines that compile in no time, unlike
-    np.sort)."""
+    np.sort).  Inlined into the caller by numba (integers only, so the caller's fastmath
+    flags do not matter): no compile of its own."""
     h = 1
     while h < k // 3:
         h = 3 * h + 1
@@ -176,7 +188,105 @@ def _bits_to_f64(typingctx, x):
     return types.float64(types.int64), codegen
 
 
-@njit(cache=_CACHE, fastmath=_EXACT)
+def _check_new_array(shape, dtype):
+    """Typing shared by :func:`_empty` and :func:`_zeros`: (array type, ndim) or None."""
+    if isinstance(shape, types.Integer):
+        nd = 1
+    elif isinstance(shape, types.BaseTuple) and all(isinstance(t, types.Integer) for t in shape):
+        nd = len(shape)
+    else:
+        return None
+    if not isinstance(dtype, types.NumberClass):
+        return None
+    return types.Array(dtype.instance_type, nd, "C")
+
+
+def _lower_new_array(context, builder, sig, args, zero):
+    """A new C-order array of sig.return_type with the shape args[0]: one aligned NRT
+    allocation (MemoryError if it fails), optionally zero-filled.  numba's own np.empty
+    lowering adds overflow checks of the size product and goes through a jitted allocator
+    function; the kernels' sizes are small non-negative products, so this keeps the inline code
+    to a few instructions per allocation (about 40 sites in the driver)."""
+    from numba.core import cgutils
+    from numba.np.arrayobj import make_array, populate_array
+
+    aty = sig.return_type
+    shty = sig.args[0]
+    if isinstance(shty, types.Integer):
+        shapes = [context.cast(builder, args[0], shty, types.intp)]
+    else:
+        shapes = [context.cast(builder, v, t, types.intp)
+                  for v, t in zip(cgutils.unpack_tuple(builder, args[0]), shty)]
+    intp = context.get_value_type(types.intp)
+    itemsize = context.get_abi_sizeof(context.get_data_type(aty.dtype))
+    strides = [ir.Constant(intp, itemsize)]
+    for dim in reversed(shapes[1:]):
+        strides.append(builder.mul(strides[-1], dim))
+    strides.reverse()
+    nbytes = builder.mul(strides[0], shapes[0])
+    align = context.get_preferred_array_alignment(aty.dtype)
+    meminfo = context.nrt.meminfo_alloc_aligned(builder, nbytes, align)
+    data = context.nrt.meminfo_data(builder, meminfo)
+    if zero:
+        cgutils.memset(builder, data, nbytes, 0)
+    ary = make_array(aty)(context, builder)
+    populate_array(ary, data=builder.bitcast(data, context.get_data_type(aty.dtype).as_pointer()),
+                   shape=cgutils.pack_array(builder, shapes, ty=intp),
+                   strides=cgutils.pack_array(builder, strides, ty=intp),
+                   itemsize=ir.Constant(intp, itemsize), meminfo=meminfo)
+    return ary._getvalue()  # a new reference
+
+
+@intrinsic
+def _empty(typingctx, shape, dtype):
+    """``_empty(shape, dtype, np.float64)`` (C order; shape an int or a tuple of non-negative ints, dtype
+    a NumPy scalar type such as np.float64), lowered inline where it is called.
+
+    numba's np.empty/np.zeros/np.full compile a separate function for every distinct argument
+    signature (typing, lowering, optimisation and machine code of each, then optimised again in
+    every caller): about a second of a cold compile for the driver's handful of signatures.
+    """
+    rt = _check_new_array(shape, dtype)
+    if rt is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _lower_new_array(context, builder, sig, args, False)
+    return rt(shape, dtype), codegen
+
+
+@intrinsic
+def _zeros(typingctx, shape, dtype):
+    """``_zeros(shape, dtype, np.float64)``: :func:`_empty` with the memory set to zero bytes."""
+    rt = _check_new_array(shape, dtype)
+    if rt is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _lower_new_array(context, builder, sig, args, True)
+    return rt(shape, dtype), codegen
+
+
+@intrinsic
+def _flat(typingctx, a):
+    """``a.reshape(-1)`` for a C-contiguous array: the same memory as one dimension."""
+    if not (isinstance(a, types.Array) and a.layout == "C"):
+        return None
+    rt = a.copy(ndim=1)
+
+    def codegen(context, builder, sig, args):
+        from numba.core.imputils import impl_ret_borrowed
+        from numba.np.arrayobj import make_array, populate_array
+
+        src = make_array(sig.args[0])(context, builder, value=args[0])
+        dst = make_array(sig.return_type)(context, builder)
+        populate_array(dst, data=src.data, shape=[src.nitems], strides=[src.itemsize],
+                       itemsize=src.itemsize, meminfo=src.meminfo, parent=src.parent)
+        return impl_ret_borrowed(context, builder, sig.return_type, dst._getvalue())
+    return rt(a), codegen
+
+
+@njit(**_INNER, fastmath=_EXACT)
 def _vexp(T, arg, scale, ibuf):
     """scale[t] *= exp(arg[t]) for arg <= 0, vectorizable (numba's math.exp is a scalar call).
 
@@ -208,17 +318,16 @@ def _vexp(T, arg, scale, ibuf):
         scale[t] = (scale[t] * p) * _bits_to_f64((np.int64(nf) + 1023) << 52)
 
 
-@njit(cache=_CACHE, fastmath=True)
-def _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, ridx, ncls,
-                tj, tb, ibuf, deriv):
+@njit(**_INNER, fastmath=True)
+def _fill_terms(s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, ridx, u, ncls, tb,
+                ibuf):
     """Write the contributing terms of one sigma; returns their number T.
 
     Terms come in one run per (species, Gaussian): the neighbours within the largest cutoff
     class of that Gaussian, nearest bins first.  tc[t] is the term's cutoff class, the smallest
     class whose radius admits it, so order n counts exactly the terms with tc <= class(n).
-    Rows of tb: 0 E (C1 times the exponential), 1 the exponent, 2-4 lambda d, 5 unused,
-    6 tc, 7 lambda tl.  The atom index tj and tl are written only when deriv is set.  (One 2-D
-    buffer rather than eight arrays: LLVM vectorizes the copy loops with fewer alias checks.)
+    Rows of tb: 0 E (C1 times the exponential), 1 the exponent, 2-4 lambda d, 6 tc (rows 5 and
+    7 are not written here; order -1 uses 7).  Tables c1/c2/lam/ridx are indexed by sigma u.
     """
     p = 0
     for s in range(nspecies):
@@ -227,43 +336,32 @@ def _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, 
             continue
         b0 = bo[s] + 1
         for g in range(ng[s]):
-            C1 = c1[s, g]
-            C2 = c2[s, g]
-            lm = lam[s, g]
-            L = bstart[b0 + ridx[ncls - 1, s, g]] - a
+            C1 = c1[u, s, g]
+            C2 = c2[u, s, g]
+            lm = lam[u, s, g]
+            L = bstart[b0 + ridx[u, ncls - 1, s, g]] - a
             # one pass per run (runs are short, so each extra loop costs its set-up): the
             # class tag of up to two classes in the same loop, more classes by extra passes.
-            # The loops run over views with indices from 0: numba's negative-index wraparound
-            # then folds away and LLVM vectorizes them (with t from a, they stayed scalar).
-            Lc = bstart[b0 + ridx[0, s, g]] - a if ncls > 1 else L
-            e0 = tb[0, p:p + L]
-            e1 = tb[1, p:p + L]
-            e2 = tb[2, p:p + L]
-            e3 = tb[3, p:p + L]
-            e4 = tb[4, p:p + L]
-            e6 = tb[6, p:p + L]
-            vx = s_x[a:a + L]
-            vy = s_y[a:a + L]
-            vz = s_z[a:a + L]
-            vD = s_D[a:a + L]
+            # Unsigned indices: numba's negative-index wraparound code is skipped, so LLVM
+            # vectorizes the loops (signed indices from a kept them scalar), and no views are
+            # made (each costs a reference-count increment and decrement).
+            Lc = bstart[b0 + ridx[u, 0, s, g]] - a if ncls > 1 else L
+            up = np.uint64(p)
+            ua = np.uint64(a)
             for k in range(L):
-                e0[k] = C1
-                e1[k] = C2 * vD[k]
-                e2[k] = lm * vx[k]
-                e3[k] = lm * vy[k]
-                e4[k] = lm * vz[k]
-                e6[k] = 1.0 if k >= Lc else 0.0
-            if deriv:
-                e7 = tb[7, p:p + L]
-                dj = tj[p:p + L]
-                vj = s_j[a:a + L]
-                for k in range(L):
-                    e7[k] = lm
-                    dj[k] = vj[k]
+                ku = np.uint64(k)
+                t = up + ku
+                v = ua + ku
+                tb[0, t] = C1
+                tb[1, t] = C2 * s_D[v]
+                tb[2, t] = lm * s_x[v]
+                tb[3, t] = lm * s_y[v]
+                tb[4, t] = lm * s_z[v]
+                tb[6, t] = 1.0 if k >= Lc else 0.0
             for c in range(1, ncls - 1):
-                Lc = bstart[b0 + ridx[c, s, g]] - a
+                Lc = bstart[b0 + ridx[u, c, s, g]] - a
                 for k in range(Lc, L):
-                    e6[k] += 1.0
+                    tb[6, up + np.uint64(k)] += 1.0
             p += L
     _vexp(np.int64(p), tb[1], tb[0], ibuf)
     return p
@@ -302,6 +400,7 @@ class KernelTables(NamedTuple):
     gtab: np.ndarray
     ridx: np.ndarray
     ridxm1: np.ndarray
+    gsort: np.ndarray
     ncls: int
     rsearch: float
     ords: np.ndarray
@@ -318,37 +417,87 @@ class KernelTables(NamedTuple):
     hcoef: np.ndarray
 
 
-def _featall(K, end, cls, tc, tE, tux, tuy, tuz, out):
-    raise NotImplementedError  # numba only: see the overload below
+def _typed_target(typingctx, f, args):
+    """(function type, signature) of the jitted function f called with argument types args
+    (compiled for them here, or found among its compiled specialisations).  Literal argument
+    types are widened first (an int that the caller's type inference still sees as its initial
+    constant would otherwise compile the loop a second time)."""
+    fty = types.Dispatcher(f)
+    fsig = typingctx.resolve_function_type(fty, tuple(types.unliteral(a) for a in args), {})
+    if fsig is None:
+        raise TypeError(f"{f} cannot be called with {args}")
+    return fty, fsig
 
 
-@overload(_featall)
-def _featall_ov(K, end, cls, tc, tE, tux, tuy, tuz, out):
-    """The generated moment loop of orders 0..K, chosen at compile time (K literal)."""
-    if isinstance(K, types.IntegerLiteral):
-        f = FEATALL[K.literal_value]
+def _lower_target_call(context, builder, target, starty, star):
+    """Emit a call of a typed target (from :func:`_typed_target`) with the arguments packed in
+    the star-argument tuple ``star`` (type ``starty``) at the builder's position, exactly as
+    numba lowers a call of a jitted function (its library is linked in)."""
+    from numba.core import cgutils
 
-        def impl(K, end, cls, tc, tE, tux, tuy, tuz, out):
-            f(end, cls, tc, tE, tux, tuy, tuz, out)
-        return impl
-
-
-def _grad(K, n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
-    raise NotImplementedError  # numba only: see the overload below
+    fty, fsig = target
+    vals = [context.cast(builder, v, t, ft)
+            for v, t, ft in zip(cgutils.unpack_tuple(builder, star), starty.types, fsig.args)]
+    return context.get_function(fty, fsig)(builder, vals)
 
 
-@overload(_grad)
-def _grad_ov(K, n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
-    """The generated gradient loop of order n <= K (K literal: only orders 0..K are compiled)."""
-    if isinstance(K, types.IntegerLiteral):
-        f = GRAD_UPTO[K.literal_value]
+@intrinsic
+def _featall(typingctx, K, *args):
+    """``FEATALL[K](*args)`` for a literal K: the generated moment loop of orders 0..K.
 
-        def impl(K, n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row):
-            f(n, end, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, dx, dy, dz, G, row)
-        return impl
+    An intrinsic rather than an ``@overload`` whose implementation calls FEATALL[K]: an overload
+    implementation is a jitted function of its own, i.e. one more level that is typed, lowered,
+    optimised, compiled to machine code and then optimised again in the caller.  This call is
+    emitted directly in the caller (the driver), which calls the generated loop itself.
+    """
+    if not isinstance(K, types.IntegerLiteral):
+        return None
+    target = _typed_target(typingctx, FEATALL[K.literal_value], args)
+
+    def codegen(context, builder, sig, llargs):
+        return _lower_target_call(context, builder, target, sig.args[1], llargs[1])
+    return target[1].return_type(K, types.StarArgTuple.from_types(args)), codegen
 
 
-@njit(cache=_CACHE)
+@intrinsic
+def _wimg(typingctx, K, *args):
+    """``WIMG[K](*args)`` for a literal K: the generated per-image weights of orders 0..K, called
+    directly from the driver (see :func:`_featall`)."""
+    if not isinstance(K, types.IntegerLiteral):
+        return None
+    target = _typed_target(typingctx, WIMG[K.literal_value], args)
+
+    def codegen(context, builder, sig, llargs):
+        return _lower_target_call(context, builder, target, sig.args[1], llargs[1])
+    return target[1].return_type(K, types.StarArgTuple.from_types(args)), codegen
+
+
+@intrinsic
+def _grad(typingctx, K, n, *args):
+    """``GRAD[n](*args)`` for a run-time order ``0 <= n <= K`` (K literal: only the loops of
+    orders 0..K are compiled), nothing for another n.  A switch on n emitted in the caller,
+    each case a direct call of a generated loop (no dispatch function of its own; see
+    :func:`_featall`).  The loops return nothing."""
+    if not isinstance(K, types.IntegerLiteral) or not isinstance(n, types.Integer):
+        return None
+    targets = [_typed_target(typingctx, GRAD[k], args) for k in range(K.literal_value + 1)]
+
+    def codegen(context, builder, sig, llargs):
+        nv = llargs[1]
+        done = builder.append_basic_block("grad.done")
+        sw = builder.switch(nv, done)
+        for k, target in enumerate(targets):
+            bb = builder.append_basic_block(f"grad.{k}")
+            sw.add_case(ir.Constant(nv.type, k), bb)
+            builder.position_at_end(bb)
+            _lower_target_call(context, builder, target, sig.args[2], llargs[2])
+            builder.branch(done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+    return types.none(K, n, types.StarArgTuple.from_types(args)), codegen
+
+
+@njit(cache=_CACHE, no_cfunc_wrapper=True)
 def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, total, stop, K):
     """Features (nc, ncol) and, if deriv, total derivatives (P, 3, ncol) with pair lists, for
     largest order ``K`` (a literal, so a compile-time constant: see featurize_structure), for
@@ -360,7 +509,8 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
     derivatives (probe centres held fixed, spec 8.1) instead of the total ones.
 
     ``stop`` (for benchmarks/bench_kernel.py's stage timings; 0 = everything): stop each centre
-    after 1 the neighbour search, 2 the binning, 3 the term buffers (order -1 included),
+    after 1 the neighbour search, 2 the binning, 3 the term buffers (order -1 and, with
+    derivatives, the per-image weights included),
     4 the moment loops and features, 5 the gradient loops (no scatter into the blocks).
     The results are then incomplete.
     """
@@ -378,6 +528,7 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
     gtab = tabs.gtab
     ridx = tabs.ridx
     ridxm1 = tabs.ridxm1
+    gsort = tabs.gsort
     ncls = tabs.ncls
     rs = tabs.rsearch
     ords = tabs.ords
@@ -397,63 +548,80 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
     G = Bs.shape[1]
     nsig = alpha.shape[0]
     nord = ords.shape[0]
+    nord1 = nord if nord > 0 else 1  # (max() would compile one more function)
 
     rs2 = rs * rs
-    feats = np.zeros((nc, ncol))
+    feats = _zeros((nc, ncol), np.float64)
     pcap = 0
-    dF = np.empty((0, 3, ncol))
-    pair_j = np.empty(0, dtype=np.int64)
-    pair_count = np.zeros(nc, dtype=np.int64)
+    dF = _empty((0, 3, ncol), np.float64)
+    pair_j = _empty(0, np.int64)
+    pair_count = _zeros(nc, np.int64)
     npairs = 0
-    jlist = np.empty(n, dtype=np.int64)
-    slot = np.full(n, -1, dtype=np.int64)
+    jlist = _empty(n, np.int64)
+    slot = _empty(n, np.int64)
+    for j in range(n):
+        slot[j] = -1
 
     nbins = bo[nspecies]
-    bstart = np.empty(nbins + 1, dtype=np.int64)
-    bcount = np.empty(nbins + 1, dtype=np.int64)
-    mom = np.empty(286)  # raw moments of every degree 0..9, by global monomial index
-    ocls_of_n = np.zeros(10)  # cutoff class of each order (orders not asked for: class 0)
+    bstart = _empty(nbins + 1, np.int64)
+    bcount = _empty(nbins + 1, np.int64)
+    mom = _empty(286, np.float64)  # raw moments of every degree 0..9, by global monomial index
+    ocls_of_n = _zeros(10, np.float64)  # cutoff class of each order (orders not asked for: class 0)
     for o in range(nord):
         ocls_of_n[ords[o]] = ocls[o]
-    mu = np.empty(66)
-    uc = np.empty(66)
-    ux = np.empty(66)
-    uy = np.empty(66)
-    uz = np.empty(66)
-    gend = np.zeros(max(nord, 1), dtype=np.int64)
-    # per-sigma accumulators of the (i, j) blocks of one centre, by pair slot: 3 components
-    # per order (compact and L1-resident, unlike the centre's rows of dF with all columns)
-    accw = 3 * max(nord, 1)
-    blk = np.zeros((n if deriv else 0, accw))
-    blk1 = blk.reshape(-1)  # the same memory, flat
-    acc1 = np.zeros((n if deriv else 0, 3))
-    csum = np.zeros(accw)
+    mu = _empty(66, np.float64)
+    uc = _empty(66, np.float64)
+    ux = _empty(66, np.float64)
+    uy = _empty(66, np.float64)
+    uz = _empty(66, np.float64)
+    gend = _zeros(nord1, np.int64)
+    csum = _zeros(3 * ncol, np.float64)
+    # the (i, j) blocks of one centre, laid out as its rows of dF (so they go out in one
+    # contiguous copy) but in a buffer that stays in cache; flat, indexed unsigned
+    blk = _zeros(n * 3 * ncol if deriv else 0, np.float64)
 
     cap = 0
     tcap = 0
     # scratch, sized on first use and grown when a centre has more neighbours
-    nb_j = np.empty(0, dtype=np.int64)
-    nb_bin = np.empty(0, dtype=np.int64)
-    nb_x = np.empty(0)
-    nb_y = np.empty(0)
-    nb_z = np.empty(0)
-    nb_D = np.empty(0)
-    s_j = np.empty(0, dtype=np.int64)
-    s_x = np.empty(0)
-    s_y = np.empty(0)
-    s_z = np.empty(0)
-    s_D = np.empty(0)
-    tj = np.empty(0, dtype=np.int64)
-    ibuf = np.empty(0, dtype=np.int64)
-    tb = np.empty((8, 0))
+    nb_j = _empty(0, np.int64)
+    nb_bin = _empty(0, np.int64)
+    nb_x = _empty(0, np.float64)
+    nb_y = _empty(0, np.float64)
+    nb_z = _empty(0, np.float64)
+    nb_D = _empty(0, np.float64)
+    s_j = _empty(0, np.int64)
+    s_x = _empty(0, np.float64)
+    s_y = _empty(0, np.float64)
+    s_z = _empty(0, np.float64)
+    s_D = _empty(0, np.float64)
+    tj = _empty(0, np.int64)
+    ibuf = _empty(0, np.int64)
+    tb = _empty((8, 0), np.float64)
     tE = tb[0]
     tux = tb[2]
     tuy = tb[3]
     tuz = tb[4]
     tc = tb[6]
     tl = tb[7]
-    Gt = np.empty((3 * max(nord, 1), 0))
-    trow = np.empty(0, dtype=np.uint64)
+    Gt = _empty((3 * nord1, 0), np.float64)
+    trow = _empty(0, np.uint64)
+    # derivatives: per-image weights of one sigma (rows: degree n, then n+1; _fused.wimg),
+    # zeros, not empty: wimg multiplies the old contents by keep = 0 on its first pass
+    W = _zeros((2 * (K + 1), 0), np.float64)
+    gw = 4  # Gaussians per wimg call (_codegen.GW)
+    pg = _zeros(gw, np.int64)
+    gl = _zeros(gw * (K + 1), np.int64)
+    gq = _zeros(gw * (K + 1), np.float64)
+    pst = _zeros(G, np.int64)
+    plen = _zeros(G, np.int64)
+    ocls_i = _zeros(K + 1, np.int64)
+    for o in range(nord):
+        if ords[o] <= K:
+            ocls_i[ords[o]] = ocls[o]
+    cx = _empty(0, np.float64)
+    cy = _empty(0, np.float64)
+    cz = _empty(0, np.float64)
+    ctrow = _empty(0, np.uint64)
 
     for ci in range(nc):
         i = centers[ci]
@@ -464,20 +632,22 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
         while cnt < 0:  # (re)allocate every per-neighbour scratch array and search again
             cap = -cnt * 5 // 4 + 16
             tcap = cap * G
-            nb_j = np.empty(cap, dtype=np.int64)
-            nb_bin = np.empty(cap, dtype=np.int64)
-            nb_x = np.empty(cap)
-            nb_y = np.empty(cap)
-            nb_z = np.empty(cap)
-            nb_D = np.empty(cap)
-            s_j = np.empty(cap, dtype=np.int64)
-            s_x = np.empty(cap)
-            s_y = np.empty(cap)
-            s_z = np.empty(cap)
-            s_D = np.empty(cap)
-            tj = np.empty(tcap, dtype=np.int64)
-            ibuf = np.empty(tcap, dtype=np.int64)
-            tb = np.empty((8, tcap))
+            nb_j = _empty(cap, np.int64)
+            nb_bin = _empty(cap, np.int64)
+            nb_x = _empty(cap, np.float64)
+            nb_y = _empty(cap, np.float64)
+            nb_z = _empty(cap, np.float64)
+            nb_D = _empty(cap, np.float64)
+            s_j = _empty(cap, np.int64)
+            s_x = _empty(cap, np.float64)
+            s_y = _empty(cap, np.float64)
+            s_z = _empty(cap, np.float64)
+            s_D = _empty(cap, np.float64)
+            tj = _empty(tcap, np.int64)
+            ibuf = _empty(tcap, np.int64)
+            # (+ cap: wimg reads up to a species' longest run past a shorter run's start;
+            # zeros, so whatever it reads there is finite)
+            tb = _zeros((8, tcap + cap), np.float64)
             tE = tb[0]
             tux = tb[2]
             tuy = tb[3]
@@ -485,8 +655,13 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
             tc = tb[6]
             tl = tb[7]
             if deriv:
-                Gt = np.empty((3 * max(nord, 1), tcap))
-                trow = np.empty(tcap, dtype=np.uint64)
+                W = _zeros((2 * (K + 1), cap), np.float64)
+                cx = _empty(cap, np.float64)
+                cy = _empty(cap, np.float64)
+                cz = _empty(cap, np.float64)
+                Gt = _empty((3 * nord1, cap), np.float64)
+                trow = _empty(cap, np.uint64)
+                ctrow = _empty(cap, np.uint64)
             cnt = _neighbors(q, pos, lat, inv, hinv, per, rs, rs2, nb_j, nb_x, nb_y, nb_z, nb_D)
         if stop == 1:
             continue
@@ -507,29 +682,52 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                     slot[j] = 0
                     jlist[k] = j
                     k += 1
-            _sort_ints(jlist, k)
+            if 8 * k >= n:  # dense: a scan of the marks is sorted for free
+                k = 0
+                for j in range(n):
+                    if slot[j] == 0:
+                        jlist[k] = j
+                        k += 1
+            else:
+                _sort_ints(jlist, k)
             jl = jlist
             if npairs + k > pcap:
                 # grow to what the centres so far predict for all of them (rows are zeroed
                 # when a centre takes them, so the slack is never touched)
                 est = (npairs + k) * nc // (ci + 1)
-                pcap = min(max(est + est // 8 + k, 2 * pcap, npairs + k), max(nc * n, npairs + k))
-                bigger = np.empty((pcap, 3, ncol))
+                # min(max(est + est // 8 + k, 2 pcap, need), max(nc n, need)), without min/max
+                need = npairs + k
+                grow = est + est // 8 + k
+                if grow < 2 * pcap:
+                    grow = 2 * pcap
+                if grow < need:
+                    grow = need
+                lim = nc * n
+                if lim < need:
+                    lim = need
+                pcap = grow if grow < lim else lim
+                bigger = _empty((pcap, 3, ncol), np.float64)
                 for r in range(npairs):  # explicit loops: slice assignment compiles slowly
                     for kk in range(3):
                         for m in range(ncol):
                             bigger[r, kk, m] = dF[r, kk, m]
                 dF = bigger
-                pj = np.empty(pcap, dtype=np.int64)
+                pj = _empty(pcap, np.int64)
                 for r in range(npairs):
                     pj[r] = pair_j[r]
                 pair_j = pj
-            # (every entry of the centre's rows is assigned below: no zeroing)
             for kk in range(k):
                 slot[jl[kk]] = kk
                 pair_j[base + kk] = jl[kk]
             pair_count[ci] = k
             npairs += k
+            # the centre's blocks start at zero; each image's block as a flat offset in blk
+            rw = 3 * ncol
+            for r in range(k * rw):
+                blk[np.uint64(r)] = 0.0
+            urw = np.uint64(rw)
+            for t in range(cnt):
+                trow[t] = np.uint64(slot[s_j[t]]) * urw
 
         # ---- order -1: the model density at the centre --------------------------------
         if col_m1 >= 0:
@@ -541,16 +739,15 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                     L = bstart[bo[s] + ridxm1[s, g] + 1] - a
                     B = Bs[s, g]
                     be = -betas[s, g]
-                    vj = tj[T1:T1 + L]  # (views indexed from 0: vectorized, see _fill_terms)
-                    vE = tE[T1:T1 + L]
-                    vA = tb[1, T1:T1 + L]
-                    vl = tl[T1:T1 + L]
-                    vD = s_D[a:a + L]
+                    ut = np.uint64(T1)  # (unsigned indices, no views: see _fill_terms)
+                    ua = np.uint64(a)
                     for k in range(L):
-                        vj[k] = a + k
-                        vE[k] = B
-                        vA[k] = be * vD[k]
-                        vl[k] = be
+                        ku = np.uint64(k)
+                        t = ut + ku
+                        tj[t] = a + k
+                        tb[0, t] = B
+                        tb[1, t] = be * s_D[ua + ku]
+                        tb[7, t] = be
                     T1 += L
             _vexp(np.int64(T1), tb[1], tE, ibuf)
             dens = 0.0
@@ -561,43 +758,85 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
             if not square and F < 1e-15:
                 F = 0.0
             feats[ci, m] = F
-            if deriv:
-                kp = pair_count[ci]
-                for r in range(kp):
-                    acc1[r, 0] = 0.0
-                    acc1[r, 1] = 0.0
-                    acc1[r, 2] = 0.0
-                if F != 0.0:
-                    # dS/dd = 2 mu sum(-2 beta B e^{-beta D} d);  sqrt mode: divided by 2F
-                    scale = 4.0 * dens if square else 2.0 * dens / F
-                    for t in range(T1):
-                        e = tl[t] * tE[t] * scale
-                        st = tj[t]
-                        r = slot[s_j[st]]
-                        acc1[r, 0] += e * s_x[st]
-                        acc1[r, 1] += e * s_y[st]
-                        acc1[r, 2] += e * s_z[st]
-                    if total:  # the centre's own block loses the sum of all blocks
-                        own = slot[i]
-                        for a in range(3):
-                            sm = 0.0
-                            for r in range(kp):
-                                sm += acc1[r, a]
-                            acc1[own, a] -= sm
-                for r in range(kp):
-                    dF[base + r, 0, m] = acc1[r, 0]
-                    dF[base + r, 1, m] = acc1[r, 1]
-                    dF[base + r, 2, m] = acc1[r, 2]
+            if deriv and F != 0.0:
+                # dS/dd = 2 mu sum(-2 beta B e^{-beta D} d);  sqrt mode: divided by 2F
+                scale = 4.0 * dens if square else 2.0 * dens / F
+                um = np.uint64(m)
+                uncol = np.uint64(ncol)
+                for t in range(T1):
+                    e = tl[t] * tE[t] * scale
+                    st = tj[t]
+                    r = trow[st] + um
+                    blk[r] += e * s_x[st]
+                    blk[r + uncol] += e * s_y[st]
+                    blk[r + uncol + uncol] += e * s_z[st]
 
         # ---- orders >= 0, one sigma at a time -----------------------------------------
+        # Per image (one periodic image of a neighbour, index into the binned list), the terms
+        # of all its Gaussians combine into one weight per degree: with u = lambda d,
+        # E u^m = (E lambda^n) d^m for a degree-n monomial m, so the moments and gradients are
+        # polynomials in d evaluated once per image, weighted by W[n] = sum E lambda^n.
         if nord > 0:
             for u in range(nsig):
-                T = _fill_terms(s_j, s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1[u], c2[u],
-                                lam[u], ridx[u], ncls, tj, tb, ibuf, deriv)
+                T = _fill_terms(s_x, s_y, s_z, s_D, bstart, bo, nspecies, ng, c1, c2, lam, ridx, u,
+                                ncls, tb, ibuf)
+                nimg = 0
+                if deriv:
+                    # The derivatives go by image (one periodic image of a neighbour): with
+                    # u = lambda d, E u^m = (E lambda^n) d^m for a degree-n monomial m, so the
+                    # terms of all the image's Gaussians combine into per-degree weights
+                    # W[n] = sum E lambda^n (and W[K+1+n] with lambda^(n+1)), and the gradient
+                    # is a polynomial in d evaluated, and scattered, once per image.  The images
+                    # of each species within any of its cutoffs at this sigma (a prefix of its
+                    # binned entries) go one species after another into cx/cy/cz (ctrow).
+                    p = 0
+                    for s in range(nspecies):
+                        a = bstart[bo[s]]
+                        if a == bstart[bo[s + 1]]:
+                            continue  # (as _fill_terms: no runs)
+                        b0 = bo[s] + 1
+                        for g in range(ng[s]):  # the runs of _fill_terms
+                            L = bstart[b0 + ridx[u, ncls - 1, s, g]] - a
+                            pst[g] = p
+                            plen[g] = L
+                            p += L
+                        Lmax = plen[gsort[u, s, 0]]
+                        if Lmax <= 0:
+                            continue
+                        # (unsigned indices: no wraparound code, so plain vector copies)
+                        ua = np.uint64(a)
+                        uo = np.uint64(nimg)
+                        for k in range(Lmax):
+                            ku = np.uint64(k)
+                            cx[uo + ku] = s_x[ua + ku]
+                            cy[uo + ku] = s_y[ua + ku]
+                            cz[uo + ku] = s_z[ua + ku]
+                            ctrow[uo + ku] = trow[ua + ku]
+                        # the species' Gaussians gw at a time, longest run first
+                        for g0 in range(0, ng[s], gw):
+                            n0 = plen[gsort[u, s, g0]]
+                            if n0 <= 0:
+                                break
+                            for gi in range(gw):
+                                if g0 + gi < ng[s]:
+                                    g = gsort[u, s, g0 + gi]
+                                    pg[gi] = pst[g]
+                                    lm = lam[u, s, g]
+                                    pw = lm
+                                    for m in range(K + 1):
+                                        gl[gi * (K + 1) + m] = bstart[b0 + ridx[u, ocls_i[m], s, g]] - a
+                                        gq[gi * (K + 1) + m] = pw
+                                        pw *= lm
+                                else:
+                                    pg[gi] = 0
+                                    for m in range(K + 1):
+                                        gl[gi * (K + 1) + m] = 0
+                                        gq[gi * (K + 1) + m] = 0.0
+                            _wimg(K, n0, tE, pg, gl, gq, W, nimg, 0.0 if g0 == 0 else 1.0)
+                        nimg += Lmax
                 if stop == 3:
                     continue
                 m2a = -2.0 * alpha[u]
-                gmax = 0
                 _featall(K, T, ocls_of_n, tc, tE, tux, tuy, tuz, mom)
                 for o in range(nord):
                     gend[o] = 0
@@ -605,7 +844,6 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                     if m < 0:
                         continue
                     nn = ords[o]
-                    cls = float(ocls[o])
                     m0 = mono_off[nn]
                     nm = mono_off[nn + 1] - m0
                     r0 = comp_start[nn]
@@ -640,56 +878,48 @@ def _featurize(pos, spc, lat, inv, hinv, per, centers, tabs, square, deriv, tota
                             ux[k] = (mono[mm, 0] + 1) * uc[raise_idx[0, mm] - m0]
                             uy[k] = (mono[mm, 1] + 1) * uc[raise_idx[1, mm] - m0]
                             uz[k] = (mono[mm, 2] + 1) * uc[raise_idx[2, mm] - m0]
-                    _grad(K, nn, T, cls, tc, tE, tux, tuy, tuz, tl, m2a, uc, ux, uy, uz, Gt, 3 * o)
-                    gend[o] = T
-                    gmax = T
+                    _grad(K, nn, nimg, cx, cy, cz, W, nn, K + 1 + nn, m2a, uc, ux, uy, uz, Gt,
+                          3 * o)
+                    gend[o] = 1
                 if not deriv:
                     continue
-                # scatter every order's per-term gradient into the per-sigma accumulators of
-                # the (i, j) blocks: the block slot of each term once, then one branch-free
-                # loop per order; then the blocks' columns of this sigma are assigned in dF
-                kp = pair_count[ci]
-                for r in range(kp):
-                    for a in range(accw):
-                        blk[r, a] = 0.0
+                # scatter every order's per-image gradient into its (i, j) block of dF
                 if stop == 5:
-                    gmax = 0
-                # (unsigned flat indices: numba's negative-index wraparound code is skipped)
-                wu = np.uint64(accw)
-                for t in range(gmax):
-                    trow[t] = np.uint64(slot[tj[t]]) * wu
+                    nimg = 0
+                uncol = np.uint64(ncol)
                 for o in range(nord):
-                    o3 = 3 * o
-                    g0 = Gt[o3]
-                    g1 = Gt[o3 + 1]
-                    g2 = Gt[o3 + 2]
-                    ou = np.uint64(o3)
-                    for t in range(min(gend[o], gmax)):
-                        r = trow[t] + ou
-                        blk1[r] += g0[t]
-                        blk1[r + np.uint64(1)] += g1[t]
-                        blk1[r + np.uint64(2)] += g2[t]
-                if total:  # the centre's own block loses the sum of all blocks
-                    for a in range(accw):
-                        csum[a] = 0.0
-                    for r in range(kp):
-                        for a in range(accw):
-                            csum[a] += blk[r, a]
-                    own = slot[i]
-                    for a in range(accw):
-                        blk[own, a] -= csum[a]
-                for o in range(nord):
-                    m = col[o, u]
-                    if m < 0:
+                    if gend[o] == 0:
                         continue
-                    o3 = 3 * o
-                    rows = dF[base:base + kp]
-                    for r in range(kp):
-                        rows[r, 0, m] = blk[r, o3]
-                        rows[r, 1, m] = blk[r, o3 + 1]
-                        rows[r, 2, m] = blk[r, o3 + 2]
+                    um = np.uint64(col[o, u])
+                    o0 = np.uint64(3 * o)
+                    o1 = o0 + np.uint64(1)
+                    o2 = o0 + np.uint64(2)
+                    for k in range(nimg):
+                        ku = np.uint64(k)
+                        r = ctrow[ku] + um
+                        blk[r] += Gt[o0, ku]
+                        blk[r + uncol] += Gt[o1, ku]
+                        blk[r + uncol + uncol] += Gt[o2, ku]
 
         if deriv:
+            kp = pair_count[ci]
+            rw = 3 * ncol
+            urw = np.uint64(rw)
+            if total:  # the centre's own block loses the sum of all its blocks
+                for a in range(rw):
+                    csum[a] = 0.0
+                for r in range(kp):
+                    ur = np.uint64(r) * urw
+                    for a in range(rw):
+                        csum[a] += blk[ur + np.uint64(a)]
+                ur = np.uint64(slot[i]) * urw
+                for a in range(rw):
+                    blk[ur + np.uint64(a)] -= csum[a]
+            dF1 = _flat(dF)
+            ub = np.uint64(base) * urw
+            for r in range(kp * rw):
+                ur = np.uint64(r)
+                dF1[ub + ur] = blk[ur]
             for k in range(pair_count[ci]):
                 slot[pair_j[base + k]] = -1
     return feats, dF[:npairs], pair_j[:npairs], pair_count

@@ -389,13 +389,21 @@ class GMPFeaturizer:
             thr[s, :len(e["thr"])] = e["thr"]
             nthr[s] = len(e["thr"])
             bo[s + 1] = bo[s] + len(e["thr"])
+        # per sigma and species, the Gaussians by decreasing largest cutoff (the kernel takes
+        # them two at a time, longest run first)
+        gsort = np.zeros((max(U, 1), S, G), dtype=np.int64)
+        for u in range(U):
+            for s in range(S):
+                K = ng[s]
+                top = ridx[u, max(C, 1) - 1, s, :K]
+                gsort[u, s, :K] = sorted(range(K), key=lambda g: (-int(top[g]), g))
         alpha = np.array([1.0 / (2.0 * s * s) for s in self._usig], dtype=np.float64)
         rsearch = max(e["rmax"] for e in els)
         t = _harmonics.order_tables()
         mono, mono_off, raise_idx = _harmonics.kernel_tables()
         out = KernelTables(
             ng=ng, Bs=Bs, betas=betas, c1=c1, c2=c2, lam=lam, alpha=alpha, thr=thr, nthr=nthr, bo=bo,
-            gscale=gscale, gtab=gtab, ridx=ridx, ridxm1=ridxm1, ncls=C,
+            gscale=gscale, gtab=gtab, ridx=ridx, ridxm1=ridxm1, gsort=gsort, ncls=C,
             rsearch=float(rsearch), ords=self._uorders, ocls=self._ocls, col=self._col,
             col_m1=int(self._col_m1), ncol=len(self._ucols), kmax=int(self._kmax), mono=mono,
             mono_off=mono_off, raise_idx=raise_idx, comp_start=t["comp_start"],
