@@ -8,7 +8,9 @@ The ``gmp-pipeline`` commands run through :func:`run_command`, which turns
   and exit status 1;
 * SIGINT (Ctrl-C, ``kill -INT``) into ``Interrupted; rerun the same command to resume`` and
   exit status 130, SIGTERM (``kill``, a batch system ending the job) likewise with 143.
-  The store is left incomplete, so rerunning the same command resumes it.
+  The store is left incomplete, so rerunning the same command resumes it;
+* a closed output pipe (``gmp-pipeline inspect STORE | head``) into a quiet exit with status 141,
+  as a process ended by SIGPIPE.
 
 No traceback and none of distributed's own log blocks (``Compute Failed``, ``Run Failed``, the
 ``CancelledError`` noise of a cluster torn down mid-run) are printed, unless debugging is on
@@ -218,6 +220,16 @@ def run_command(func, args, kwargs, *, path=None, echo=None):
         sys.exit(128 + int(signum))
     except (SystemExit, *click_exceptions()):
         raise
+    except BrokenPipeError:
+        # whoever read our output went away (``gmp-pipeline inspect STORE | head``): end quietly
+        # with the status of a process killed by SIGPIPE, as the shell's own tools do
+        # (stdout goes to /dev/null first, or Python's exit flush would complain once more)
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):  # pragma: no cover - no usable stdout at all
+            pass
+        sys.exit(128 + int(signal.SIGPIPE))
     except Exception as exc:  # noqa: BLE001 - decided by error_line below
         line = error_line(exc, path)
         if line is None:

@@ -340,3 +340,21 @@ def test_workers_over_their_memory_limit_give_one_error_and_the_rerun_completes(
     rerun = run(cmd, tmp_path)                             # the limit removed
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     assert_stores_equal(out, serial_store("qm9", QM9, tmp_path / "ref.zarr"))
+
+
+# -- a closed output pipe ------------------------------------------------------------------------
+
+def test_closed_output_pipe_ends_quietly():
+    """``gmp-pipeline inspect STORE | head -1`` when the reader has already left: the command
+    ends quietly with SIGPIPE's status, no ``Error:`` line and no traceback."""
+    store = Path(__file__).parent / "data" / "v1_store" / "ethanol3.zarr"
+    r, w = os.pipe()
+    os.close(r)  # nobody will read: every write of the command meets a closed pipe
+    try:
+        p = subprocess.run(CLI + ["inspect", str(store)], env=kernel_cache_env(), stdout=w,
+                           stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=120)
+    finally:
+        os.close(w)
+    err = p.stderr.decode()
+    assert p.returncode == 141, err
+    assert "Error" not in err and "Traceback" not in err and "Exception ignored" not in err, err
