@@ -378,7 +378,9 @@ class KernelTables(NamedTuple):
     Cutoffs: ``thr[s, :nthr[s]]`` the sorted squared cutoff radii of species s (bins
     ``bo[s]..bo[s+1]-1``, see :func:`_bin_neighbors`), ``gscale``/``gtab`` the grid that finds a
     bin; ``ridx[u, c, s, g]`` / ``ridxm1[s, g]`` locate the cutoff of class c / of order -1 in
-    ``thr[s]``; ``ncls`` cutoff classes; ``rsearch`` the search radius.
+    ``thr[s]``; ``ncls`` cutoff classes; ``rsearch`` the search radius; ``gsort[u, s]`` the
+    species' Gaussians by decreasing largest cutoff at sigma u (the derivatives' per-image
+    weights take them four at a time, longest run first).
     Features: ``ords[o]``/``ocls[o]`` the orders >= 0 and their cutoff class, ``col[o, u]`` /
     ``col_m1`` output columns (-1 if absent), ``ncol`` columns, ``kmax`` the largest order.
     Harmonics: ``mono[k]`` = (p, q, s) by global monomial index, ``mono_off[n]`` first index of
