@@ -239,7 +239,7 @@ def _lower_new_array(context, builder, sig, args, zero):
 
 @intrinsic
 def _empty(typingctx, shape, dtype):
-    """``_empty(shape, dtype, np.float64)`` (C order; shape an int or a tuple of non-negative ints, dtype
+    """``_empty(shape, dtype)`` (C order; shape an int or a tuple of non-negative ints, dtype
     a NumPy scalar type such as np.float64), lowered inline where it is called.
 
     numba's np.empty/np.zeros/np.full compile a separate function for every distinct argument
@@ -257,7 +257,7 @@ def _empty(typingctx, shape, dtype):
 
 @intrinsic
 def _zeros(typingctx, shape, dtype):
-    """``_zeros(shape, dtype, np.float64)``: :func:`_empty` with the memory set to zero bytes."""
+    """``_zeros(shape, dtype)``: :func:`_empty` with the memory set to zero bytes."""
     rt = _check_new_array(shape, dtype)
     if rt is None:
         return None
